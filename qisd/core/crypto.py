@@ -37,7 +37,9 @@ DHT_ID_BYTES = 20
 
 def node_id_for(public_key: bytes) -> str:
     """The ``node_id`` column value of a signer: hex of a short hash of its public key."""
-    return hashlib.blake2b(public_key, digest_size=NODE_ID_BYTES, person=b"qisd-node-id").hexdigest()
+    return hashlib.blake2b(
+        public_key, digest_size=NODE_ID_BYTES, person=b"qisd-node-id"
+    ).hexdigest()
 
 
 def dht_id_for(public_key: bytes) -> bytes:

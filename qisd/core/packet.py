@@ -1,0 +1,713 @@
+"""Outcome packets: the Arrow schema, row validation and the signed envelope (pure: no I/O).
+
+An *outcome row* is one distilled result with the 15 columns of ``SCHEMA`` (the names and types
+of the article's OutcomePacket schema, so clients written for it work unchanged). An *envelope*
+carries 1..MAX_ROWS rows of one signer and one fingerprint as one Arrow IPC record-batch message,
+compressed with zlib, signed with Ed25519, framed with msgpack::
+
+    [version, kind, key, fields, public_key, body, signature]
+
+``fields`` names (as column indices) the fingerprint fields the ``key`` was derived from, so any
+receiver can check that the key is the hash of the rows' own fingerprint path without knowing
+the sender's template. The signature covers a domain-separation tag, the version, the kind, the
+key, the fields and the body. The packet id hashes the signer and the body but not the key, so
+one emitted batch stored under several routable levels has one id, and a replay is a duplicate.
+
+Validation happens once, here: a row or envelope that breaks a rule cannot be built, and the
+error names the field, the value and the rule.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import pyarrow as pa
+
+from qisd.core._zdict import ZDICT_V1
+from qisd.core.crypto import (
+    PUBLIC_KEY_BYTES,
+    SIGNATURE_BYTES,
+    Identity,
+    node_id_for,
+    verify,
+)
+from qisd.core.fingerprint import FINGERPRINT_FIELDS, KEY_BYTES, key_for_path, path_of
+from qisd.errors import DecodeError, FieldError, KeyMismatchError, PacketError, SignatureError
+
+SCHEMA = pa.schema(
+    [
+        pa.field("node_id", pa.string()),
+        pa.field("timestamp_utc", pa.int64()),
+        pa.field("domain", pa.string()),
+        pa.field("problem_type", pa.string()),
+        pa.field("model_architecture", pa.string()),
+        pa.field("training_phase", pa.string()),
+        pa.field("metric_name", pa.string()),
+        pa.field("metric_delta", pa.float32()),
+        pa.field("metric_value", pa.float32()),
+        pa.field("confidence", pa.float32()),
+        pa.field("intervention_type", pa.string()),
+        pa.field("intervention_params", pa.string()),
+        pa.field("outcome_decile", pa.int8()),
+        pa.field("sample_count", pa.int32()),
+        pa.field("raw_data_hash", pa.string()),
+    ]
+)
+"""The OutcomePacket schema, wire version 1."""
+
+COLUMNS: tuple[str, ...] = tuple(SCHEMA.names)
+
+WIRE_VERSION = 1
+KIND_PACKET = 1
+"""An envelope of outcome rows."""
+KIND_TEMPLATE = 2
+"""An envelope carrying a similarity-template document (Hiring)."""
+KIND_ENDORSEMENT = 3
+"""An envelope carrying an endorsement of a template (Hiring)."""
+KINDS = (KIND_PACKET, KIND_TEMPLATE, KIND_ENDORSEMENT)
+
+# Limits. Chosen so that a valid one-row envelope with every string at its maximum and
+# incompressible content still fits one 1,400-byte UDP datagram (tests/test_packet.py shows it).
+MAX_NAME_CHARS = 64
+"""domain, problem_type, model_architecture, training_phase, metric_name, intervention_type."""
+MAX_PARAMS_BYTES = 256
+"""intervention_params: a JSON object of at most this many UTF-8 bytes."""
+MAX_RAW_DATA_HASH_CHARS = 64
+"""raw_data_hash when the caller supplies its own commitment."""
+MAX_ROWS = 128
+"""Rows in one envelope."""
+MAX_ENVELOPE_BYTES = 7_168
+"""One envelope, framed; a store request of one envelope stays under rpcudp's 8,192 bytes."""
+MAX_BODY_BYTES = 256 * 1024
+"""Decompressed Arrow IPC bytes of one envelope: the bound that stops a decompression bomb."""
+MAX_DOC_BYTES = 4_096
+"""Body of a template or endorsement document."""
+MAX_FUTURE_MS = 5 * 60 * 1000
+"""A row's timestamp may be at most this far ahead of the receiver's clock."""
+MAX_METRIC_ABS = 1e9
+"""metric_delta and metric_value must be finite and within +-this."""
+
+_TAG = b"qisd/envelope\x00"
+_ID_PERSON = b"qisd-packet-id"
+_NAME_FIELDS = (
+    "domain",
+    "problem_type",
+    "model_architecture",
+    "training_phase",
+    "metric_name",
+    "intervention_type",
+)
+_OPTIONAL_NAMES = {"model_architecture": "unspecified", "training_phase": "unspecified"}
+_BAD_NAME_CHARS = re.compile(r"[\x00-\x1f\x7f/]")
+_BAD_HASH_CHARS = re.compile(r"[\x00-\x20\x7f]")
+_FIELD_INDEX = {name: i for i, name in enumerate(COLUMNS)}
+_INT32_MAX = 2**31 - 1
+
+
+# --------------------------------------------------------------------------- rows
+
+
+def _check_name(field: str, value: object, row: int | None) -> str:
+    if not isinstance(value, str):
+        raise FieldError(field, value, "must be text", row)
+    if not value or value != value.strip():
+        raise FieldError(field, value, "must be non-empty with no surrounding spaces", row)
+    if len(value) > MAX_NAME_CHARS:
+        raise FieldError(field, value, f"must be at most {MAX_NAME_CHARS} characters", row)
+    if _BAD_NAME_CHARS.search(value):
+        raise FieldError(field, value, "must not contain '/' or control characters", row)
+    return value
+
+
+def _to_float(field: str, value: object, row: int | None) -> float:
+    if type(value) is float:
+        if not math.isfinite(value):
+            raise FieldError(field, value, "must be finite", row)
+        return value
+    if isinstance(value, bool) or value is None:
+        raise FieldError(field, value, "must be a number", row)
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise FieldError(field, value, "must be a number", row) from None
+    if not isinstance(value, (int, float)):
+        raise FieldError(field, value, "must be a number", row)
+    out = float(value)
+    if not math.isfinite(out):
+        raise FieldError(field, value, "must be finite", row)
+    return out
+
+
+def _to_int(field: str, value: object, row: int | None) -> int:
+    if type(value) is int:
+        return value
+    if isinstance(value, bool) or value is None:
+        raise FieldError(field, value, "must be a whole number", row)
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            raise FieldError(field, value, "must be a whole number", row) from None
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise FieldError(field, value, "must be a whole number", row)
+        value = int(value)
+    if not isinstance(value, int):
+        raise FieldError(field, value, "must be a whole number", row)
+    return value
+
+
+def _params_text(value: object, row: int | None, canonical: bool = False) -> str:
+    """intervention_params as compact JSON text; ``canonical`` keeps received text as signed."""
+    if value is None:
+        return "{}"
+    if isinstance(value, str):
+        if len(value) > MAX_PARAMS_BYTES:  # characters <= bytes: refuse before parsing
+            raise FieldError(
+                "intervention_params",
+                value,
+                f"must be at most {MAX_PARAMS_BYTES} bytes as JSON",
+                row,
+            )
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            raise FieldError("intervention_params", value, "must be a JSON object", row) from None
+        if isinstance(parsed, dict) and canonical:
+            return value
+    else:
+        parsed = value
+    if not isinstance(parsed, dict):
+        raise FieldError("intervention_params", value, "must be a JSON object", row)
+    try:
+        text = json.dumps(parsed, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError):
+        raise FieldError(
+            "intervention_params", value, "must hold only JSON values (no NaN)", row
+        ) from None
+    if len(text.encode("utf-8")) > MAX_PARAMS_BYTES:
+        raise FieldError(
+            "intervention_params", value, f"must be at most {MAX_PARAMS_BYTES} bytes as JSON", row
+        )
+    return text
+
+
+def validate_row(
+    record: Mapping[str, Any],
+    *,
+    node_id: str,
+    now_ms: int,
+    row: int | None = None,
+    data_ref_commitment: str | None = None,
+    strict_node_id: bool = False,
+) -> dict[str, Any]:
+    """Check one outcome row and return it normalised to the schema's Python types.
+
+    ``node_id`` is the signer's id: it replaces whatever the caller put there, unless
+    ``strict_node_id`` (a received packet), where a different value is an error.
+    ``data_ref_commitment`` (the keyed commitment of a caller's data reference) replaces
+    ``raw_data_hash``. Raises :class:`FieldError` naming the field, the value and the rule.
+    """
+    unknown = [k for k in record if k not in _FIELD_INDEX and k != "data_ref"]
+    if unknown:
+        raise FieldError(
+            unknown[0], record[unknown[0]], "is not a column of the packet schema", row
+        )
+    out: dict[str, Any] = {}
+    given_id = record.get("node_id")
+    if strict_node_id and given_id != node_id:
+        raise FieldError("node_id", given_id, "must be the hash of the signer's public key", row)
+    out["node_id"] = node_id
+
+    ts = record.get("timestamp_utc")
+    ts = now_ms if ts is None else _to_int("timestamp_utc", ts, row)
+    if ts < 0:
+        raise FieldError("timestamp_utc", ts, "must be milliseconds since 1970 (>= 0)", row)
+    if ts > now_ms + MAX_FUTURE_MS:
+        raise FieldError(
+            "timestamp_utc",
+            ts,
+            f"must be at most {MAX_FUTURE_MS // 60000} minutes in the future",
+            row,
+        )
+    out["timestamp_utc"] = ts
+
+    for field in _NAME_FIELDS:
+        value = record.get(field)
+        if value is None and field in _OPTIONAL_NAMES:
+            value = _OPTIONAL_NAMES[field]
+        if value is None:
+            raise FieldError(field, value, "is required", row)
+        out[field] = _check_name(field, value, row)
+
+    for field in ("metric_delta", "metric_value"):
+        if record.get(field) is None:
+            raise FieldError(field, None, "is required", row)
+        value = _to_float(field, record[field], row)
+        if abs(value) > MAX_METRIC_ABS:
+            raise FieldError(field, value, f"must lie within +-{MAX_METRIC_ABS:g}", row)
+        out[field] = value
+
+    if record.get("confidence") is None:
+        raise FieldError("confidence", None, "is required", row)
+    confidence = _to_float("confidence", record["confidence"], row)
+    if not 0.0 <= confidence <= 1.0:
+        raise FieldError("confidence", confidence, "must lie in [0, 1]", row)
+    out["confidence"] = confidence
+
+    out["intervention_params"] = _params_text(
+        record.get("intervention_params"), row, canonical=strict_node_id
+    )
+
+    if record.get("outcome_decile") is None:
+        raise FieldError("outcome_decile", None, "is required", row)
+    decile = _to_int("outcome_decile", record["outcome_decile"], row)
+    if not 1 <= decile <= 10:
+        raise FieldError("outcome_decile", decile, "must be a whole number in 1..10", row)
+    out["outcome_decile"] = decile
+
+    samples = record.get("sample_count")
+    samples = 0 if samples is None else _to_int("sample_count", samples, row)
+    if not 0 <= samples <= _INT32_MAX:
+        raise FieldError("sample_count", samples, f"must be a whole number in 0..{_INT32_MAX}", row)
+    out["sample_count"] = samples
+
+    if data_ref_commitment is not None:
+        out["raw_data_hash"] = data_ref_commitment
+    else:
+        rdh = record.get("raw_data_hash")
+        rdh = "" if rdh is None else rdh
+        if not isinstance(rdh, str) or len(rdh) > MAX_RAW_DATA_HASH_CHARS or not rdh.isascii():
+            raise FieldError(
+                "raw_data_hash",
+                rdh,
+                f"must be ASCII text of at most {MAX_RAW_DATA_HASH_CHARS} characters",
+                row,
+            )
+        if _BAD_HASH_CHARS.search(rdh):
+            raise FieldError(
+                "raw_data_hash", rdh, "must not contain spaces or control characters", row
+            )
+        out["raw_data_hash"] = rdh
+    return out
+
+
+def build_rows(
+    records: Iterable[Mapping[str, Any]],
+    identity: Identity,
+    *,
+    now_ms: int,
+) -> list[dict[str, Any]]:
+    """Validate caller rows for signing by ``identity``.
+
+    ``node_id`` is always the identity's; a row's ``data_ref`` (a local reference that never
+    leaves the machine) becomes the keyed commitment in ``raw_data_hash``.
+    """
+    out = []
+    for i, record in enumerate(records):
+        if not isinstance(record, Mapping):
+            raise PacketError(f"row {i}: must be an object with the packet columns")
+        data_ref = record.get("data_ref")
+        if data_ref is not None and not isinstance(data_ref, str):
+            raise FieldError("data_ref", data_ref, "must be text", i)
+        commitment = identity.commit(data_ref) if data_ref else None
+        out.append(
+            validate_row(
+                record,
+                node_id=identity.node_id,
+                now_ms=now_ms,
+                row=i,
+                data_ref_commitment=commitment,
+            )
+        )
+    return out
+
+
+def rows_from_json(text: str) -> list[dict[str, Any]]:
+    """Rows from a JSON object, a JSON array of objects, or JSON lines."""
+    text = text.strip()
+    if not text:
+        return []
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if isinstance(value, dict):
+        return [value]
+    if isinstance(value, list):
+        if not all(isinstance(v, dict) for v in value):
+            raise PacketError("a JSON array of packets must hold only objects")
+        return value
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except ValueError as exc:
+            raise PacketError(f"line {n}: not valid JSON ({exc})") from None
+        if not isinstance(item, dict):
+            raise PacketError(f"line {n}: each JSON line must be an object")
+        rows.append(item)
+    return rows
+
+
+def rows_from_arrow(data: pa.Table | pa.RecordBatch) -> list[dict[str, Any]]:
+    """Rows from an Arrow table or record batch whose columns are packet columns.
+
+    Extra columns are refused by name (so a typo never silently drops data); missing optional
+    columns take their defaults at validation.
+    """
+    names = list(data.schema.names)
+    extra = [n for n in names if n not in _FIELD_INDEX and n != "data_ref"]
+    if extra:
+        raise PacketError(f"columns {extra} are not in the packet schema {list(COLUMNS)}")
+    return batch_rows(data)
+
+
+def batch_rows(batch: pa.RecordBatch | pa.Table) -> list[dict[str, Any]]:
+    """Rows of a batch as dicts (column-wise conversion: faster than ``to_pylist``)."""
+    names = batch.schema.names
+    columns = [c.to_pylist() for c in batch.columns]
+    return [dict(zip(names, vals, strict=True)) for vals in zip(*columns, strict=True)]
+
+
+def rows_to_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
+    """An Arrow table with ``SCHEMA`` from validated rows."""
+    return pa.Table.from_pylist(list(rows), schema=SCHEMA)
+
+
+def fingerprint_groups(
+    rows: Sequence[Mapping[str, Any]], fields: Sequence[str]
+) -> dict[str, list[Mapping[str, Any]]]:
+    """Rows grouped by their fingerprint path over ``fields``, in first-seen order."""
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(path_of(row, fields), []).append(row)
+    return groups
+
+
+# --------------------------------------------------------------------------- envelope
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """A signed, verified envelope. Built only by :func:`seal` or :func:`open_envelope`."""
+
+    kind: int
+    key: bytes
+    fields: tuple[str, ...]
+    public_key: bytes
+    body: bytes
+    signature: bytes
+    raw: bytes
+    packet_id: str
+    timestamp_ms: int
+    rows: int
+
+    @property
+    def signer(self) -> str:
+        """The signer's ``node_id``."""
+        return node_id_for(self.public_key)
+
+    @property
+    def path(self) -> str | None:
+        """The fingerprint path of a packet envelope (None for documents)."""
+        if self.kind != KIND_PACKET:
+            return None
+        return path_of(self.batch().slice(0, 1).to_pylist()[0], self.fields)
+
+    def batch(self) -> pa.RecordBatch:
+        """The rows as an Arrow record batch (packets only)."""
+        if self.kind != KIND_PACKET:
+            raise PacketError("only packet envelopes carry rows")
+        return _read_batch(_inflate(self.body))
+
+
+def _fields_bytes(fields: Sequence[str]) -> bytes:
+    try:
+        return bytes(_FIELD_INDEX[f] for f in fields)
+    except KeyError as exc:
+        raise PacketError(f"{exc.args[0]!r} is not a packet column") from None
+
+
+def _signed_message(kind: int, key: bytes, fields: bytes, body: bytes) -> bytes:
+    return b"".join((_TAG, bytes((WIRE_VERSION, kind, len(fields))), key, fields, body))
+
+
+def packet_id_of(kind: int, public_key: bytes, body: bytes) -> str:
+    """The id of an envelope: a hash of its kind, signer and body (not its key)."""
+    h = hashlib.blake2b(bytes((kind,)) + public_key, digest_size=16, person=_ID_PERSON)
+    h.update(body)
+    return h.hexdigest()
+
+
+def _deflate(ipc: bytes) -> bytes:
+    c = zlib.compressobj(9, zlib.DEFLATED, 15, 9, zlib.Z_DEFAULT_STRATEGY, ZDICT_V1)
+    return c.compress(ipc) + c.flush()
+
+
+def _inflate(body: bytes) -> bytes:
+    d = zlib.decompressobj(15, ZDICT_V1)
+    try:
+        out = d.decompress(body, MAX_BODY_BYTES)
+    except zlib.error as exc:
+        raise DecodeError(f"body is not zlib data ({exc})") from None
+    if d.unconsumed_tail:
+        raise DecodeError(f"body inflates past {MAX_BODY_BYTES} bytes")
+    if not d.eof or d.unused_data:
+        raise DecodeError("body is truncated or has trailing bytes")
+    return out
+
+
+def _read_batch(ipc: bytes) -> pa.RecordBatch:
+    try:
+        return pa.ipc.read_record_batch(pa.py_buffer(ipc), SCHEMA)
+    except (pa.ArrowException, ValueError, TypeError) as exc:
+        raise DecodeError(
+            f"body is not an Arrow record batch of the packet schema ({exc})"
+        ) from None
+
+
+def seal(
+    identity: Identity,
+    kind: int,
+    key: bytes,
+    body: bytes,
+    *,
+    fields: Sequence[str] = (),
+    timestamp_ms: int,
+    rows: int = 0,
+) -> Envelope:
+    """Sign ``body`` under ``key`` and frame it. ``body`` is already in wire form."""
+    if kind not in KINDS:
+        raise PacketError(f"unknown envelope kind {kind}")
+    if len(key) != KEY_BYTES:
+        raise PacketError(f"a DHT key is {KEY_BYTES} bytes")
+    fb = _fields_bytes(fields)
+    sig = identity.sign(_signed_message(kind, key, fb, body))
+    raw = msgpack.packb([WIRE_VERSION, kind, key, fb, identity.public_key, body, sig])
+    if len(raw) > MAX_ENVELOPE_BYTES:
+        raise PacketError(f"envelope of {len(raw)} bytes exceeds {MAX_ENVELOPE_BYTES}")
+    return Envelope(
+        kind,
+        key,
+        tuple(fields),
+        identity.public_key,
+        body,
+        sig,
+        raw,
+        packet_id_of(kind, identity.public_key, body),
+        timestamp_ms,
+        rows,
+    )
+
+
+def packet_body(rows: Sequence[Mapping[str, Any]]) -> bytes:
+    """The compressed IPC body for validated rows."""
+    batch = pa.RecordBatch.from_pylist(list(rows), schema=SCHEMA)
+    return _deflate(batch.serialize().to_pybytes())
+
+
+def seal_packets(
+    identity: Identity,
+    rows: Sequence[Mapping[str, Any]],
+    routes: Sequence[Sequence[str]],
+) -> list[Envelope]:
+    """Envelopes for validated rows of ONE finest fingerprint, one per routable level.
+
+    ``routes`` lists the field tuples of each routable level. Every envelope carries the same
+    body (so the same packet id) under its own level's key. Raises if the rows do not share
+    the fingerprint or do not fit one envelope (use :func:`pack_rows` to split).
+    """
+    if not 1 <= len(rows) <= MAX_ROWS:
+        raise PacketError(f"an envelope carries 1..{MAX_ROWS} rows, not {len(rows)}")
+    if any(r["node_id"] != identity.node_id for r in rows):
+        raise PacketError("rows must carry the signer's node_id (use build_rows)")
+    body = packet_body(rows)
+    ts = max(int(r["timestamp_utc"]) for r in rows)
+    out = []
+    for fields in routes:
+        paths = {path_of(r, fields) for r in rows}
+        if len(paths) != 1:
+            raise PacketError(
+                f"rows of one envelope must share one fingerprint, got {sorted(paths)}"
+            )
+        out.append(
+            seal(
+                identity,
+                KIND_PACKET,
+                key_for_path(paths.pop()),
+                body,
+                fields=fields,
+                timestamp_ms=ts,
+                rows=len(rows),
+            )
+        )
+    return out
+
+
+def pack_rows(
+    identity: Identity,
+    rows: Sequence[Mapping[str, Any]],
+    routes: Sequence[Sequence[str]],
+) -> list[list[Envelope]]:
+    """Seal validated rows: grouped by finest fingerprint, split to fit, one list per body.
+
+    Each inner list holds the envelopes of one body (one packet id) at every routable level.
+    """
+    finest = max(routes, key=len)
+    out: list[list[Envelope]] = []
+    for group in fingerprint_groups(rows, finest).values():
+        pending = [group[i : i + MAX_ROWS] for i in range(0, len(group), MAX_ROWS)]
+        while pending:
+            chunk = pending.pop(0)
+            try:
+                out.append(seal_packets(identity, chunk, routes))
+            except PacketError:
+                if len(chunk) == 1:
+                    raise
+                half = len(chunk) // 2
+                pending[:0] = [chunk[:half], chunk[half:]]
+    return out
+
+
+def open_envelope(
+    raw: bytes,
+    *,
+    now_ms: int,
+    expected_key: bytes | None = None,
+) -> Envelope:
+    """Decode and verify an envelope from untrusted bytes.
+
+    Checks framing, sizes, the signature, that the key is the hash of the rows' fingerprint
+    path (or ``expected_key`` when given), and every row (signer's node_id, ranges, clock).
+    Raises a :class:`PacketError` subclass with the reason.
+    """
+    if not isinstance(raw, (bytes, bytearray, memoryview)):
+        raise DecodeError("an envelope is bytes")
+    raw = bytes(raw)
+    if len(raw) > MAX_ENVELOPE_BYTES:
+        raise DecodeError(f"envelope of {len(raw)} bytes exceeds {MAX_ENVELOPE_BYTES}")
+    try:
+        frame = msgpack.unpackb(
+            raw,
+            use_list=True,
+            raw=False,
+            strict_map_key=True,
+            max_bin_len=MAX_ENVELOPE_BYTES,
+            max_str_len=256,
+            max_array_len=16,
+            max_map_len=16,
+            max_ext_len=0,
+        )
+    except Exception as exc:  # msgpack raises several unrelated types on bad input
+        raise DecodeError(f"envelope framing is not msgpack ({type(exc).__name__})") from None
+    if not isinstance(frame, list) or len(frame) != 7:
+        raise DecodeError("envelope frame must be a 7-item array")
+    version, kind, key, fb, pub, body, sig = frame
+    if version != WIRE_VERSION or isinstance(version, bool):
+        raise DecodeError(f"unsupported envelope version {version!r}")
+    if kind not in KINDS or isinstance(kind, bool):
+        raise DecodeError(f"unknown envelope kind {kind!r}")
+    for name, value, size in (
+        ("key", key, KEY_BYTES),
+        ("public key", pub, PUBLIC_KEY_BYTES),
+        ("signature", sig, SIGNATURE_BYTES),
+    ):
+        if not isinstance(value, bytes) or len(value) != size:
+            raise DecodeError(f"envelope {name} must be {size} bytes")
+    if not isinstance(fb, bytes) or not isinstance(body, bytes):
+        raise DecodeError("envelope fields and body must be bytes")
+    if len(fb) > len(FINGERPRINT_FIELDS) or len(set(fb)) != len(fb):
+        raise DecodeError("envelope names too many or repeated fingerprint fields")
+    try:
+        fields = tuple(COLUMNS[i] for i in fb)
+    except IndexError:
+        raise DecodeError("envelope names a field that is not a packet column") from None
+    if any(f not in FINGERPRINT_FIELDS for f in fields):
+        raise DecodeError("envelope names a field that is not a fingerprint field")
+    if not verify(pub, sig, _signed_message(kind, key, fb, body)):
+        raise SignatureError("envelope signature does not verify")
+    if expected_key is not None and key != expected_key:
+        raise KeyMismatchError("envelope was sent under a different key than it was signed for")
+
+    if kind != KIND_PACKET:
+        if fields:
+            raise DecodeError("a document envelope names no fingerprint fields")
+        if len(body) > MAX_DOC_BYTES:
+            raise DecodeError(f"document body exceeds {MAX_DOC_BYTES} bytes")
+        return Envelope(kind, key, (), pub, body, sig, raw, packet_id_of(kind, pub, body), 0, 0)
+
+    if not fields or fields[0] != "domain":
+        raise DecodeError("a packet envelope's fingerprint starts with 'domain'")
+    batch = _read_batch(_inflate(body))
+    if not 1 <= batch.num_rows <= MAX_ROWS:
+        raise DecodeError(f"an envelope carries 1..{MAX_ROWS} rows, not {batch.num_rows}")
+    signer = node_id_for(pub)
+    rows = batch_rows(batch)
+    path = None
+    for i, row in enumerate(rows):
+        checked = validate_row(row, node_id=signer, now_ms=now_ms, row=i, strict_node_id=True)
+        if checked != row:
+            raise FieldError("row", i, "is not in canonical form")
+        row_path = path_of(row, fields)
+        if path is None:
+            path = row_path
+        elif row_path != path:
+            raise KeyMismatchError("rows of one envelope carry different fingerprints")
+    assert path is not None
+    if key_for_path(path) != key:
+        raise KeyMismatchError(f"key is not the hash of the rows' fingerprint {path!r}")
+    ts = max(r["timestamp_utc"] for r in rows)
+    return Envelope(
+        kind, key, fields, pub, body, sig, raw, packet_id_of(kind, pub, body), ts, len(rows)
+    )
+
+
+RESULT_SCHEMA = SCHEMA.append(pa.field("packet_id", pa.string())).append(
+    pa.field("signer", pa.string())
+)
+"""What queries return: the packet columns plus the packet id and the signer's public key (hex)."""
+
+
+def read_trusted(raw: bytes) -> tuple[Envelope, pa.RecordBatch | None]:
+    """Unframe an envelope this node verified before it stored it (no signature check).
+
+    Returns the envelope and, for packets, its rows; used to rebuild query results from the
+    local store without paying for verification twice.
+    """
+    version, kind, key, fb, pub, body, sig = msgpack.unpackb(raw)
+    fields = tuple(COLUMNS[i] for i in fb)
+    if kind != KIND_PACKET:
+        return Envelope(
+            kind, key, (), pub, body, sig, raw, packet_id_of(kind, pub, body), 0, 0
+        ), None
+    batch = _read_batch(_inflate(body))
+    ts = max(batch.column("timestamp_utc").to_pylist())
+    env = Envelope(
+        kind, key, fields, pub, body, sig, raw, packet_id_of(kind, pub, body), ts, batch.num_rows
+    )
+    return env, batch
+
+
+def with_provenance(batch: pa.RecordBatch, packet_id: str, public_key: bytes) -> pa.RecordBatch:
+    """``batch`` with the ``packet_id`` and ``signer`` columns of ``RESULT_SCHEMA`` added."""
+    n = batch.num_rows
+    return pa.RecordBatch.from_arrays(
+        [
+            *batch.columns,
+            pa.array([packet_id] * n, pa.string()),
+            pa.array([public_key.hex()] * n, pa.string()),
+        ],
+        schema=RESULT_SCHEMA,
+    )
