@@ -1,0 +1,101 @@
+"""Shared test helpers: outcome rows and signed envelopes made the way a node makes them.
+
+Import from any test (``from tests.helpers import make_envelopes`` or ``from helpers import ...``
+when tests/ is on sys.path). Every helper takes time as a parameter (``now_ms``) and never reads
+the clock, so tests are deterministic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from qisd.core import packet as P
+from qisd.core.crypto import Identity
+from qisd.core.fingerprint import key_for_path
+
+NOW = 1_767_225_600_000
+"""2026-01-01T00:00:00Z in ms: a fixed "now" for tests."""
+
+ROUTES: list[tuple[str, ...]] = [
+    ("domain", "problem_type"),
+    ("domain", "problem_type", "model_architecture"),
+]
+"""Two routable levels: coarse (domain/problem_type) and fine (+ model_architecture)."""
+
+BASE_ROW: dict[str, Any] = {
+    "domain": "clinical.oncology",
+    "problem_type": "treatment_response_classification",
+    "model_architecture": "transformer-256d",
+    "training_phase": "epoch_5_of_50",
+    "metric_name": "val_auc",
+    "metric_value": 0.847,
+    "metric_delta": 0.023,
+    "confidence": 0.91,
+    "intervention_type": "learning_rate_schedule",
+    "intervention_params": {"schedule": "cosine_annealing", "T_max": 10},
+    "outcome_decile": 8,
+    "sample_count": 1240,
+}
+"""The article's example row (without a data_ref)."""
+
+
+def outcome_row(i: int = 0, **overrides: Any) -> dict[str, Any]:
+    """``BASE_ROW`` made distinct by ``i`` (metric_delta), with fields overridden."""
+    row = dict(BASE_ROW, metric_delta=round(0.001 * i, 6))
+    row.update(overrides)
+    return row
+
+
+def path_key(*values: str) -> bytes:
+    """The DHT key of the fingerprint path made of ``values`` (e.g. domain, problem_type)."""
+    return key_for_path("/".join(values))
+
+
+def coarse_key(**overrides: Any) -> bytes:
+    """Key of level 0 of ``ROUTES`` (domain/problem_type) for ``BASE_ROW`` with overrides."""
+    row = dict(BASE_ROW, **overrides)
+    return path_key(row["domain"], row["problem_type"])
+
+
+def make_packets(
+    n: int,
+    ident: Identity | None = None,
+    *,
+    now_ms: int = NOW,
+    rows_per_packet: int = 1,
+    timestamps: Sequence[int] | None = None,
+    routes: Sequence[Sequence[str]] = ROUTES,
+    start: int = 0,
+    **overrides: Any,
+) -> list[list[P.Envelope]]:
+    """``n`` distinct packets signed by ``ident`` (a fresh identity if None).
+
+    Each item is one packet (one packet id) as its envelopes at every level of ``routes``.
+    Packet ``j`` carries rows ``start + j * rows_per_packet + r`` of :func:`outcome_row`, with
+    timestamp ``timestamps[j]`` (default ``now_ms``). ``overrides`` apply to every row.
+    """
+    ident = ident or Identity.generate()
+    out: list[list[P.Envelope]] = []
+    for j in range(n):
+        ts = now_ms if timestamps is None else timestamps[j]
+        records = [
+            outcome_row(start + j * rows_per_packet + r, timestamp_utc=ts, **overrides)
+            for r in range(rows_per_packet)
+        ]
+        rows = P.build_rows(records, ident, now_ms=now_ms)
+        sealed = P.pack_rows(ident, rows, routes)
+        assert len(sealed) == 1, "rows_per_packet too large for one envelope"
+        out.append(sealed[0])
+    return out
+
+
+def make_envelopes(
+    n: int, ident: Identity | None = None, *, level: int = 0, **kwargs: Any
+) -> list[P.Envelope]:
+    """``n`` distinct envelopes under one key: level ``level`` of each of :func:`make_packets`.
+
+    With the defaults all share the key ``coarse_key()``; pass e.g. ``problem_type="x"`` for
+    another key. Other keyword arguments go to :func:`make_packets`.
+    """
+    return [envs[level] for envs in make_packets(n, ident, **kwargs)]
