@@ -1,0 +1,200 @@
+"""Iterative lookups that keep ``alpha`` RPCs in flight and move on as replies arrive.
+
+kademlia's ``SpiderCrawl`` runs lock-step rounds: each round waits for the slowest of its alpha
+calls, so one dead contact costs a full RPC timeout per round (defect 5), and its value crawl
+stops at the first value and keeps one (defect 2). These subclasses replace ``_find``:
+
+* at most ``alpha`` calls are *active*; a call unanswered after ``stall_after`` seconds (a few
+  smoothed round trips, far below the RPC timeout) stops counting as active, so another contact
+  is asked at once; a late reply is still used if it comes before the lookup ends;
+* the lookup ends when each of the k closest contacts not known to have failed has answered
+  or stalled;
+* :class:`PacketCrawl` pages through every replica's packets (``find_packets``) along the way
+  and returns them all, unmerged and unverified: the caller verifies and deduplicates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from kademlia.crawling import SpiderCrawl
+from kademlia.node import Node
+
+MAX_PAGES_PER_NODE = 4_096
+"""A replica serving more pages than this for one key is cut off (10,000 packets need ~1,700)."""
+
+
+@dataclass
+class PacketReplies:
+    """What a packet lookup collected."""
+
+    nodes: list[Node] = field(default_factory=list)
+    """The closest contacts that answered, nearest first (at most k)."""
+    raws: dict[bytes, list[bytes]] = field(default_factory=dict)
+    """Envelope bytes each answering contact returned, by contact id."""
+    cursors: dict[bytes, int | None] = field(default_factory=dict)
+    """Each answering contact's cursor after its last page (a follower resumes from it)."""
+    messages: int = 0
+    """RPCs sent by this lookup."""
+
+
+class _Crawl(SpiderCrawl):
+    """Shared engine. ``_ask(node)`` returns (ok, contacts found, extra) for one contact."""
+
+    def __init__(
+        self,
+        protocol: Any,
+        node: Node,
+        peers: list[Node],
+        ksize: int,
+        alpha: int,
+        *,
+        stall_after: Callable[[], float],
+    ) -> None:
+        super().__init__(protocol, node, peers, ksize, alpha)
+        self.stall_after = stall_after
+        self.messages = 0
+        self._candidates: dict[bytes, Node] = {}
+        self._state: dict[bytes, str] = {}
+        self._answered: list[Node] = []
+        for peer in peers:
+            self._offer(peer)
+
+    def _offer(self, node: Node) -> None:
+        if node.id == self.protocol.source_node.id or node.id in self._candidates:
+            return
+        self._candidates[node.id] = node
+        self._state[node.id] = "new"
+
+    def _closest(self) -> list[Node]:
+        live = [n for n in self._candidates.values() if self._state[n.id] != "failed"]
+        live.sort(key=lambda n: n.long_id ^ self.node.long_id)
+        return live[: self.ksize]
+
+    async def _ask(self, node: Node) -> tuple[bool, list[Node]]:
+        raise NotImplementedError
+
+    async def _find(self, rpcmethod: object = None) -> list[Node]:
+        loop = asyncio.get_running_loop()
+        inflight: dict[asyncio.Task[tuple[bool, list[Node]]], tuple[Node, float]] = {}
+        stalled: set[asyncio.Task[tuple[bool, list[Node]]]] = set()
+        try:
+            while True:
+                closest = self._closest()
+                active = len(inflight) - len(stalled)
+                for node in closest:
+                    if active >= self.alpha:
+                        break
+                    if self._state[node.id] == "new":
+                        self._state[node.id] = "asked"
+                        task = asyncio.ensure_future(self._ask(node))
+                        inflight[task] = (node, loop.time() + self.stall_after())
+                        active += 1
+                pending = [n for n in closest if self._state[n.id] in ("new", "asked")]
+                if not pending:
+                    break
+                waiting = [t for t in inflight if t not in stalled]
+                if not waiting and not inflight:
+                    break
+                if waiting:
+                    deadline = min(inflight[t][1] for t in waiting)
+                    timeout = max(0.0, deadline - loop.time())
+                else:
+                    timeout = None
+                done, _ = await asyncio.wait(
+                    inflight, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                )
+                for task in done:
+                    node, _deadline = inflight.pop(task)
+                    stalled.discard(task)
+                    ok, found = task.result()
+                    if ok:
+                        self._state[node.id] = "answered"
+                        self._answered.append(node)
+                        for other in found:
+                            self._offer(other)
+                    else:
+                        self._state[node.id] = "failed"
+                now = loop.time()
+                for task, (node, deadline) in inflight.items():
+                    if task not in stalled and deadline <= now:
+                        stalled.add(task)
+                        self._state[node.id] = "stalled"
+        finally:
+            for task in inflight:
+                # Leave stalled calls to finish on their own (their replies still update the
+                # routing table); their results are no longer needed here.
+                task.add_done_callback(_consume)
+        self._answered.sort(key=lambda n: n.long_id ^ self.node.long_id)
+        return self._answered[: self.ksize]
+
+
+def _consume(task: asyncio.Task[Any]) -> None:
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        task.result()
+
+
+class NodeCrawl(_Crawl):
+    """Find the k closest nodes to a target id (``find_node``)."""
+
+    async def _ask(self, node: Node) -> tuple[bool, list[Node]]:
+        self.messages += 1
+        ok, found = await self.protocol.call_find_node(node, self.node)
+        return ok, found if ok else []
+
+    async def find(self) -> list[Node]:
+        """The k closest contacts that answered, nearest first."""
+        return await self._find()
+
+
+class PacketCrawl(_Crawl):
+    """Find the k closest nodes to a key and every packet they hold for it."""
+
+    def __init__(
+        self,
+        protocol: Any,
+        node: Node,
+        peers: list[Node],
+        ksize: int,
+        alpha: int,
+        *,
+        stall_after: Callable[[], float],
+        since: dict[bytes, int | None] | None = None,
+    ) -> None:
+        super().__init__(protocol, node, peers, ksize, alpha, stall_after=stall_after)
+        self.replies = PacketReplies()
+        self.since = since or {}
+
+    async def _ask(self, node: Node) -> tuple[bool, list[Node]]:
+        cursor = self.since.get(node.id)
+        collected: list[bytes] = []
+        found: list[Node] = []
+        for page in range(MAX_PAGES_PER_NODE):
+            self.messages += 1
+            ok, reply = await self.protocol.call_find_packets(node, self.node.id, cursor)
+            if not ok:
+                if page == 0:
+                    return False, []
+                break  # keep what earlier pages gave
+            if page == 0:
+                found = reply.nodes
+            collected.extend(reply.packets)
+            cursor = reply.cursor
+            if not reply.more:
+                break
+        self.replies.raws[node.id] = collected
+        self.replies.cursors[node.id] = cursor
+        return True, found
+
+    async def find(self) -> PacketReplies:
+        """Every answering contact's packets and cursor, and the k closest that answered."""
+        self.replies.nodes = await self._find()
+        self.replies.messages = self.messages
+        return self.replies
+
+
+Ask = Callable[[Node], Awaitable[tuple[bool, list[Node]]]]

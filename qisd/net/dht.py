@@ -1,0 +1,1417 @@
+"""qisd's Kademlia DHT: kademlia's classes, subclassed, storing many signed packets per key.
+
+Layers, each a subclass of the ``kademlia``/``rpcudp`` class it replaces:
+
+* :class:`QisdProtocol` (``KademliaProtocol``, hence ``rpcudp.RPCProtocol``): the wire with the
+  C msgpack codec, explicit RPC stubs (no ``__getattr__`` network calls), per-source token
+  buckets, replies accepted only from the address the request went to, every bad datagram
+  counted and dropped. RPCs: ``ping`` (a signed challenge: proof of key possession),
+  ``find_node``, ``store_packets``, ``find_packets``, ``listen`` and ``notify``.
+* :class:`QisdRoutingTable` (``qisd.net.routing``) and the crawls of ``qisd.net.crawl``.
+* :class:`DhtServer` (``kademlia.network.Server`` with ``protocol_class`` and ``storage=``).
+* :class:`DhtNode`: the API the daemon uses (start, bootstrap, publish, fetch, follow, stop).
+
+Every numbered defect of ``kademlia-defects.md`` is fixed here or in the modules above; the
+docstring of each override names the defect, and ``tests/test_defects.py`` has a test per number.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import socket
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+from kademlia.network import Server
+from kademlia.node import Node
+from kademlia.protocol import KademliaProtocol
+from kademlia.storage import IStorage
+from rpcudp.protocol import RPCProtocol
+
+from qisd.config import DhtConfig
+from qisd.core.crypto import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Identity, dht_id_for, verify
+from qisd.core.packet import (
+    Envelope,
+    open_envelope,
+    packet_id_of,
+    read_trusted,
+)
+from qisd.errors import PacketError, QisdError, UsageError
+from qisd.net import wire
+from qisd.net.crawl import NodeCrawl, PacketCrawl
+from qisd.net.datadir import read_json, write_json_atomic
+from qisd.net.routing import Contact, QisdRoutingTable
+
+log = logging.getLogger(__name__)
+
+_HELLO_TAG = b"qisd/hello\x00"
+STATE_VERSION = 1
+MAX_ENVELOPES_PER_REQUEST = 64
+"""store_packets / notify carry at most this many envelopes (a request is <= 8,192 bytes)."""
+MAX_LISTENERS_PER_KEY = 64
+MAX_LISTENED_KEYS = 4_096
+MAX_PENDING_VERIFICATIONS = 256
+REQUEST_OVERHEAD = 160
+"""Bytes of a store_packets/notify request besides its envelopes (name, ids, key, headers)."""
+REPLY_CONTACTS_BYTES = 40
+"""Upper bound of one packed contact triple (id, IPv4/IPv6 text, port) in a reply."""
+LISTEN_FANOUT = 4
+"""A follower registers with this many of a key's closest holders."""
+MAX_HANDED_OFF = 100_000
+
+
+def _now_ms(clock: Callable[[], float]) -> int:
+    return int(clock() * 1000)
+
+
+def _reason(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text[:96]
+
+
+def _counter_name(exc: BaseException) -> str:
+    return type(exc).__name__
+
+
+def _envelope_id(raw: bytes) -> str | None:
+    """The packet id an envelope's bytes claim, without verifying it (None if unframed)."""
+    try:
+        frame = msgpack.unpackb(raw, raw=False, max_array_len=16, max_map_len=0)
+        _v, kind, _key, _fb, pub, body, _sig = frame
+        if not isinstance(pub, bytes) or not isinstance(body, bytes) or not isinstance(kind, int):
+            return None
+        return packet_id_of(kind, pub, body)
+    except Exception:  # hostile bytes: the full check in open_envelope reports the reason
+        return None
+
+
+# --------------------------------------------------------------------------- replies
+
+
+@dataclass(frozen=True)
+class FindPacketsReply:
+    """One page of a ``find_packets`` reply."""
+
+    nodes: list[Node]
+    packets: list[bytes]
+    cursor: int | None
+    more: bool
+
+
+@dataclass(frozen=True)
+class StoreReply:
+    """A ``store_packets`` reply: packet ids accepted, already held, and refused with reasons."""
+
+    accepted: list[str]
+    duplicates: list[str]
+    refused: list[tuple[str, str]]
+
+
+@dataclass
+class PublishResult:
+    """What :meth:`DhtNode.publish` achieved.
+
+    ``replicas[packet_id]`` counts the remote nodes that hold the packet after the call (they
+    accepted it, or already had it); ``refused[packet_id]`` lists remote refusal reasons.
+    """
+
+    replicas: dict[str, int] = field(default_factory=dict)
+    refused: dict[str, list[str]] = field(default_factory=dict)
+    contacted: int = 0
+    """Nodes asked to store (the k closest found for each key)."""
+    messages: int = 0
+    """RPCs sent by this publish (lookups and stores)."""
+
+    @property
+    def min_replicas(self) -> int:
+        """The fewest replicas any published packet reached (0 if none were published)."""
+        return min(self.replicas.values(), default=0)
+
+
+# --------------------------------------------------------------------------- storage adapter
+
+
+class StoreStorage(IStorage):
+    """kademlia's ``IStorage`` over qisd's :class:`~qisd.net.store.Store` (``Server(storage=)``).
+
+    A key maps to the list of raw envelopes held under it. Writes verify every envelope (defect
+    4: no unauthenticated, last-writer-wins values), so stock code paths cannot store junk.
+    """
+
+    def __init__(self, store: Any, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.clock = clock
+
+    def raws(self, key: bytes) -> list[bytes]:
+        """Every unexpired raw envelope under ``key``."""
+        out: list[bytes] = []
+        cursor = 0
+        while True:
+            page, cursor, more = self.store.page(
+                key, since=cursor, max_bytes=1 << 20, now_ms=_now_ms(self.clock)
+            )
+            out.extend(page)
+            if not more:
+                return out
+
+    def __setitem__(self, key: bytes, value: bytes | Sequence[bytes]) -> None:
+        raws = [value] if isinstance(value, bytes) else list(value)
+        now = _now_ms(self.clock)
+        envs = [open_envelope(raw, now_ms=now, expected_key=key) for raw in raws]
+        self.store.put(envs, now_ms=now)
+
+    def __getitem__(self, key: bytes) -> list[bytes]:
+        found = self.raws(key)
+        if not found:
+            raise KeyError(key)
+        return found
+
+    def get(self, key: bytes, default: Any = None) -> Any:
+        return self.raws(key) or default
+
+    def iter_older_than(self, seconds_old: float) -> list[tuple[bytes, list[bytes]]]:
+        """This node's own envelopes by key (the only ones qisd republishes, defect 13)."""
+        by_key: dict[bytes, list[bytes]] = {}
+        for env in self.store.own_envelopes(now_ms=_now_ms(self.clock)):
+            by_key.setdefault(env.key, []).append(env.raw)
+        return list(by_key.items())
+
+    def __iter__(self) -> Iterator[tuple[bytes, list[bytes]]]:
+        for key, _count in self.store.keys():  # noqa: SIM118 (a Store, not a dict)
+            yield key, self.raws(key)
+
+
+# --------------------------------------------------------------------------- protocol
+
+
+class QisdProtocol(KademliaProtocol):
+    """The qisd wire protocol (see the module docstring)."""
+
+    def __init__(
+        self,
+        source_node: Node,
+        storage: StoreStorage,
+        ksize: int,
+        *,
+        identity: Identity,
+        config: DhtConfig,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        RPCProtocol.__init__(self, wait_timeout=config.rpc_timeout)
+        self.source_node = source_node
+        self.storage = storage
+        self.store = storage.store
+        self.identity = identity
+        self.config = config
+        self.clock = clock
+        self.ksize = ksize
+        self.router = QisdRoutingTable(
+            self,
+            ksize,
+            source_node,
+            evict_after=config.evict_after_failures,
+            check_head=self._head_alive,
+            clock=clock,
+        )
+        self.limiter = wire.TokenBuckets(config.rate_limit_per_source, config.rate_burst_per_source)
+        self.max_datagram = min(config.max_datagram_bytes, wire.MAX_DATAGRAM_BYTES)
+        self.counters: Counter[str] = Counter()
+        self.srtt = 0.0
+        self.family = socket.AF_INET
+        self.dual_stack = False
+        self._outstanding: dict[bytes, tuple[asyncio.Future[Any], asyncio.Handle, tuple]] = {}
+        self._sent_at: dict[bytes, float] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._verifying: set[bytes] = set()
+        self._handed_off: OrderedDict[bytes, None] = OrderedDict()
+        self._listeners: dict[bytes, dict[tuple, tuple[bytes, float]]] = {}
+        self.on_notify: Callable[[bytes, list[Envelope]], None] | None = None
+        self.on_stored: Callable[[bytes, int], None] | None = None
+        self.closed = False
+        self._handlers: dict[str, Callable[[tuple, list[Any]], Any]] = {
+            "ping": self._rpc_ping,
+            "find_node": self._rpc_find_node,
+            "store_packets": self._rpc_store_packets,
+            "find_packets": self._rpc_find_packets,
+            "listen": self._rpc_listen,
+            "notify": self._rpc_notify,
+        }
+
+    def __getattr__(self, name: str) -> Any:
+        """No magic: a misspelt attribute is an AttributeError, never a network call."""
+        raise AttributeError(f"{type(self).__name__!s} has no attribute {name!r}")
+
+    # -- addresses (defect 15)
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            self.family = sock.family
+            if sock.family == socket.AF_INET6:
+                with contextlib.suppress(OSError):
+                    v6only = sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+                    self.dual_stack = not v6only
+
+    def _peer_host(self, addr: tuple) -> str:
+        """A sender's host as contacts store it (IPv4-mapped IPv6 shown as IPv4)."""
+        host = addr[0]
+        if host.startswith("::ffff:") and "." in host:
+            return host[7:]
+        return host
+
+    def send_address(self, host: str | None, port: int | None) -> tuple | None:
+        """The socket address for a contact, or None if this socket cannot reach it."""
+        if host is None or port is None:
+            return None
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            return None
+        if self.family == socket.AF_INET:
+            return (host, port) if ip.version == 4 else None
+        if ip.version == 6:
+            return (host, port)
+        return (f"::ffff:{host}", port) if self.dual_stack else None
+
+    def reachable(self, node: Node) -> bool:
+        """True if this socket's address family can reach ``node``."""
+        return self.send_address(node.ip, node.port) is not None
+
+    # -- receiving (defect 8)
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        """Decode and dispatch one datagram; bad input is counted and dropped, never raised."""
+        try:
+            kind, msg_id, payload = wire.decode_datagram(data)
+        except wire.WireError as exc:
+            self.counters[f"malformed.{exc.args[0]}"] += 1
+            return
+        if kind == wire.REPLY:
+            self._accept_response(msg_id, payload, addr)
+            return
+        try:
+            name, args = wire.split_request(payload)
+        except wire.WireError as exc:
+            self.counters[f"malformed.{exc.args[0]}"] += 1
+            return
+        handler = self._handlers.get(name)
+        if handler is None:
+            self.counters["malformed.unknown_rpc"] += 1
+            return
+        if not self.limiter.allow((addr[0], addr[1])):
+            self.counters["rate_limited"] += 1
+            return
+        self.counters[f"received.{name}"] += 1
+        try:
+            reply = handler(addr, args)
+        except wire.WireError as exc:
+            self.counters[f"rejected.{exc.args[0]}"] += 1
+            return
+        except Exception:  # a handler bug must not kill the socket; count and log it
+            self.counters["handler_errors"] += 1
+            log.debug("handler %s failed for %s", name, addr, exc_info=True)
+            return
+        self._reply(msg_id, reply, addr)
+
+    def _reply(self, msg_id: bytes, value: Any, addr: tuple) -> None:
+        data = wire.encode_reply(msg_id, value)
+        if len(data) - wire.HEADER_BYTES > self.max_datagram:
+            # Handlers size replies to fit; this is a last guard (defect 6).
+            self.counters["reply_too_large"] += 1
+            data = wire.encode_reply(msg_id, {"error": "reply too large"})
+        if self.transport is not None and not self.closed:
+            self.transport.sendto(data, addr)
+
+    def _accept_response(self, msg_id: bytes, data: Any, address: tuple) -> None:
+        entry = self._outstanding.get(msg_id)
+        if entry is None:
+            self.counters["malformed.unexpected_reply"] += 1
+            return
+        future, timer, expected = entry
+        if (address[0], address[1]) != expected[:2]:
+            self.counters["malformed.reply_wrong_address"] += 1
+            return
+        del self._outstanding[msg_id]
+        timer.cancel()
+        sent = self._sent_at.pop(msg_id, None)
+        if sent is not None:
+            rtt = time.monotonic() - sent
+            self.srtt = rtt if self.srtt == 0 else 0.875 * self.srtt + 0.125 * rtt
+        if not future.done():
+            future.set_result((True, data))
+
+    def _timeout(self, msg_id: bytes) -> None:
+        """A call got no reply in time; tolerate a future already cancelled (defect 9)."""
+        entry = self._outstanding.pop(msg_id, None)
+        self._sent_at.pop(msg_id, None)
+        if entry is None:
+            return
+        self.counters["timeouts"] += 1
+        if not entry[0].done():
+            entry[0].set_result((False, None))
+
+    def _forget(self, msg_id: bytes) -> None:
+        entry = self._outstanding.pop(msg_id, None)
+        self._sent_at.pop(msg_id, None)
+        if entry is not None:
+            entry[1].cancel()
+
+    def stall_after(self) -> float:
+        """Seconds after which a lookup stops waiting on a call (a few smoothed RTTs)."""
+        base = 4 * self.srtt + 0.05 if self.srtt else 0.25
+        return min(self.config.rpc_timeout, max(0.1, base))
+
+    # -- sending: explicit stubs
+
+    def _call(self, address: tuple | None, name: str, args: list[Any]) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        if address is None or self.transport is None or self.closed:
+            self.counters["unreachable"] += 1
+            future.set_result((False, None))
+            return future
+        msg_id = os.urandom(wire.MSG_ID_BYTES)
+        data = wire.encode_request(msg_id, name, args)
+        if len(data) - wire.HEADER_BYTES > self.max_datagram:
+            self.counters["request_too_large"] += 1
+            future.set_result((False, None))
+            return future
+        self.counters[f"sent.{name}"] += 1
+        timer = loop.call_later(self._wait_timeout, self._timeout, msg_id)
+        self._outstanding[msg_id] = (future, timer, address)
+        self._sent_at[msg_id] = time.monotonic()
+        future.add_done_callback(lambda _f: self._forget(msg_id))
+        self.transport.sendto(data, address)
+        return future
+
+    def _address(self, node: Node) -> tuple | None:
+        return self.send_address(node.ip, node.port)
+
+    def ping(self, address: tuple | None, nonce: bytes) -> asyncio.Future[Any]:
+        """Send ``ping``: the answer proves the peer holds the key its id hashes."""
+        return self._call(address, "ping", [self.source_node.id, nonce])
+
+    def find_node(self, address: tuple | None, target: bytes) -> asyncio.Future[Any]:
+        """Send ``find_node``."""
+        return self._call(address, "find_node", [self.source_node.id, target])
+
+    def store_packets(
+        self, address: tuple | None, key: bytes, raws: list[bytes]
+    ) -> asyncio.Future[Any]:
+        """Send ``store_packets``."""
+        return self._call(address, "store_packets", [self.source_node.id, key, raws])
+
+    def find_packets(
+        self, address: tuple | None, key: bytes, cursor: int | None
+    ) -> asyncio.Future[Any]:
+        """Send ``find_packets``."""
+        return self._call(address, "find_packets", [self.source_node.id, key, cursor])
+
+    def listen(self, address: tuple | None, key: bytes) -> asyncio.Future[Any]:
+        """Send ``listen``."""
+        return self._call(address, "listen", [self.source_node.id, key])
+
+    def notify(self, address: tuple | None, key: bytes, raws: list[bytes]) -> asyncio.Future[Any]:
+        """Send ``notify``."""
+        return self._call(address, "notify", [self.source_node.id, key, raws])
+
+    # -- calls with checked replies (defect 7)
+
+    def handle_call_response(self, result: tuple[bool, Any], node: Node) -> tuple[bool, Any]:
+        """A reply refreshes the contact; a failure counts against it (defect 5)."""
+        if not result[0]:
+            self.router.record_failure(node)
+            return result
+        self.welcome_if_new(node)
+        return result
+
+    def _bad_reply(self, node: Node, reason: str) -> tuple[bool, None]:
+        self.counters[f"malformed.reply_{reason}"] += 1
+        self.router.record_failure(node)
+        return False, None
+
+    async def verified_ping(self, address: tuple | None, expect: bytes | None) -> bytes | None:
+        """Ping ``address``; the id it proves it holds the key of (``expect`` if given)."""
+        nonce = os.urandom(wire.NONCE_BYTES)
+        ok, reply = await self.ping(address, nonce)
+        if not ok:
+            return None
+        if (
+            not isinstance(reply, list)
+            or len(reply) != 3
+            or not all(isinstance(x, bytes) for x in reply)
+        ):
+            self.counters["malformed.reply_ping"] += 1
+            return None
+        nid, pub, sig = reply
+        if len(pub) != PUBLIC_KEY_BYTES or len(sig) != SIGNATURE_BYTES or dht_id_for(pub) != nid:
+            self.counters["rejected.id_not_key_hash"] += 1
+            return None
+        if expect is not None and nid != expect:
+            self.counters["rejected.id_changed"] += 1
+            return None
+        if not verify(pub, sig, _HELLO_TAG + nonce + self.source_node.id + nid):
+            self.counters["rejected.bad_proof"] += 1
+            return None
+        return nid
+
+    async def call_ping(self, node_to_ask: Node) -> tuple[bool, Any]:
+        """A verified ping of a known contact."""
+        nid = await self.verified_ping(self._address(node_to_ask), node_to_ask.id)
+        result = (nid is not None, nid)
+        return self.handle_call_response(result, node_to_ask)
+
+    async def _head_alive(self, head: Contact) -> bool:
+        nid = await self.verified_ping(self._address(head), head.id)
+        return nid is not None
+
+    async def call_find_node(self, node_to_ask: Node, node_to_find: Node) -> tuple[bool, Any]:
+        """``find_node``: (ok, contacts as Nodes)."""
+        ok, reply = await self.find_node(self._address(node_to_ask), node_to_find.id)
+        if not ok:
+            return self.handle_call_response((False, None), node_to_ask)
+        try:
+            found = [Contact(i, h, p) for i, h, p in wire.contacts(reply)]
+        except wire.WireError:
+            return self._bad_reply(node_to_ask, "find_node")
+        self.welcome_if_new(node_to_ask)
+        return True, [n for n in found if self.reachable(n)]
+
+    async def call_find_packets(
+        self, node_to_ask: Node, key: bytes, cursor: int | None
+    ) -> tuple[bool, Any]:
+        """``find_packets``: (ok, FindPacketsReply)."""
+        ok, reply = await self.find_packets(self._address(node_to_ask), key, cursor)
+        if not ok:
+            return self.handle_call_response((False, None), node_to_ask)
+        try:
+            if not isinstance(reply, dict):
+                raise wire.WireError("shape")
+            nodes = [Contact(i, h, p) for i, h, p in wire.contacts(reply.get("nodes", []))]
+            packets = wire.byte_list(reply.get("packets"), max_items=wire.MAX_DATAGRAM_BYTES)
+            more = reply.get("more")
+            if not isinstance(more, bool):
+                raise wire.WireError("shape")
+            parsed = FindPacketsReply(
+                [n for n in nodes if self.reachable(n)],
+                packets,
+                wire.cursor(reply.get("cursor")),
+                more,
+            )
+        except wire.WireError:
+            return self._bad_reply(node_to_ask, "find_packets")
+        self.welcome_if_new(node_to_ask)
+        return True, parsed
+
+    async def call_store_packets(
+        self, node_to_ask: Node, key: bytes, raws: list[bytes]
+    ) -> tuple[bool, Any]:
+        """``store_packets``: (ok, StoreReply)."""
+        ok, reply = await self.store_packets(self._address(node_to_ask), key, raws)
+        if not ok:
+            return self.handle_call_response((False, None), node_to_ask)
+        try:
+            if not isinstance(reply, dict):
+                raise wire.WireError("shape")
+            accepted = reply.get("accepted")
+            duplicates = reply.get("duplicates")
+            refused = reply.get("refused")
+            if not (
+                isinstance(accepted, list)
+                and isinstance(duplicates, list)
+                and isinstance(refused, list)
+                and all(isinstance(x, str) for x in accepted + duplicates)
+                and all(
+                    isinstance(r, list) and len(r) == 2 and all(isinstance(x, str) for x in r)
+                    for r in refused
+                )
+            ):
+                raise wire.WireError("shape")
+        except wire.WireError:
+            return self._bad_reply(node_to_ask, "store_packets")
+        self.welcome_if_new(node_to_ask)
+        return True, StoreReply(accepted, duplicates, [(a, b) for a, b in refused])
+
+    async def call_listen(self, node_to_ask: Node, key: bytes) -> bool:
+        """``listen``: True if the holder registered us."""
+        ok, reply = await self.listen(self._address(node_to_ask), key)
+        if not ok:
+            self.handle_call_response((False, None), node_to_ask)
+            return False
+        if not isinstance(reply, dict) or not isinstance(reply.get("ttl"), int):
+            self._bad_reply(node_to_ask, "listen")
+            return False
+        self.welcome_if_new(node_to_ask)
+        return True
+
+    async def call_notify(self, address: tuple, key: bytes, raws: list[bytes]) -> bool:
+        """``notify`` a listener at ``address``."""
+        ok, _reply = await self.notify(address, key, raws)
+        return bool(ok)
+
+    async def call_store(self, node_to_ask: Node, key: bytes, value: Any) -> tuple[bool, Any]:
+        """Stock single-value STORE is not spoken by qisd (defect 4): store signed packets."""
+        raws = [value] if isinstance(value, bytes) else list(value)
+        return await self.call_store_packets(node_to_ask, key, raws)
+
+    async def call_find_value(self, node_to_ask: Node, node_to_find: Node) -> tuple[bool, Any]:
+        """Stock FIND_VALUE is ``find_packets`` from the start in qisd."""
+        return await self.call_find_packets(node_to_ask, node_to_find.id, None)
+
+    # -- contacts, proof of key possession, hand-off (defects 1 and 10)
+
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
+        """Run ``coro`` in the background, kept referenced and its errors logged."""
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.counters["task_errors"] += 1
+            log.debug("background task failed", exc_info=task.exception())
+
+    def welcome_if_new(self, node: Node) -> None:
+        """Refresh a known contact; verify an unknown one (signed ping) before adding it.
+
+        A node enters the routing table only after it proved it holds the key its id hashes
+        (no self-chosen ids). Hand-off runs once per node id, on its first verified contact,
+        not for nodes parked in a replacement cache (defect 1).
+        """
+        if node.id == self.source_node.id or self.closed or not self.reachable(node):
+            return
+        known = self.router.get(node.id)
+        if known is not None and (known.ip, known.port) == (node.ip, node.port):
+            self.router.touch(known)
+            return
+        if node.id in self._verifying or len(self._verifying) >= MAX_PENDING_VERIFICATIONS:
+            return
+        self._verifying.add(node.id)
+        self.spawn(self._verify_and_add(Contact(node.id, node.ip, node.port)))
+
+    async def _verify_and_add(self, node: Contact) -> None:
+        try:
+            nid = await self.verified_ping(self._address(node), node.id)
+        finally:
+            self._verifying.discard(node.id)
+        if nid is None or self.closed:
+            return
+        self.router.add_contact(node)
+        if node.id not in self._handed_off:
+            self._handed_off[node.id] = None
+            while len(self._handed_off) > MAX_HANDED_OFF:
+                self._handed_off.popitem(last=False)
+            self.hand_off(node)
+
+    def hand_off(self, node: Node) -> int:
+        """Send ``node`` the keys it should now hold (Kademlia paper, 2.5); returns keys sent.
+
+        A key goes to ``node`` if it is among the k closest to the key and this node is closer
+        to the key than every contact it knows, so one node, not all, hands each key off. The
+        key itself is the DHT id (stock hashes it again, defect 10).
+        """
+        sent = 0
+        for key, _count in self.store.keys():  # noqa: SIM118 (a Store, not a dict)
+            keynode = Node(key)
+            neighbors = self.router.find_neighbors(keynode, exclude=node)
+            neighbors = [n for n in neighbors if n.id != node.id]
+            if neighbors:
+                new_close = len(neighbors) < self.ksize or node.distance_to(keynode) < neighbors[
+                    -1
+                ].distance_to(keynode)
+                this_closest = self.source_node.distance_to(keynode) < neighbors[0].distance_to(
+                    keynode
+                )
+                if not (new_close and this_closest):
+                    continue
+            sent += 1
+            self.spawn(self.push_key(node, key))
+        return sent
+
+    async def push_key(self, node: Node, key: bytes, cursor: int = 0) -> int:
+        """Store every packet held under ``key`` at ``node``, one request per page."""
+        budget = self.max_datagram - REQUEST_OVERHEAD
+        accepted = 0
+        while True:
+            raws, cursor, more = self.store.page(
+                key, since=cursor, max_bytes=budget, now_ms=_now_ms(self.clock)
+            )
+            for batch in batches_within(raws, budget):
+                ok, reply = await self.call_store_packets(node, key, batch)
+                if not ok:
+                    return accepted
+                accepted += len(reply.accepted)
+            if not more:
+                return accepted
+
+    # -- handlers: (address, args) -> reply; WireError = bad arguments (counted)
+
+    def _sender(self, addr: tuple, value: Any) -> Contact:
+        return Contact(wire.node_id(value), self._peer_host(addr), addr[1])
+
+    def _rpc_ping(self, addr: tuple, args: list[Any]) -> list[bytes]:
+        if len(args) != 2:
+            raise wire.WireError("bad_args")
+        sender = self._sender(addr, args[0])
+        nonce = args[1]
+        if not isinstance(nonce, bytes) or len(nonce) != wire.NONCE_BYTES:
+            raise wire.WireError("bad_args")
+        self.welcome_if_new(sender)
+        me = self.source_node.id
+        proof = self.identity.sign(_HELLO_TAG + nonce + sender.id + me)
+        return [me, self.identity.public_key, proof]
+
+    def _contacts_reply(self, target: bytes, exclude: Node) -> list[list[Any]]:
+        neighbors = self.router.find_neighbors(Node(target), exclude=exclude)
+        return [[n.id, n.ip, n.port] for n in neighbors]
+
+    def _rpc_find_node(self, addr: tuple, args: list[Any]) -> list[list[Any]]:
+        if len(args) != 2:
+            raise wire.WireError("bad_args")
+        sender = self._sender(addr, args[0])
+        target = wire.node_id(args[1])
+        self.welcome_if_new(sender)
+        return self._contacts_reply(target, sender)
+
+    def _rpc_find_packets(self, addr: tuple, args: list[Any]) -> dict[str, Any]:
+        if len(args) != 3:
+            raise wire.WireError("bad_args")
+        sender = self._sender(addr, args[0])
+        key = wire.node_id(args[1])
+        cursor = wire.cursor(args[2])
+        self.welcome_if_new(sender)
+        nodes = self._contacts_reply(key, sender) if not cursor else []
+        budget = self.max_datagram - 64 - REPLY_CONTACTS_BYTES * len(nodes)
+        raws, next_cursor, more = self.store.page(
+            key, since=cursor or 0, max_bytes=budget, now_ms=_now_ms(self.clock)
+        )
+        return {"nodes": nodes, "packets": raws, "cursor": next_cursor, "more": more}
+
+    def _rpc_store_packets(self, addr: tuple, args: list[Any]) -> dict[str, Any]:
+        if len(args) != 3:
+            raise wire.WireError("bad_args")
+        sender = self._sender(addr, args[0])
+        key = wire.node_id(args[1])
+        raws = wire.byte_list(args[2], max_items=MAX_ENVELOPES_PER_REQUEST)
+        self.welcome_if_new(sender)
+        now = _now_ms(self.clock)
+        valid: list[Envelope] = []
+        duplicates: list[str] = []
+        refused: list[list[str]] = []
+        seen: set[str] = set()
+        for i, raw in enumerate(raws):
+            claimed = _envelope_id(raw)
+            if claimed is not None and (claimed in seen or self.store.has(key, claimed)):
+                duplicates.append(claimed)
+                continue
+            try:
+                env = open_envelope(raw, now_ms=now, expected_key=key)
+            except PacketError as exc:
+                self.counters[f"rejected.{_counter_name(exc)}"] += 1
+                refused.append([claimed or f"#{i}", _reason(exc)])
+                continue
+            seen.add(env.packet_id)
+            valid.append(env)
+        # Everything was verified above; only now is anything stored (one transaction).
+        result = self.store.put(valid, now_ms=now)
+        for pid, why in result.refused:
+            self.counters[f"rejected.{why.split(':')[0].replace(' ', '_')}"] += 1
+            refused.append([pid, why[:96]])
+        duplicates.extend(result.duplicates)
+        if result.accepted:
+            self.counters["stored_packets"] += len(result.accepted)
+            if self.on_stored is not None:
+                self.on_stored(key, len(result.accepted))
+            accepted_ids = set(result.accepted)
+            fresh = [e for e in valid if e.packet_id in accepted_ids]
+            self.push_to_listeners(key, fresh, exclude=(addr[0], addr[1]))
+        return {"accepted": result.accepted, "duplicates": duplicates, "refused": refused}
+
+    def _rpc_listen(self, addr: tuple, args: list[Any]) -> dict[str, Any]:
+        if len(args) != 2:
+            raise wire.WireError("bad_args")
+        sender = self._sender(addr, args[0])
+        key = wire.node_id(args[1])
+        self.welcome_if_new(sender)
+        now = self.clock()
+        listeners = self._listeners.get(key)
+        if listeners is None:
+            if len(self._listeners) >= MAX_LISTENED_KEYS:
+                self._expire_listeners(now)
+                if len(self._listeners) >= MAX_LISTENED_KEYS:
+                    raise wire.WireError("too_many_listened_keys")
+            listeners = self._listeners[key] = {}
+        where = (addr[0], addr[1])
+        if where not in listeners and len(listeners) >= MAX_LISTENERS_PER_KEY:
+            self._expire_listeners(now)
+            if len(listeners) >= MAX_LISTENERS_PER_KEY:
+                raise wire.WireError("too_many_listeners")
+        listeners[where] = (sender.id, now + self.config.listen_seconds)
+        return {"ttl": int(self.config.listen_seconds)}
+
+    def _rpc_notify(self, addr: tuple, args: list[Any]) -> dict[str, Any]:
+        if len(args) != 3:
+            raise wire.WireError("bad_args")
+        sender = self._sender(addr, args[0])
+        key = wire.node_id(args[1])
+        raws = wire.byte_list(args[2], max_items=MAX_ENVELOPES_PER_REQUEST)
+        self.welcome_if_new(sender)
+        if self.on_notify is None:
+            return {"accepted": 0}
+        now = _now_ms(self.clock)
+        envs = []
+        for raw in raws:
+            try:
+                envs.append(open_envelope(raw, now_ms=now, expected_key=key))
+            except PacketError as exc:
+                self.counters[f"rejected.{_counter_name(exc)}"] += 1
+        if envs:
+            self.on_notify(key, envs)
+        return {"accepted": len(envs)}
+
+    # -- listeners
+
+    def _expire_listeners(self, now: float) -> None:
+        for key in list(self._listeners):
+            live = {a: v for a, v in self._listeners[key].items() if v[1] > now}
+            if live:
+                self._listeners[key] = live
+            else:
+                del self._listeners[key]
+
+    def listeners(self, key: bytes) -> list[tuple]:
+        """Addresses registered (and not expired) to be notified about ``key``."""
+        now = self.clock()
+        return [a for a, (_nid, exp) in self._listeners.get(key, {}).items() if exp > now]
+
+    def push_to_listeners(
+        self, key: bytes, envs: Sequence[Envelope], *, exclude: tuple | None = None
+    ) -> int:
+        """Notify every live listener of ``key`` of ``envs``; returns notifications sent."""
+        targets = [a for a in self.listeners(key) if a != exclude]
+        if not targets or not envs:
+            return 0
+        sent = 0
+        for batch in batches_within([e.raw for e in envs], self.max_datagram - REQUEST_OVERHEAD):
+            for address in targets:
+                self.spawn(self.call_notify(address, key, batch))
+                sent += 1
+        return sent
+
+    def close(self) -> None:
+        """Stop: fail every outstanding call, cancel background work."""
+        self.closed = True
+        for msg_id in list(self._outstanding):
+            self._timeout(msg_id)
+        for task in list(self._tasks):
+            task.cancel()
+        self.router.cancel()
+
+
+def batches_within(raws: Sequence[bytes], budget: int) -> list[list[bytes]]:
+    """Split envelopes into lists whose packed size stays within ``budget`` bytes."""
+    out: list[list[bytes]] = []
+    current: list[bytes] = []
+    used = 0
+    for raw in raws:
+        size = len(raw) + 5
+        if current and (used + size > budget or len(current) >= MAX_ENVELOPES_PER_REQUEST):
+            out.append(current)
+            current, used = [], 0
+        current.append(raw)
+        used += size
+    if current:
+        out.append(current)
+    return out
+
+
+# --------------------------------------------------------------------------- server
+
+
+class DhtServer(Server):
+    """kademlia's ``Server`` with qisd's protocol and storage (``protocol_class``, ``storage=``)."""
+
+    protocol_class = QisdProtocol
+
+    def __init__(
+        self,
+        identity: Identity,
+        store: Any,
+        config: DhtConfig,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        super().__init__(
+            ksize=config.ksize,
+            alpha=config.alpha,
+            node_id=identity.dht_id,
+            storage=StoreStorage(store, clock),
+        )
+        self.identity = identity
+        self.config = config
+        self.clock = clock
+        self.protocol: QisdProtocol | None = None
+
+    def _create_protocol(self) -> QisdProtocol:
+        return self.protocol_class(
+            self.node,
+            self.storage,
+            self.ksize,
+            identity=self.identity,
+            config=self.config,
+            clock=self.clock,
+        )
+
+    async def listen(self, port: int, interface: str = "127.0.0.1") -> None:
+        """Bind the UDP socket; ``::`` makes one dual-stack socket for both families (15)."""
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(interface, port, type=socket.SOCK_DGRAM)
+        if not infos:
+            raise UsageError(f"cannot resolve the listen address {interface!r}")
+        family, _type, proto, _name, sockaddr = infos[0]
+        sock = socket.socket(family, socket.SOCK_DGRAM, proto)
+        try:
+            if family == socket.AF_INET6 and ipaddress.ip_address(sockaddr[0]).is_unspecified:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind(sockaddr)
+        except OSError as exc:
+            sock.close()
+            raise UsageError(f"cannot bind UDP {interface}:{port}: {exc.strerror}") from None
+        self.transport, self.protocol = await loop.create_datagram_endpoint(
+            self._create_protocol, sock=sock
+        )
+        self.refresh_table(interval=3600)
+
+    def refresh_table(self, interval: int = 3600) -> None:
+        asyncio.ensure_future(self._refresh_table())
+        loop = asyncio.get_running_loop()
+        self.refresh_loop = loop.call_later(interval, self.refresh_table, interval)
+
+    async def _refresh_table(self) -> None:
+        """Refresh lonely buckets only: republish is the node's own packets (defect 13)."""
+        if self.protocol is None or self.protocol.closed:
+            return
+        with contextlib.suppress(Exception):
+            for node_id in self.protocol.get_refresh_ids():
+                await self.crawl_nodes(node_id)
+
+    async def crawl_nodes(self, target: bytes) -> list[Node]:
+        """The k closest live nodes to ``target`` (an iterative ``find_node``)."""
+        assert self.protocol is not None
+        node = Node(target)
+        nearest = self.protocol.router.find_neighbors(node, self.ksize)
+        crawl = NodeCrawl(
+            self.protocol,
+            node,
+            nearest,
+            self.ksize,
+            self.alpha,
+            stall_after=self.protocol.stall_after,
+        )
+        return await crawl.find()
+
+    async def crawl_packets(self, key: bytes, since: dict[bytes, int | None] | None = None) -> Any:
+        """Every packet the k closest nodes to ``key`` hold (see :class:`PacketCrawl`)."""
+        assert self.protocol is not None
+        node = Node(key)
+        nearest = self.protocol.router.find_neighbors(node, self.ksize)
+        crawl = PacketCrawl(
+            self.protocol,
+            node,
+            nearest,
+            self.ksize,
+            self.alpha,
+            stall_after=self.protocol.stall_after,
+            since=since,
+        )
+        return await crawl.find()
+
+    async def bootstrap(self, addrs: Sequence[tuple[str, int]]) -> list[Node]:
+        """Verified pings to ``addrs`` (IP addresses), then a lookup of this node's own id."""
+        assert self.protocol is not None
+        results = await asyncio.gather(*(self.bootstrap_node(a) for a in addrs))
+        if not any(results):
+            return []
+        return await self.crawl_nodes(self.node.id)
+
+    async def bootstrap_node(self, addr: tuple[str, int]) -> Node | None:
+        """Ping one address; the contact if it proved its id (it is then in the table)."""
+        assert self.protocol is not None
+        host, port = addr[0], int(addr[1])
+        nid = await self.protocol.verified_ping(self.protocol.send_address(host, port), None)
+        if nid is None:
+            return None
+        node = Contact(nid, host, port)
+        self.protocol.welcome_if_new(node)
+        self.protocol.router.add_contact(node)
+        return node
+
+    async def get(self, key: bytes) -> Any:
+        """Stock single-value get is replaced by :meth:`DhtNode.fetch` (defects 2, 3)."""
+        raise UsageError("qisd keys hold many signed packets: use DhtNode.fetch(key)")
+
+    async def set(self, key: bytes, value: Any) -> Any:
+        """Stock single-value set is replaced by :meth:`DhtNode.publish` (defects 4, 14)."""
+        raise UsageError("qisd stores signed packets: use DhtNode.publish(envelopes)")
+
+    async def set_digest(self, dkey: bytes, value: Any) -> Any:
+        raise UsageError("qisd stores signed packets: use DhtNode.publish(envelopes)")
+
+    def save_state(self, fname: str | os.PathLike[str]) -> None:
+        """Routing state as JSON, written atomically (defect 16: never pickle)."""
+        assert self.protocol is not None
+        contacts = sorted(
+            self.protocol.router.contacts(), key=lambda c: c.long_id ^ self.node.long_id
+        )
+        write_json_atomic(
+            Path(fname),
+            {
+                "version": STATE_VERSION,
+                "id": self.node.id.hex(),
+                "ksize": self.ksize,
+                "alpha": self.alpha,
+                "contacts": [[c.id.hex(), c.ip, c.port] for c in contacts],
+            },
+        )
+
+    @classmethod
+    async def load_state(cls, fname: Any, port: int, interface: str = "0.0.0.0") -> Any:
+        """Pickle-based state is refused (defect 16): use ``DhtNode(state_path=...)``."""
+        raise UsageError("qisd routing state is JSON: use DhtNode(..., state_path=path)")
+
+
+def read_state_contacts(path: Path) -> list[tuple[bytes, str, int]]:
+    """Contacts from a routing-state JSON file (nothing if absent, unreadable or not ours)."""
+    try:
+        data = read_json(path, None)
+    except Exception:  # a damaged or foreign file is ignored, never executed
+        log.warning("ignoring unreadable routing state %s", path)
+        return []
+    if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
+        return []
+    out = []
+    for item in data.get("contacts", [])[:1024]:
+        try:
+            nid_hex, host, port = item
+            out.append(wire.contact([bytes.fromhex(nid_hex), host, port]))
+        except (ValueError, TypeError, wire.WireError):
+            continue
+    return out
+
+
+# --------------------------------------------------------------------------- the node
+
+
+@dataclass
+class _Follow:
+    callback: Callable[[list[Envelope]], None]
+    seen: set[str] = field(default_factory=set)
+    holders: dict[bytes, Node] = field(default_factory=dict)
+    cursors: dict[bytes, int | None] = field(default_factory=dict)
+    task: asyncio.Task[Any] | None = None
+
+
+class DhtNode:
+    """A qisd DHT node: the API the daemon uses.
+
+    ``store`` is the node's :class:`~qisd.net.store.Store`; ``identity`` its key (the node id
+    is the hash of its public key); ``state_path`` where routing state is kept as JSON.
+    """
+
+    def __init__(
+        self,
+        identity: Identity,
+        store: Any,
+        config: DhtConfig,
+        *,
+        state_path: Path | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.identity = identity
+        self.store = store
+        self.config = config
+        self.state_path = Path(state_path) if state_path is not None else None
+        self.clock = clock
+        self.server = DhtServer(identity, store, config, clock=clock)
+        self._follows: dict[bytes, _Follow] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._unreachable: dict[tuple[str, int], str] = {}
+        self._counters: Counter[str] = Counter()
+        self.address: tuple[str, int] | None = None
+
+    # -- lifecycle
+
+    @property
+    def protocol(self) -> QisdProtocol:
+        """The running protocol (after :meth:`start`)."""
+        if self.server.protocol is None:
+            raise UsageError("the DHT node is not started")
+        return self.server.protocol
+
+    @property
+    def node_id(self) -> bytes:
+        """This node's 160-bit id."""
+        return self.server.node.id
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
+        """Bind the UDP socket and start background work; returns the bound address.
+
+        With a ``state_path`` holding contacts from an earlier run, the node rejoins through
+        them in the background (see :meth:`bootstrap` to wait for it).
+        """
+        await self.server.listen(port, host)
+        self.protocol.on_notify = self._on_notify
+        sockname = self.server.transport.get_extra_info("sockname")
+        self.address = (sockname[0], sockname[1])
+        self._spawn(self._republish_loop())
+        self._spawn(self._expire_loop())
+        if self.state_path is not None and read_state_contacts(self.state_path):
+            self._spawn(self.bootstrap(()))
+        return self.address
+
+    async def stop(self) -> None:
+        """Save routing state (JSON, atomic), stop background work and close the socket."""
+        if self.server.protocol is None:
+            return
+        if self.state_path is not None and self.protocol.router.contacts():
+            try:
+                self.server.save_state(self.state_path)
+            except QisdError as exc:
+                log.warning("could not save routing state to %s: %s", self.state_path, exc)
+        for task in list(self._tasks):
+            task.cancel()
+        for follow in self._follows.values():
+            if follow.task is not None:
+                follow.task.cancel()
+        self.protocol.close()
+        self.server.stop()
+        await asyncio.gather(*self._tasks, *self.protocol._tasks, return_exceptions=True)
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self._counters["task_errors"] += 1
+            log.warning("DHT background task failed: %r", task.exception())
+
+    # -- joining
+
+    @classmethod
+    def bootstrap_addresses_from_file(cls, path: str | os.PathLike[str]) -> list[tuple[str, int]]:
+        """``host:port`` lines of a bootstrap file ('#' comments, blanks, ``[v6]:port``)."""
+        out = []
+        text = Path(path).read_text(encoding="utf-8")
+        for n, line in enumerate(text.splitlines(), 1):
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            out.append(parse_host_port(line, where=f"{path}:{n}"))
+        return out
+
+    async def bootstrap(self, peers: Sequence[tuple[str, int]]) -> int:
+        """Join through ``peers`` (names resolved) and saved contacts; returns contacts reached.
+
+        Unreachable or unresolvable peers are reported in ``stats()['bootstrap_unreachable']``
+        and retried in the background until they answer or the node stops.
+        """
+        loop = asyncio.get_running_loop()
+        resolved: list[tuple[tuple[str, int], tuple[str, int]]] = []
+        for host, port in peers:
+            try:
+                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+            except OSError as exc:
+                self._unreachable[(host, port)] = f"cannot resolve: {exc}"
+                self._spawn(self._retry_peer(host, port))
+                continue
+            addrs = {
+                (info[4][0], info[4][1])
+                for info in infos
+                if self.protocol.send_address(info[4][0], info[4][1]) is not None
+            }
+            if not addrs:
+                self._unreachable[(host, port)] = "no address of this socket's family"
+                continue
+            resolved.extend(((host, port), a) for a in sorted(addrs))
+        saved = read_state_contacts(self.state_path) if self.state_path is not None else []
+        targets = [a for _peer, a in resolved] + [(h, p) for _i, h, p in saved]
+        results = await asyncio.gather(*(self.server.bootstrap_node(a) for a in targets))
+        reached = {n.id for n in results if n is not None}
+        ok_peers = {peer for (peer, _a), n in zip(resolved, results, strict=False) if n}
+        for peer, _a in resolved:
+            if peer not in ok_peers:
+                self._unreachable[peer] = "no answer"
+                self._spawn(self._retry_peer(*peer))
+            else:
+                self._unreachable.pop(peer, None)
+        if reached:
+            await self.server.crawl_nodes(self.node_id)
+            if self.state_path is not None:
+                with contextlib.suppress(QisdError):
+                    self.server.save_state(self.state_path)
+        return len(reached)
+
+    async def _retry_peer(self, host: str, port: int) -> None:
+        delay = max(1.0, self.config.rpc_timeout)
+        while (host, port) in self._unreachable:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 300.0)
+            if (host, port) not in self._unreachable:
+                return
+            with contextlib.suppress(OSError):
+                reached = await self._bootstrap_one(host, port)
+                if reached:
+                    self._unreachable.pop((host, port), None)
+                    await self.server.crawl_nodes(self.node_id)
+                    return
+
+    async def _bootstrap_one(self, host: str, port: int) -> bool:
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        for info in infos:
+            addr = (info[4][0], info[4][1])
+            if self.protocol.send_address(*addr) and await self.server.bootstrap_node(addr):
+                return True
+        return False
+
+    # -- publish / fetch
+
+    async def publish(self, envelopes: Sequence[Envelope]) -> PublishResult:
+        """Store ``envelopes`` (already stored locally) at the k closest nodes of their keys."""
+        result = PublishResult()
+        by_key: dict[bytes, list[Envelope]] = {}
+        for env in envelopes:
+            by_key.setdefault(env.key, []).append(env)
+            result.replicas.setdefault(env.packet_id, 0)
+        await asyncio.gather(*(self._publish_key(k, envs, result) for k, envs in by_key.items()))
+        return result
+
+    async def _publish_key(self, key: bytes, envs: list[Envelope], result: PublishResult) -> None:
+        proto = self.protocol
+        sent_before = _sent_total(proto)
+        nodes = await self.server.crawl_nodes(key)
+        result.contacted += len(nodes)
+        batches = batches_within([e.raw for e in envs], proto.max_datagram - REQUEST_OVERHEAD)
+
+        async def store_at(node: Node) -> None:
+            for batch in batches:
+                ok, reply = await proto.call_store_packets(node, key, batch)
+                if not ok:
+                    return
+                for pid in {*reply.accepted, *reply.duplicates}:
+                    if pid in result.replicas:
+                        result.replicas[pid] += 1
+                for pid, why in reply.refused:
+                    result.refused.setdefault(pid, []).append(why)
+
+        await asyncio.gather(*(store_at(n) for n in nodes))
+        proto.push_to_listeners(key, envs)
+        result.messages += _sent_total(proto) - sent_before
+
+    async def fetch(self, key: bytes) -> list[Envelope]:
+        """Every packet under ``key``: the k closest replicas' merged with local, verified.
+
+        Keeps crawling to the k closest (never stops at the first reply), deduplicates by
+        packet id, verifies every remote envelope, and never waits on a caching store.
+        """
+        replies = await self.server.crawl_packets(key)
+        self._counters["fetches"] += 1
+        self._counters["fetch_messages"] += replies.messages
+        return self._merge(key, (r for raws in replies.raws.values() for r in raws))
+
+    def _local(self, key: bytes) -> list[Envelope]:
+        return [read_trusted(raw)[0] for raw in self.server.storage.raws(key)]
+
+    def _merge(self, key: bytes, remote: Any) -> list[Envelope]:
+        by_id: dict[str, Envelope] = {e.packet_id: e for e in self._local(key)}
+        now = _now_ms(self.clock)
+        checked: set[bytes] = set()
+        for raw in remote:
+            if raw in checked:
+                continue
+            checked.add(raw)
+            try:
+                env = open_envelope(raw, now_ms=now, expected_key=key)
+            except PacketError as exc:
+                self.protocol.counters[f"rejected.fetched_{_counter_name(exc)}"] += 1
+                continue
+            by_id.setdefault(env.packet_id, env)
+        return sorted(by_id.values(), key=lambda e: (e.timestamp_ms, e.packet_id))
+
+    # -- follow
+
+    async def follow(self, key: bytes, on_packets: Callable[[list[Envelope]], None]) -> None:
+        """Call ``on_packets`` with ``key``'s packets now and with each new one as it arrives.
+
+        Registers with the key's closest holders (``listen``); they push new packets
+        (``notify``). Registrations are refreshed every third of ``listen_seconds``, and each
+        refresh catches up from every holder's cursor (only what is new) in case a push was lost.
+        """
+        if key in self._follows:
+            self._follows[key].callback = on_packets
+            return
+        follow = _Follow(on_packets)
+        self._follows[key] = follow
+        await self._refresh_follow(key, follow, first=True)
+        follow.task = self._spawn(self._follow_loop(key, follow))
+
+    def unfollow(self, key: bytes) -> None:
+        """Stop following ``key`` (holders' registrations lapse on their own)."""
+        follow = self._follows.pop(key, None)
+        if follow is not None and follow.task is not None:
+            follow.task.cancel()
+
+    def _deliver(self, follow: _Follow, envs: Sequence[Envelope]) -> None:
+        fresh = []
+        for env in envs:
+            if env.packet_id not in follow.seen:
+                follow.seen.add(env.packet_id)
+                fresh.append(env)
+        if fresh:
+            try:
+                follow.callback(fresh)
+            except Exception:  # a caller's callback must not break the DHT
+                self._counters["follow_callback_errors"] += 1
+                log.exception("follow callback failed")
+
+    def _on_notify(self, key: bytes, envs: list[Envelope]) -> None:
+        follow = self._follows.get(key)
+        if follow is None:
+            self.protocol.counters["rejected.notify_not_following"] += 1
+            return
+        self._deliver(follow, envs)
+
+    async def _refresh_follow(self, key: bytes, follow: _Follow, *, first: bool = False) -> None:
+        proto = self.protocol
+        replies = await self.server.crawl_packets(key, since=dict(follow.cursors))
+        follow.cursors.update(replies.cursors)
+        envs = self._merge(key, (r for raws in replies.raws.values() for r in raws))
+        self._deliver(follow, envs)
+        holders = replies.nodes[: max(LISTEN_FANOUT, self.config.alpha)]
+        follow.holders = {n.id: n for n in holders}
+        await asyncio.gather(*(proto.call_listen(n, key) for n in holders))
+
+    async def _follow_loop(self, key: bytes, follow: _Follow) -> None:
+        interval = max(1.0, self.config.listen_seconds / 3)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self._refresh_follow(key, follow)
+            except Exception:
+                self._counters["follow_refresh_errors"] += 1
+                log.debug("follow refresh failed", exc_info=True)
+
+    # -- upkeep
+
+    async def republish(self) -> int:
+        """Re-store this node's own unexpired packets at the current k closest; returns count."""
+        own = self.store.own_envelopes(now_ms=_now_ms(self.clock))
+        if own:
+            await self.publish(own)
+        return len(own)
+
+    async def _republish_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.republish_seconds)
+            try:
+                await self.republish()
+            except Exception:
+                self._counters["republish_errors"] += 1
+                log.warning("republish failed", exc_info=True)
+
+    async def _expire_loop(self) -> None:
+        interval = min(60.0, float(self.config.republish_seconds))
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                self.store.expire(_now_ms(self.clock))
+            except Exception:
+                self._counters["expire_errors"] += 1
+                log.warning("expiry failed", exc_info=True)
+
+    # -- introspection
+
+    def peers(self) -> list[dict[str, Any]]:
+        """The routing table: id hex, host, port, last seen (epoch s), failures in a row."""
+        return [c.as_dict() for c in self.protocol.router.contacts()]
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: RPCs sent/received by type, rejected by reason, rate-limited, malformed."""
+        counters = self.protocol.counters if self.server.protocol is not None else Counter()
+
+        def group(prefix: str) -> dict[str, int]:
+            return {
+                k[len(prefix) :]: v for k, v in sorted(counters.items()) if k.startswith(prefix)
+            }
+
+        return {
+            "rpcs_sent": group("sent."),
+            "rpcs_received": group("received."),
+            "rejected": group("rejected."),
+            "malformed": group("malformed."),
+            "rate_limited": counters.get("rate_limited", 0),
+            "timeouts": counters.get("timeouts", 0),
+            "stored_packets": counters.get("stored_packets", 0),
+            "contacts": len(self.protocol.router.contacts())
+            if self.server.protocol is not None
+            else 0,
+            "following": len(self._follows),
+            "bootstrap_unreachable": {f"{h}:{p}": why for (h, p), why in self._unreachable.items()},
+            **dict(self._counters),
+        }
+
+
+def _sent_total(proto: QisdProtocol) -> int:
+    return sum(v for k, v in proto.counters.items() if k.startswith("sent."))
+
+
+def parse_host_port(text: str, *, where: str = "") -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` as (host, port); UsageError naming ``where`` if bad."""
+    text = text.strip()
+    prefix = f"{where}: " if where else ""
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise UsageError(f"{prefix}{text!r} is not [IPv6]:PORT")
+        port_text = rest[1:]
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or ":" in host:
+            raise UsageError(f"{prefix}{text!r} is not HOST:PORT (bracket IPv6 addresses)")
+    if not host:
+        raise UsageError(f"{prefix}{text!r} has no host")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise UsageError(f"{prefix}{text!r}: port must be a number") from None
+    if not 0 < port < 65536:
+        raise UsageError(f"{prefix}{text!r}: port must be in 1..65535")
+    return host, port
+
+
+__all__ = [
+    "DhtNode",
+    "DhtServer",
+    "FindPacketsReply",
+    "PublishResult",
+    "QisdProtocol",
+    "StoreReply",
+    "StoreStorage",
+    "parse_host_port",
+]

@@ -1,0 +1,183 @@
+"""rpcudp's datagram framing with the C ``msgpack`` codec, reply shapes and rate limits.
+
+A datagram is ``kind (1 byte) + message id (20 bytes) + msgpack payload``: kind 0 is a request
+whose payload is ``[name, [args...]]``, kind 1 a reply whose payload is the handler's result.
+This is byte for byte what rpcudp 5.0.1 sends with ``u-msgpack``; the C ``msgpack`` codec
+produces the same bytes many times faster, and its unpacker takes explicit size bounds.
+
+Everything here is pure and raises :class:`WireError` (with a short reason used as a counter
+name) on bad input; the protocol counts and drops, it never lets bad remote data raise.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+
+REQUEST = 0
+REPLY = 1
+MSG_ID_BYTES = 20
+HEADER_BYTES = 1 + MSG_ID_BYTES
+NODE_ID_BYTES = 20
+NONCE_BYTES = 16
+MAX_DATAGRAM_BYTES = 8_192
+"""rpcudp's bound on a request payload; qisd applies it to requests and replies alike."""
+MAX_CONTACTS_IN_REPLY = 64
+MAX_HOST_CHARS = 64
+
+
+class WireError(Exception):
+    """A datagram or a reply that is not what the protocol expects; ``args[0]`` is the reason."""
+
+
+def packb(obj: Any) -> bytes:
+    """msgpack with rpcudp's conventions (bin for bytes, str for text, float64)."""
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def _unpackb(data: bytes) -> Any:
+    return msgpack.unpackb(
+        data,
+        raw=False,
+        use_list=True,
+        strict_map_key=True,
+        max_bin_len=MAX_DATAGRAM_BYTES,
+        max_str_len=MAX_DATAGRAM_BYTES,
+        max_array_len=MAX_DATAGRAM_BYTES,
+        max_map_len=64,
+        max_ext_len=0,
+    )
+
+
+def encode_request(msg_id: bytes, name: str, args: list[Any] | tuple[Any, ...]) -> bytes:
+    """A request datagram (rpcudp framing)."""
+    return bytes((REQUEST,)) + msg_id + packb([name, list(args)])
+
+
+def encode_reply(msg_id: bytes, value: Any) -> bytes:
+    """A reply datagram (rpcudp framing)."""
+    return bytes((REPLY,)) + msg_id + packb(value)
+
+
+def decode_datagram(data: bytes) -> tuple[int, bytes, Any]:
+    """(kind, message id, payload) of a datagram; raises WireError with the reason."""
+    if len(data) < HEADER_BYTES + 1:
+        raise WireError("short")
+    if len(data) > HEADER_BYTES + MAX_DATAGRAM_BYTES:
+        raise WireError("oversized")
+    kind = data[0]
+    if kind not in (REQUEST, REPLY):
+        raise WireError("unknown_kind")
+    try:
+        payload = _unpackb(data[HEADER_BYTES:])
+    except Exception:  # msgpack raises several unrelated types on hostile input
+        raise WireError("undecodable") from None
+    return kind, bytes(data[1:HEADER_BYTES]), payload
+
+
+def split_request(payload: Any) -> tuple[str, list[Any]]:
+    """(name, args) of a request payload; raises WireError."""
+    if not isinstance(payload, list) or len(payload) != 2:
+        raise WireError("bad_request_shape")
+    name, args = payload
+    if not isinstance(name, str) or not isinstance(args, list):
+        raise WireError("bad_request_shape")
+    return name, args
+
+
+# --------------------------------------------------------------------------- typed fields
+
+
+def node_id(value: Any) -> bytes:
+    """A 160-bit node id or key, or WireError."""
+    if not isinstance(value, bytes) or len(value) != NODE_ID_BYTES:
+        raise WireError("bad_node_id")
+    return value
+
+
+def contact(value: Any) -> tuple[bytes, str, int]:
+    """(id, host, port) of a contact triple from a reply, or WireError."""
+    if not isinstance(value, list) or len(value) != 3:
+        raise WireError("bad_contact")
+    nid, host, port = value
+    node_id(nid)
+    if not isinstance(host, str) or not host or len(host) > MAX_HOST_CHARS:
+        raise WireError("bad_contact")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise WireError("bad_contact") from None
+    if type(port) is not int or not 0 < port < 65536:
+        raise WireError("bad_contact")
+    return nid, host, port
+
+
+def contacts(value: Any) -> list[tuple[bytes, str, int]]:
+    """A list of contact triples; bad entries are a WireError for the whole reply."""
+    if not isinstance(value, list) or len(value) > MAX_CONTACTS_IN_REPLY:
+        raise WireError("bad_contacts")
+    return [contact(v) for v in value]
+
+
+def byte_list(value: Any, *, max_items: int) -> list[bytes]:
+    """A list of byte strings (envelopes), or WireError."""
+    if not isinstance(value, list) or len(value) > max_items:
+        raise WireError("bad_list")
+    if not all(isinstance(v, bytes) for v in value):
+        raise WireError("bad_list")
+    return value
+
+
+def cursor(value: Any) -> int | None:
+    """A store cursor from the wire: None or a non-negative int below 2**63."""
+    if value is None:
+        return None
+    if type(value) is not int or not 0 <= value < 2**63:
+        raise WireError("bad_cursor")
+    return value
+
+
+# --------------------------------------------------------------------------- rate limit
+
+
+class TokenBuckets:
+    """Per-source token buckets: ``rate`` tokens a second, at most ``burst`` saved up.
+
+    Holds at most ``max_sources`` buckets (least recently used dropped; a dropped source
+    starts again with a full bucket, which is the most it could have had anyway).
+    """
+
+    def __init__(
+        self,
+        rate: float,
+        burst: int,
+        *,
+        max_sources: int = 65_536,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.rate = float(rate)
+        self.burst = float(burst)
+        self.max_sources = max_sources
+        self.clock = clock
+        self._buckets: OrderedDict[object, tuple[float, float]] = OrderedDict()
+
+    def allow(self, source: object, cost: float = 1.0) -> bool:
+        """Take ``cost`` tokens from ``source``'s bucket; False if it has not enough."""
+        if math.isinf(self.rate):
+            return True
+        now = self.clock()
+        tokens, stamp = self._buckets.pop(source, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - stamp) * self.rate)
+        ok = tokens >= cost
+        if ok:
+            tokens -= cost
+        self._buckets[source] = (tokens, now)
+        while len(self._buckets) > self.max_sources:
+            self._buckets.popitem(last=False)
+        return ok
