@@ -7,6 +7,9 @@ the clock, so tests are deterministic.
 
 from __future__ import annotations
 
+import os
+import select
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -99,3 +102,45 @@ def make_envelopes(
     another key. Other keyword arguments go to :func:`make_packets`.
     """
     return [envs[level] for envs in make_packets(n, ident, **kwargs)]
+
+
+class LineReader:
+    """Read lines from a subprocess pipe with a deadline (never blocks forever, never sleeps).
+
+    ``LineReader(proc.stdout).readline(timeout=10)`` returns the next line without its newline,
+    or raises ``TimeoutError``; it returns None at end of stream.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        self._fd = stream.fileno()
+        self._buf = b""
+        self._eof = False
+
+    def readline(self, timeout: float) -> str | None:
+        """The next line (str, no newline), None at EOF, TimeoutError after ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buf:
+            if self._eof:
+                if self._buf:
+                    line, self._buf = self._buf, b""
+                    return line.decode()
+                return None
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no complete line within {timeout} s (have {self._buf!r})")
+            ready, _, _ = select.select([self._fd], [], [], left)
+            if ready:
+                chunk = os.read(self._fd, 65536)
+                if chunk:
+                    self._buf += chunk
+                else:
+                    self._eof = True
+        line, self._buf = self._buf.split(b"\n", 1)
+        return line.decode()
+
+    def rest(self, timeout: float) -> list[str]:
+        """Every remaining line until end of stream (the writer must have exited or closed)."""
+        out = []
+        while (line := self.readline(timeout)) is not None:
+            out.append(line)
+        return out

@@ -1,0 +1,505 @@
+"""The durable envelope store: idempotence, quotas, eviction, expiry, cursors, tables, bad files."""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from helpers import NOW, coarse_key, make_envelopes, make_packets
+
+from qisd.config import StoreLimits
+from qisd.core import packet as P
+from qisd.core.crypto import Identity
+from qisd.errors import StoreError
+from qisd.net.store import (
+    REFUSED_EXPIRED,
+    REFUSED_KEY_QUOTA,
+    REFUSED_SIGNER_QUOTA,
+    REFUSED_STORE_FULL,
+    STORE_FILE,
+    Store,
+)
+
+TTL = 30 * 86_400_000
+BIG = StoreLimits(per_key=1_000_000, per_signer_per_key=1_000_000, max_bytes=1 << 40)
+KEY = coarse_key()
+
+
+def open_store(tmp_path: Path, limits: StoreLimits = BIG, ttl_ms: int = TTL) -> Store:
+    return Store.open(tmp_path, limits=limits, ttl_ms=ttl_ms)
+
+
+def ids(envs: list[P.Envelope]) -> list[str]:
+    return [e.packet_id for e in envs]
+
+
+def all_pages(store: Store, key: bytes, *, since: int, max_bytes: int, now_ms: int = NOW):
+    """Every envelope after ``since`` by paging; returns (raws, final cursor, pages)."""
+    out: list[bytes] = []
+    pages = 0
+    more = True
+    while more:
+        got, since, more = store.page(key, since=since, max_bytes=max_bytes, now_ms=now_ms)
+        assert got or not more
+        out.extend(got)
+        pages += 1
+        assert pages < 10_000
+    return out, since, pages
+
+
+# --------------------------------------------------------------------------- put
+
+
+def test_put_then_read_back_after_reopen(tmp_path: Path) -> None:
+    packets = make_packets(5)
+    with open_store(tmp_path) as store:
+        result = store.put([e for p in packets for e in p], now_ms=NOW)
+        assert sorted(result.accepted) == sorted(e.packet_id for p in packets for e in p)
+        assert result.duplicates == [] and result.refused == []
+    assert (tmp_path / STORE_FILE).exists()
+    with open_store(tmp_path) as store:
+        for envs in packets:
+            for env in envs:
+                assert store.has(env.key, env.packet_id)
+                assert store.get(env.packet_id, env.key) == env.raw
+        assert store.get(packets[0][0].packet_id) == packets[0][0].raw
+        assert store.get("0" * 32) is None
+        assert dict(store.keys()) == {packets[0][0].key: 5, packets[0][1].key: 5}
+        stats = store.stats()
+        assert stats["keys"] == 2 and stats["packets"] == 10 and stats["local_packets"] == 0
+        assert stats["bytes"] == sum(len(e.raw) for p in packets for e in p)
+        assert store.integrity_check()
+
+
+def test_duplicate_put_is_a_no_op(tmp_path: Path) -> None:
+    envs = make_envelopes(4)
+    with open_store(tmp_path) as store:
+        first = store.put(envs, now_ms=NOW)
+        before = store.stats()
+        _, cursor, _ = store.page(KEY, max_bytes=1 << 20, now_ms=NOW)
+        again = store.put(envs + envs[:1], now_ms=NOW + 1)
+        assert first.accepted == ids(envs)
+        assert again.accepted == [] and again.refused == []
+        assert again.duplicates == ids(envs) + ids(envs[:1])
+        assert store.stats() == before
+        # A duplicate is not news: nothing new after the cursor, and one row per packet.
+        assert store.page(KEY, since=cursor, max_bytes=1 << 20, now_ms=NOW) == ([], cursor, False)
+        assert store.table(KEY, now_ms=NOW).num_rows == 4
+        # The same envelope twice within one put is stored once.
+        other = make_envelopes(1, problem_type="other")
+        twice = store.put(other + other, now_ms=NOW)
+        assert twice.accepted == ids(other) and twice.duplicates == ids(other)
+        assert store.integrity_check()
+
+
+def test_duplicate_local_put_marks_the_packet_local(tmp_path: Path) -> None:
+    envs = make_envelopes(2)
+    with open_store(tmp_path) as store:
+        store.put(envs, now_ms=NOW)
+        assert store.own_envelopes(now_ms=NOW) == []
+        assert store.put(envs[:1], now_ms=NOW, local=True).duplicates == ids(envs[:1])
+        own = store.own_envelopes(now_ms=NOW)
+        assert [e.packet_id for e in own] == ids(envs[:1])
+        assert own[0].raw == envs[0].raw and own[0].key == envs[0].key
+        assert store.stats()["local_packets"] == 1
+        assert store.integrity_check()
+
+
+def test_expired_envelope_is_refused(tmp_path: Path) -> None:
+    ttl = 60_000
+    old = make_envelopes(1, timestamps=[NOW - ttl])
+    fresh = make_envelopes(1, timestamps=[NOW - ttl + 1], start=1)
+    with open_store(tmp_path, ttl_ms=ttl) as store:
+        result = store.put(old + fresh, now_ms=NOW, local=True)
+        assert result.accepted == ids(fresh)
+        assert [(pid, r.split(":")[0]) for pid, r in result.refused] == [
+            (old[0].packet_id, REFUSED_EXPIRED)
+        ]
+        assert not store.has(old[0].key, old[0].packet_id)
+
+
+def test_documents_are_stored_with_the_put_time(tmp_path: Path) -> None:
+    ident = Identity.generate()
+    doc = P.seal(ident, P.KIND_TEMPLATE, KEY, b'{"fields":["domain"]}', timestamp_ms=0)
+    packet = make_envelopes(1, ident)
+    ttl = 60_000
+    with open_store(tmp_path, ttl_ms=ttl) as store:
+        assert store.put([doc, *packet], now_ms=NOW).accepted == [doc.packet_id, *ids(packet)]
+        raws, _, _ = store.page(KEY, max_bytes=1 << 20, now_ms=NOW)
+        assert raws == [doc.raw, packet[0].raw]
+        # Documents carry no rows: the table holds only the packet.
+        assert store.table(KEY, now_ms=NOW).column("packet_id").to_pylist() == ids(packet)
+        # A republished document lives on; an unrenewed one expires ttl after it was stored.
+        assert store.put([doc], now_ms=NOW + ttl - 1).duplicates == [doc.packet_id]
+        assert store.expire(NOW + ttl) == 1  # the packet (timestamp NOW); the doc was renewed
+        assert store.has(KEY, doc.packet_id)
+        assert store.expire(NOW + 2 * ttl - 1) == 1
+        assert not store.has(KEY, doc.packet_id)
+
+
+# --------------------------------------------------------------------------- quotas
+
+
+def test_signer_and_key_quotas_refuse_with_a_reason(tmp_path: Path) -> None:
+    limits = StoreLimits(per_key=3, per_signer_per_key=2, max_bytes=1 << 30)
+    a, b = Identity.generate(), Identity.generate()
+    from_a = make_envelopes(3, a)
+    from_b = make_envelopes(2, b)
+    with open_store(tmp_path, limits) as store:
+        result = store.put(from_a, now_ms=NOW)
+        assert result.accepted == ids(from_a[:2])
+        [(pid, reason)] = result.refused
+        assert pid == from_a[2].packet_id and reason.startswith(REFUSED_SIGNER_QUOTA)
+        assert "2 packets" in reason
+
+        result = store.put(from_b, now_ms=NOW)
+        assert result.accepted == ids(from_b[:1])
+        [(pid, reason)] = result.refused
+        assert pid == from_b[1].packet_id and reason.startswith(REFUSED_KEY_QUOTA)
+        assert "3 packets" in reason
+
+        # Another key has its own quota.
+        elsewhere = make_envelopes(2, a, problem_type="elsewhere")
+        assert store.put(elsewhere, now_ms=NOW).accepted == ids(elsewhere)
+        # The node's own packets are never refused by a quota.
+        mine = make_envelopes(3, a, start=10)
+        assert store.put(mine, now_ms=NOW, local=True).accepted == ids(mine)
+        assert dict(store.keys())[KEY] == 6
+        assert store.integrity_check()
+
+
+def test_quota_counts_only_unexpired_packets(tmp_path: Path) -> None:
+    ttl = 60_000
+    limits = StoreLimits(per_key=2, per_signer_per_key=2, max_bytes=1 << 30)
+    ident = Identity.generate()
+    old = make_envelopes(2, ident, timestamps=[NOW, NOW])
+    new = make_envelopes(1, ident, start=5, now_ms=NOW + ttl, timestamps=[NOW + ttl])
+    with open_store(tmp_path, limits, ttl_ms=ttl) as store:
+        store.put(old, now_ms=NOW)
+        # The two old ones have expired (not yet removed by expire()): they must not block.
+        assert store.put(new, now_ms=NOW + ttl).accepted == ids(new)
+        assert [store.has(KEY, e.packet_id) for e in old] == [False, False]
+        assert store.integrity_check()
+
+
+def sizes(envs: list[P.Envelope]) -> int:
+    return sum(len(e.raw) for e in envs)
+
+
+def test_global_cap_evicts_expired_first(tmp_path: Path) -> None:
+    ttl = 60_000
+    signer = Identity.generate()
+    # `stale` expires at NOW + 1000; the others live until NOW + ttl.
+    stale = make_envelopes(1, signer, timestamps=[NOW - ttl + 1000], start=100)
+    heavy = make_envelopes(3, Identity.generate(), timestamps=[NOW - 3, NOW - 2, NOW - 1])
+    keep = stale + heavy
+    incoming = make_envelopes(1, now_ms=NOW + 1000, timestamps=[NOW + 1000], start=200)
+    limits = StoreLimits(max_bytes=sizes(keep) + len(incoming[0].raw) - 1)
+    with open_store(tmp_path, limits, ttl_ms=ttl) as store:
+        assert store.put(keep, now_ms=NOW).accepted == ids(keep)
+        result = store.put(incoming, now_ms=NOW + 1000)
+        assert result.accepted == ids(incoming)
+        # Dropping the expired one made room: the heavy signer kept everything.
+        assert not store.has(KEY, stale[0].packet_id)
+        assert all(store.has(KEY, e.packet_id) for e in heavy)
+        assert result.evicted == 0
+        assert store.stats()["bytes"] <= limits.max_bytes
+        assert store.integrity_check()
+
+
+def test_global_cap_evicts_oldest_of_the_largest_remote_signer(tmp_path: Path) -> None:
+    heavy = make_envelopes(4, Identity.generate(), timestamps=[NOW - 40, NOW - 10, NOW - 30, NOW])
+    light = make_envelopes(1, Identity.generate(), timestamps=[NOW - 100], start=50)
+    mine = make_envelopes(2, Identity.generate(), timestamps=[NOW - 500, NOW - 400], start=60)
+    incoming = make_envelopes(1, Identity.generate(), start=70)
+    with open_store(tmp_path, StoreLimits(max_bytes=1 << 30)) as store:
+        store.put(heavy + light, now_ms=NOW)
+        store.put(mine, now_ms=NOW, local=True)
+    cap = sizes(heavy + light + mine)  # full: any new byte needs an eviction
+    with open_store(tmp_path, StoreLimits(max_bytes=cap)) as store:
+        result = store.put(incoming, now_ms=NOW)
+        assert result.accepted == ids(incoming)
+        # Oldest first within the heaviest signer: timestamps NOW-40, then NOW-30, ...
+        by_age = [heavy[0], heavy[2], heavy[1], heavy[3]]
+        gone = [e for e in by_age if not store.has(KEY, e.packet_id)]
+        assert gone == by_age[: len(gone)]
+        assert len(gone) == result.evicted >= 1
+        assert sizes(gone) >= len(incoming[0].raw)  # just enough room was made
+        assert sizes(gone[:-1]) < len(incoming[0].raw)
+        assert store.has(KEY, light[0].packet_id)
+        assert all(store.has(KEY, e.packet_id) for e in mine)
+        assert store.stats()["bytes"] <= cap
+        assert store.integrity_check()
+
+
+def test_global_cap_never_evicts_or_refuses_local_packets(tmp_path: Path) -> None:
+    me = Identity.generate()
+    # Older than the remote ones, and some remote ones share our signer (echoed back to us),
+    # so "the largest signer's oldest first" would pick ours if local ones were not exempt.
+    mine = make_envelopes(3, me, timestamps=[NOW - 9, NOW - 8, NOW - 7])
+    remote = make_envelopes(3, me, start=10)
+    cap = sizes(mine + remote)
+    with open_store(tmp_path, StoreLimits(max_bytes=cap)) as store:
+        assert store.put(mine, now_ms=NOW, local=True).accepted == ids(mine)
+        assert store.put(remote, now_ms=NOW).accepted == ids(remote)
+        # A flood of remote packets from many signers churns remote packets only.
+        for i in range(5):
+            flood = make_envelopes(2, Identity.generate(), start=100 + 10 * i)
+            store.put(flood, now_ms=NOW)
+            assert all(store.has(KEY, e.packet_id) for e in mine)
+            assert store.stats()["bytes"] <= cap
+        # More local packets than the cap allows: every remote one goes, the local ones stay.
+        more_mine = make_envelopes(6, Identity.generate(), start=200)
+        result = store.put(more_mine, now_ms=NOW, local=True)
+        assert result.accepted == ids(more_mine) and result.refused == []
+        stats = store.stats()
+        assert stats["packets"] == stats["local_packets"] == 9
+        # With nothing remote left to evict, a remote packet is refused, not a local one lost.
+        late = make_envelopes(1, Identity.generate(), start=300)
+        result = store.put(late, now_ms=NOW)
+        [(pid, reason)] = result.refused
+        assert pid == late[0].packet_id and reason.startswith(REFUSED_STORE_FULL)
+        assert len(store.own_envelopes(now_ms=NOW)) == 9
+        assert store.integrity_check()
+
+
+def test_a_put_never_evicts_what_it_just_accepted(tmp_path: Path) -> None:
+    batch = make_envelopes(5, Identity.generate())
+    cap = sizes(batch[:2])
+    with open_store(tmp_path, StoreLimits(max_bytes=cap)) as store:
+        result = store.put(batch, now_ms=NOW)
+        assert result.accepted == ids(batch[:2])
+        assert [r.split(":")[0] for _, r in result.refused] == [REFUSED_STORE_FULL] * 3
+        assert all(store.has(KEY, pid) for pid in result.accepted)
+
+
+# --------------------------------------------------------------------------- expiry
+
+
+def test_expire_removes_exactly_the_expired(tmp_path: Path) -> None:
+    ttl = 60_000
+    stamps = [NOW - 30_000, NOW - 20_000, NOW - 10_000, NOW]
+    envs = make_envelopes(4, timestamps=stamps)
+    with open_store(tmp_path, ttl_ms=ttl) as store:
+        store.put(envs, now_ms=NOW, local=True)
+        assert store.expire(NOW) == 0
+        # Expiry is timestamp + ttl; a packet is gone at that instant, not one ms before.
+        assert store.expire(stamps[1] + ttl - 1) == 1
+        assert [store.has(KEY, e.packet_id) for e in envs] == [False, True, True, True]
+        assert store.expire(stamps[1] + ttl) == 1
+        assert [store.has(KEY, e.packet_id) for e in envs] == [False, False, True, True]
+        assert store.expire(stamps[1] + ttl) == 0
+        assert ids(store.own_envelopes(now_ms=stamps[1] + ttl)) == ids(envs[2:])
+        assert store.stats()["packets"] == 2
+        # Reads already hide what has expired, before expire() runs.
+        later = stamps[2] + ttl
+        assert store.table(KEY, now_ms=later).column("packet_id").to_pylist() == ids(envs[3:])
+        assert store.page(KEY, max_bytes=1 << 20, now_ms=later)[0] == [envs[3].raw]
+        assert ids(store.own_envelopes(now_ms=later)) == ids(envs[3:])
+        assert store.integrity_check()
+
+
+# --------------------------------------------------------------------------- cursors
+
+
+def test_pages_give_everything_once_in_order(tmp_path: Path) -> None:
+    envs = make_envelopes(40)
+    with open_store(tmp_path) as store:
+        store.put(envs, now_ms=NOW)
+        store.put(make_envelopes(5, problem_type="another"), now_ms=NOW)  # other key: not here
+        largest = max(len(e.raw) for e in envs)
+        for max_bytes in (1, largest, 3 * largest, 1 << 20):
+            raws, cursor, pages = all_pages(store, KEY, since=0, max_bytes=max_bytes)
+            assert raws == [e.raw for e in envs]
+            if max_bytes == 1:
+                assert pages == 40  # at least one per page even if it is over the budget
+            if max_bytes == 1 << 20:
+                assert pages == 1
+        got, _, more = store.page(KEY, max_bytes=3 * largest, now_ms=NOW)
+        assert 1 <= len(got) <= 3 and more and sum(map(len, got)) <= 3 * largest
+        # Past the end: nothing, the same cursor, nothing more.
+        assert store.page(KEY, since=cursor, max_bytes=1 << 20, now_ms=NOW) == ([], cursor, False)
+        assert store.page(b"\x00" * 20, max_bytes=1 << 20, now_ms=NOW) == ([], 0, False)
+
+
+def test_a_cursor_gives_only_what_is_new(tmp_path: Path) -> None:
+    ident = Identity.generate()
+    first = make_envelopes(5, ident)
+    second = make_envelopes(5, ident, start=5)
+    third = make_envelopes(2, ident, start=10)
+    with open_store(tmp_path) as store:
+        store.put(first, now_ms=NOW)
+        raws, cursor, _ = all_pages(store, KEY, since=0, max_bytes=700)
+        assert raws == [e.raw for e in first]
+        store.put(first[:2] + second, now_ms=NOW)  # duplicates are not new
+        raws, cursor, _ = all_pages(store, KEY, since=cursor, max_bytes=700)
+        assert raws == [e.raw for e in second]
+    # Deleting the newest rows must not let seqs be reused: a new packet is still new.
+    with open_store(tmp_path, limits=StoreLimits(max_bytes=1 << 30)) as store:
+        conn = sqlite3.connect(store.path)
+        conn.execute("DELETE FROM envelopes WHERE packet_id IN (?, ?)", ids(second[-2:]))
+        conn.commit()
+        conn.close()
+        store.put(third, now_ms=NOW)
+        raws, _, _ = all_pages(store, KEY, since=cursor, max_bytes=700)
+        assert raws == [e.raw for e in third]
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def test_table_has_result_schema_in_seq_order(tmp_path: Path) -> None:
+    ident = Identity.generate()
+    packets = make_packets(3, ident, rows_per_packet=4)
+    with open_store(tmp_path) as store:
+        store.put([p[1] for p in reversed(packets)], now_ms=NOW)
+        key = packets[0][1].key
+        table = store.table(key, now_ms=NOW)
+        assert table.schema == P.RESULT_SCHEMA and table.num_rows == 12
+        assert table.column("packet_id").to_pylist() == [
+            p[1].packet_id for p in reversed(packets) for _ in range(4)
+        ]
+        assert set(table.column("signer").to_pylist()) == {ident.public_key.hex()}
+        assert set(table.column("node_id").to_pylist()) == {ident.node_id}
+        empty = store.table(b"\x01" * 20, now_ms=NOW)
+        assert empty.num_rows == 0 and empty.schema == P.RESULT_SCHEMA
+
+
+def test_table_is_cached_and_invalidated_on_change(tmp_path: Path) -> None:
+    ttl = 60_000
+    envs = make_envelopes(3, timestamps=[NOW - 1000, NOW, NOW])
+    with open_store(tmp_path, ttl_ms=ttl) as store:
+        store.put(envs[:2], now_ms=NOW)
+        t1 = store.table(KEY, now_ms=NOW)
+        assert store.table(KEY, now_ms=NOW + 1) is t1  # cached: not decoded again
+        assert t1.num_rows == 2
+        store.put(envs[2:], now_ms=NOW)
+        t2 = store.table(KEY, now_ms=NOW)
+        assert t2 is not t1 and t2.num_rows == 3
+        assert store.table(KEY, now_ms=NOW) is t2
+        # A duplicate changes nothing, so the cache stays.
+        store.put(envs[:1], now_ms=NOW)
+        assert store.table(KEY, now_ms=NOW) is t2
+        # Time passing the first row's expiry drops it even before expire() runs.
+        t3 = store.table(KEY, now_ms=NOW - 1000 + ttl)
+        assert t3.column("packet_id").to_pylist() == ids(envs[1:])
+        # expire() invalidates too.
+        assert store.table(KEY, now_ms=NOW).num_rows == 3
+        store.expire(NOW - 1000 + ttl)
+        assert store.table(KEY, now_ms=NOW).column("packet_id").to_pylist() == ids(envs[1:])
+
+
+def test_batches_are_bounded_and_match_the_table(tmp_path: Path) -> None:
+    packets = make_packets(12, rows_per_packet=5)
+    with open_store(tmp_path) as store:
+        store.put([p[0] for p in packets], now_ms=NOW)
+        for max_rows in (1, 7, 60, 1000):
+            batches = list(store.batches(KEY, now_ms=NOW, max_rows=max_rows))
+            assert all(0 < b.num_rows <= max_rows for b in batches)
+            assert all(b.schema == P.RESULT_SCHEMA for b in batches)
+            assert sum(b.num_rows for b in batches) == 60
+            if max_rows == 7:
+                assert len(batches) == 9  # only the last batch is short
+        whole = store.table(KEY, now_ms=NOW)  # now cached: batches slice it
+        streamed = pa.Table.from_batches(store.batches(KEY, now_ms=NOW, max_rows=7))
+        assert streamed.equals(whole)
+        assert list(store.batches(b"\x02" * 20, now_ms=NOW)) == []
+
+
+# --------------------------------------------------------------------------- meta
+
+
+def test_meta_values_persist(tmp_path: Path) -> None:
+    with open_store(tmp_path) as store:
+        assert store.get_meta("followed", []) == []
+        store.set_meta("followed", ["a/b", "c/d"])
+        store.set_meta("followed", ["a/b"])
+        store.set_meta("cursor", {"k": 12})
+    with open_store(tmp_path) as store:
+        assert store.get_meta("followed") == ["a/b"]
+        assert store.get_meta("cursor") == {"k": 12}
+        assert store.get_meta("missing") is None
+
+
+# --------------------------------------------------------------------------- bad files
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_file_that_is_not_sqlite_is_refused_and_left_alone(tmp_path: Path) -> None:
+    path = tmp_path / STORE_FILE
+    path.write_bytes(b"definitely not a database\n" * 200)
+    before = digest(path)
+    with pytest.raises(StoreError, match="not a qisd store"):
+        open_store(tmp_path)
+    assert digest(path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [STORE_FILE]
+
+
+def test_a_foreign_sqlite_file_is_refused_and_left_alone(tmp_path: Path) -> None:
+    path = tmp_path / STORE_FILE
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE envelopes (x)")
+    conn.execute("INSERT INTO envelopes VALUES (1)")
+    conn.commit()
+    conn.close()
+    before = digest(path)
+    with pytest.raises(StoreError, match="another program"):
+        open_store(tmp_path)
+    assert digest(path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [STORE_FILE]
+
+
+def test_a_damaged_store_gives_a_clear_error_and_is_left_alone(tmp_path: Path) -> None:
+    with open_store(tmp_path) as store:
+        store.put(make_envelopes(30), now_ms=NOW)
+    path = tmp_path / STORE_FILE
+    data = bytearray(path.read_bytes())
+    page_size = int.from_bytes(data[16:18], "big")
+    # Keep the header (so it still looks like ours) and wreck the schema and every other page.
+    data[100:] = b"\xa5" * (len(data) - 100)
+    path.write_bytes(bytes(data))
+    before = digest(path)
+    with pytest.raises(StoreError, match="damaged") as info:
+        open_store(tmp_path)
+    assert "Traceback" not in str(info.value) and str(path) in str(info.value)
+    assert digest(path) == before
+    assert page_size > 0
+
+
+def test_a_store_from_a_newer_qisd_is_refused(tmp_path: Path) -> None:
+    open_store(tmp_path).close()
+    conn = sqlite3.connect(tmp_path / STORE_FILE)
+    conn.execute("PRAGMA user_version=99")
+    conn.close()
+    with pytest.raises(StoreError, match="newer qisd"):
+        open_store(tmp_path)
+
+
+def test_missing_directory_and_closed_store(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="qisd init"):
+        Store.open(tmp_path / "nope" / STORE_FILE, limits=BIG, ttl_ms=TTL)
+    store = open_store(tmp_path)
+    store.close()
+    store.close()
+    with pytest.raises(StoreError, match="closed"):
+        store.put(make_envelopes(1), now_ms=NOW)
+
+
+def test_store_file_is_owner_only(tmp_path: Path) -> None:
+    open_store(tmp_path).close()
+    assert (tmp_path / STORE_FILE).stat().st_mode & 0o777 == 0o600
+
+
+def test_store_runs_in_wal_mode_with_full_sync(tmp_path: Path) -> None:
+    # Power loss cannot be simulated here, so pin the settings that make a commit survive it.
+    with open_store(tmp_path) as store:
+        conn = store._conn
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        assert conn.execute("PRAGMA application_id").fetchone()[0] == 0x51495344
