@@ -477,8 +477,11 @@ def _inflate(body: bytes) -> bytes:
 
 def _read_batch(ipc: bytes) -> pa.RecordBatch:
     try:
-        return pa.ipc.read_record_batch(pa.py_buffer(ipc), SCHEMA)
-    except (pa.ArrowException, ValueError, TypeError) as exc:
+        batch = pa.ipc.read_record_batch(pa.py_buffer(ipc), SCHEMA)
+        # The reader trusts offsets and lengths; hostile ones would read out of bounds later.
+        batch.validate(full=True)
+        return batch
+    except Exception as exc:  # pyarrow raises many types on hostile bytes (EOFError, OSError...)
         raise DecodeError(
             f"body is not an Arrow record batch of the packet schema ({exc})"
         ) from None
