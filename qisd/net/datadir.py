@@ -133,18 +133,18 @@ def init_identity(data_dir: str | os.PathLike[str], *, force: bool = False) -> I
     """
     path = ensure_data_dir(data_dir)
     key_path, secret_path = path / KEY_FILE, path / SECRET_FILE
-    if not force:
-        for existing in (key_path, secret_path):
-            if existing.exists() or existing.is_symlink():
-                raise IdentityError(
-                    f"{existing} already holds a node identity; pass --force to replace it "
-                    "(the old node id is lost)"
-                )
+    if not force and (key_path.exists() or key_path.is_symlink()):
+        raise IdentityError(
+            f"{key_path} already holds a node identity; pass --force to replace it "
+            "(the old node id is lost)"
+        )
     identity = Identity.generate()
     pem = identity.private_key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
     try:
-        # Secret first: a crash between the two writes leaves no key, so init can simply rerun.
-        _write_private(secret_path, identity.secret, replace=force)
+        # Secret first, key last: the key file is what makes an identity exist. A crash between
+        # the two leaves a secret with no key, which nothing was ever signed with, so a rerun
+        # of init may replace it; the key itself is linked into place only if still absent.
+        _write_private(secret_path, identity.secret, replace=True)
         _write_private(key_path, pem, replace=force)
     except OSError as exc:
         raise IdentityError(f"cannot write the identity in {path}: {exc.strerror or exc}") from None
