@@ -503,3 +503,9 @@ def test_store_runs_in_wal_mode_with_full_sync(tmp_path: Path) -> None:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
         assert conn.execute("PRAGMA application_id").fetchone()[0] == 0x51495344
+
+
+def test_an_empty_file_becomes_a_store(tmp_path: Path) -> None:
+    (tmp_path / STORE_FILE).touch()
+    with open_store(tmp_path) as store:
+        assert store.put(make_envelopes(1), now_ms=NOW).accepted

@@ -270,10 +270,12 @@ class Store:
         if not path.parent.is_dir():
             raise StoreError(f"{path.parent} does not exist (run qisd init)")
         try:
-            if not path.exists() or path.stat().st_size == 0:
-                if path.exists():
-                    # A zero-byte file cannot hold anyone's data: an interrupted create.
-                    path.unlink()
+            wal = path.with_name(path.name + "-wal")
+            if path.exists() and path.stat().st_size == 0 and not wal.exists():
+                # Zero bytes and no WAL: nobody's data (we never create a store in place, so
+                # this is a file someone touched); starting a store there loses nothing.
+                path.unlink()
+            if not path.exists():
                 _create(path)
             _check_header(path)
             conn = _connect(path)
