@@ -362,6 +362,13 @@ def test_table_has_result_schema_in_seq_order(tmp_path: Path) -> None:
         assert table.column("packet_id").to_pylist() == [
             p[1].packet_id for p in reversed(packets) for _ in range(4)
         ]
+        expected = pa.Table.from_batches(
+            [
+                P.with_provenance(p[1].batch(), p[1].packet_id, p[1].public_key)
+                for p in packets[::-1]
+            ]
+        )
+        assert table.equals(expected)
         assert set(table.column("signer").to_pylist()) == {ident.public_key.hex()}
         assert set(table.column("node_id").to_pylist()) == {ident.node_id}
         empty = store.table(b"\x01" * 20, now_ms=NOW)

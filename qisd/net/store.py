@@ -51,9 +51,9 @@ from qisd.config import StoreLimits
 from qisd.core.packet import (
     KIND_PACKET,
     RESULT_SCHEMA,
+    SCHEMA,
     Envelope,
     read_trusted,
-    with_provenance,
 )
 from qisd.errors import StoreError
 
@@ -627,13 +627,37 @@ class Store:
         )
 
     @staticmethod
-    def _decode(rows: Iterable[tuple[int, str, bytes, int]]) -> list[pa.RecordBatch]:
-        out = []
+    def _assemble(rows: Iterable[tuple[int, str, bytes, int]]) -> pa.Table:
+        """One-chunk ``RESULT_SCHEMA`` table of the packet rows of stored envelopes.
+
+        Rows come from :func:`read_trusted` (verified before they were stored). The provenance
+        columns are what :func:`with_provenance` adds, built for all envelopes at once: per
+        envelope they cost more than decoding the rows.
+        """
+        batches: list[pa.RecordBatch] = []
+        pids: list[str] = []
+        signers: list[str] = []
+        owner: list[int] = []
         for _seq, pid, raw, _exp in rows:
             env, batch = read_trusted(bytes(raw))
-            if batch is not None:
-                out.append(with_provenance(batch, pid, env.public_key))
-        return out
+            if batch is None:
+                continue
+            owner.extend([len(pids)] * batch.num_rows)
+            batches.append(batch)
+            pids.append(pid)
+            signers.append(env.public_key.hex())
+        if not batches:
+            return RESULT_SCHEMA.empty_table()
+        base = pa.Table.from_batches(batches, schema=SCHEMA).combine_chunks()
+        take = pa.array(owner, pa.int32())
+        return pa.Table.from_arrays(
+            [
+                *base.columns,
+                pa.array(pids, pa.string()).take(take),
+                pa.array(signers, pa.string()).take(take),
+            ],
+            schema=RESULT_SCHEMA,
+        )
 
     def table(self, key: bytes, *, now_ms: int) -> pa.Table:
         """Unexpired packet rows under ``key`` as one table (``RESULT_SCHEMA``), in seq order.
@@ -649,17 +673,17 @@ class Store:
                     self._cache.move_to_end(key)
                     return table
                 self._drop(key)
-            batches: list[pa.RecordBatch] = []
+            parts: list[pa.Table] = []
             valid_until = 2**63 - 1
             since = 0
             while True:
                 rows = self._rows_after(key, since, now_ms, 4096)
                 if not rows:
                     break
-                batches.extend(self._decode(rows))
+                parts.append(self._assemble(rows))
                 valid_until = min(valid_until, min(r[3] for r in rows))
                 since = rows[-1][0]
-            table = pa.Table.from_batches(batches, schema=RESULT_SCHEMA)
+            table = pa.concat_tables(parts) if parts else RESULT_SCHEMA.empty_table()
             if table.nbytes <= self._cache_bytes:
                 self._cache[key] = (table, now_ms, valid_until)
                 self._cached_bytes += table.nbytes
@@ -683,30 +707,24 @@ class Store:
         if cached is not None:
             yield from cached.to_batches(max_chunksize=max_rows)
             return
-        pending: list[pa.RecordBatch] = []
-        pending_rows = 0
+        pending: pa.Table | None = None
         since = 0
         while True:
-            rows = self._rows_after(key, since, now_ms, max(1, min(4096, max_rows)))
+            # An envelope holds at least one row: never read more envelopes than max_rows.
+            rows = self._rows_after(key, since, now_ms, min(4096, max_rows))
             if not rows:
                 break
             since = rows[-1][0]
-            for batch in self._decode(rows):
-                pending.append(batch)
-                pending_rows += batch.num_rows
-                if pending_rows >= max_rows:
-                    merged = pa.Table.from_batches(pending, schema=RESULT_SCHEMA)
-                    chunks = merged.combine_chunks().to_batches(max_chunksize=max_rows)
-                    yield from chunks[:-1]
-                    last = chunks[-1]
-                    if last.num_rows == max_rows:
-                        yield last
-                        pending, pending_rows = [], 0
-                    else:
-                        pending, pending_rows = [last], last.num_rows
-        if pending_rows:
-            merged = pa.Table.from_batches(pending, schema=RESULT_SCHEMA).combine_chunks()
-            yield from merged.to_batches(max_chunksize=max_rows)
+            part = self._assemble(rows)
+            pending = part if pending is None else pa.concat_tables([pending, part])
+            if pending.num_rows >= max_rows:
+                chunks = pending.combine_chunks().to_batches(max_chunksize=max_rows)
+                full = [c for c in chunks if c.num_rows == max_rows]
+                yield from full
+                rest = chunks[len(full) :]
+                pending = pa.Table.from_batches(rest, schema=RESULT_SCHEMA) if rest else None
+        if pending is not None and pending.num_rows:
+            yield from pending.combine_chunks().to_batches(max_chunksize=max_rows)
 
     def own_envelopes(self, *, now_ms: int) -> list[Envelope]:
         """Unexpired envelopes this node emitted (``local=True``), in seq order: to republish."""
