@@ -1,5 +1,677 @@
-"""The qisd command line (placeholder until the CLI lands)."""
+"""The ``qisd`` command line (typer; installed as ``qisd_cli``).
+
+Commands are thin: each parses its options and hands off to :class:`qisd.Client` (or, for
+``init``, ``start`` and ``demo``, to the module that does the work). Logic raises
+:class:`~qisd.errors.QisdError`; :func:`main` is the only place that catches it, prints one line
+``qisd: error: ...`` on stderr and exits with the error's documented code:
+
+    0 ok, 1 invalid packet or input, 2 usage or configuration, 3 no daemon running,
+    4 store, 5 network (bootstrap, replicas not reached).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import struct
+import sys
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import typer
+
+from qisd import __version__
+from qisd.errors import FieldError, QisdError, UsageError
+
+app = typer.Typer(
+    name="qisd",
+    help="qisd: a peer-to-peer DHT node for signed Arrow outcome packets (the QIS loop).",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+template_app = typer.Typer(
+    help="Similarity templates (Hiring): publish, list, endorse.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+app.add_typer(template_app, name="template")
+
+# --------------------------------------------------------------------------- shared options
+
+DataDir = Annotated[
+    str | None,
+    typer.Option(
+        "--data-dir",
+        "-d",
+        help="Data directory (default: $QISD_DATA_DIR, else the XDG data home's qisd/).",
+        envvar="QISD_DATA_DIR",
+        show_default=False,
+    ),
+]
+Json = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
+Path_ = Annotated[
+    str,
+    typer.Argument(
+        help="Fingerprint path, e.g. clinical.oncology/treatment_response_classification.",
+        show_default=False,
+    ),
+]
 
 
-def main() -> None:
-    raise SystemExit("qisd: the command line is not built yet")
+def _client(data_dir: str | None) -> Any:
+    from qisd.client import Client
+
+    return Client(data_dir)
+
+
+def _print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, indent=2, sort_keys=False, allow_nan=False) + "\n")
+
+
+def _err(text: str) -> None:
+    sys.stderr.write(text + "\n")
+
+
+# --------------------------------------------------------------------------- init / start / stop
+
+
+@app.command()
+def init(
+    data_dir: DataDir = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an existing identity (its node id is lost).")
+    ] = False,
+    as_json: Json = False,
+) -> None:
+    """Create the data directory and this node's identity (Ed25519 key, commitment secret)."""
+    from qisd.net.datadir import init_identity, resolve_data_dir
+
+    path = resolve_data_dir(data_dir)
+    identity = init_identity(path, force=force)
+    if as_json:
+        _print_json({"node_id": identity.node_id, "data_dir": str(path)})
+    else:
+        sys.stdout.write(identity.node_id + "\n")
+        _err(f"qisd: new node identity in {path}")
+
+
+@app.command()
+def start(
+    host: Annotated[
+        str | None,
+        typer.Option(
+            help="Address the UDP DHT socket binds [default: 0.0.0.0].", envvar="QISD_HOST"
+        ),
+    ] = None,
+    port: Annotated[
+        int | None,
+        typer.Option(
+            help="UDP port of the DHT; 0 picks a free one [default: 8468].", envvar="QISD_PORT"
+        ),
+    ] = None,
+    bootstrap: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--bootstrap",
+            "-b",
+            metavar="HOST:PORT",
+            help="A peer to join the network through (repeatable; QISD_BOOTSTRAP: comma list).",
+        ),
+    ] = None,
+    bootstrap_file: Annotated[
+        str | None,
+        typer.Option(
+            help="File of HOST:PORT peers [default: /etc/qisd/bootstrap-nodes.txt if present, "
+            "else the packaged list].",
+            envvar="QISD_BOOTSTRAP_FILE",
+        ),
+    ] = None,
+    config: Annotated[
+        str | None,
+        typer.Option(
+            "--config",
+            "-c",
+            help="TOML config file; flags and QISD_* override it.",
+            envvar="QISD_CONFIG",
+        ),
+    ] = None,
+    data_dir: DataDir = None,
+    flight: Annotated[
+        str | None,
+        typer.Option(
+            help="Serve Arrow Flight at this URI, e.g. grpc://127.0.0.1:8815.", envvar="QISD_FLIGHT"
+        ),
+    ] = None,
+    flight_token: Annotated[
+        str | None,
+        typer.Option(help="Token Flight clients must present.", envvar="QISD_FLIGHT_TOKEN"),
+    ] = None,
+    log_level: Annotated[
+        str | None,
+        typer.Option(
+            help="debug, info, warning or error [default: info].", envvar="QISD_LOG_LEVEL"
+        ),
+    ] = None,
+    election_seconds: Annotated[
+        float | None,
+        typer.Option(
+            help="How often followed paths are caught up and re-elected [default: 30].",
+            envvar="QISD_ELECTION_SECONDS",
+        ),
+    ] = None,
+) -> None:
+    """Run the node in the foreground until SIGTERM, SIGINT or `qisd stop`."""
+    from qisd.net.daemon import run
+    from qisd.net.settings import load_config
+
+    peers = [p.strip() for value in bootstrap or () for p in value.split(",") if p.strip()]
+    cfg = load_config(
+        config,
+        flags={
+            "host": host,
+            "port": port,
+            "bootstrap": tuple(peers) if peers else None,
+            "bootstrap_file": bootstrap_file,
+            "data_dir": data_dir,
+            "flight": flight,
+            "flight_token": flight_token,
+            "log_level": log_level,
+            "election_seconds": election_seconds,
+        },
+    )
+    raise typer.Exit(run(cfg))
+
+
+@app.command()
+def stop(data_dir: DataDir = None, as_json: Json = False) -> None:
+    """Ask the running daemon to shut down cleanly; returns once it has stopped."""
+    result = _client(data_dir).stop()
+    if as_json:
+        _print_json(result)
+    else:
+        _err(f"qisd: daemon (pid {result.get('pid')}) stopped")
+
+
+# --------------------------------------------------------------------------- emit
+
+
+_FLAG_OF = {
+    "domain": "--domain",
+    "problem_type": "--problem-type",
+    "model_architecture": "--model-architecture",
+    "training_phase": "--training-phase",
+    "metric_name": "--metric",
+    "metric_value": "--metric",
+    "metric_delta": "--delta",
+    "confidence": "--confidence",
+    "intervention_type": "--intervention",
+    "intervention_params": "--params",
+    "outcome_decile": "--decile",
+    "sample_count": "--samples",
+    "data_ref": "--data-ref",
+    "timestamp_utc": "--timestamp",
+}
+
+
+def _metric(value: str) -> tuple[str, str]:
+    name, sep, number = value.partition("=")
+    if not sep or not name.strip() or not number.strip():
+        raise FieldError("--metric", value, "must be NAME=VALUE, e.g. val_auc=0.847")
+    return name.strip(), number.strip()
+
+
+@app.command()
+def emit(
+    domain: Annotated[str | None, typer.Option(help="Domain, e.g. clinical.oncology.")] = None,
+    problem_type: Annotated[str | None, typer.Option(help="Problem type.")] = None,
+    model_architecture: Annotated[
+        str | None, typer.Option(help="Model architecture [default: unspecified].")
+    ] = None,
+    training_phase: Annotated[
+        str | None, typer.Option(help="Training phase [default: unspecified].")
+    ] = None,
+    metric: Annotated[
+        str | None, typer.Option(metavar="NAME=VALUE", help="Metric name and its value.")
+    ] = None,
+    delta: Annotated[
+        str | None, typer.Option(metavar="NUMBER", help="metric_delta: the change observed.")
+    ] = None,
+    confidence: Annotated[
+        str | None, typer.Option(metavar="NUMBER", help="Confidence in [0, 1].")
+    ] = None,
+    intervention: Annotated[
+        str | None, typer.Option(help="intervention_type: what was done.")
+    ] = None,
+    params: Annotated[
+        str | None, typer.Option(metavar="JSON", help="intervention_params as a JSON object.")
+    ] = None,
+    decile: Annotated[str | None, typer.Option(metavar="1..10", help="outcome_decile.")] = None,
+    samples: Annotated[
+        str | None, typer.Option(metavar="N", help="sample_count [default: 0].")
+    ] = None,
+    data_ref: Annotated[
+        str | None,
+        typer.Option(
+            help="Local reference to the data (never leaves this machine; a keyed commitment "
+            "of it is sent)."
+        ),
+    ] = None,
+    timestamp: Annotated[
+        str | None, typer.Option(metavar="MS", help="timestamp_utc in ms [default: now].")
+    ] = None,
+    from_: Annotated[
+        str | None,
+        typer.Option(
+            "--from",
+            metavar="FILE|-",
+            help="Emit every row of a file (- = stdin): JSON lines, JSON, CSV, Parquet or Arrow.",
+        ),
+    ] = None,
+    fmt: Annotated[
+        str | None,
+        typer.Option(
+            "--format", help="Input format of --from: jsonl, json, csv, parquet or arrow."
+        ),
+    ] = None,
+    wait: Annotated[
+        int, typer.Option(min=0, help="Wait until N DHT replicas acknowledged each packet.")
+    ] = 0,
+    data_dir: DataDir = None,
+    as_json: Json = False,
+    chunk_rows: Annotated[
+        int, typer.Option(min=1, help="Rows per commit when emitting a file.")
+    ] = 1000,
+) -> None:
+    """Sign and publish outcome packets; prints each committed packet id.
+
+    Exits 0 only once the daemon has committed every packet to its store.
+    """
+    single = {
+        "domain": domain,
+        "problem_type": problem_type,
+        "model_architecture": model_architecture,
+        "training_phase": training_phase,
+        "metric_delta": delta,
+        "confidence": confidence,
+        "intervention_type": intervention,
+        "intervention_params": params,
+        "outcome_decile": decile,
+        "sample_count": samples,
+        "data_ref": data_ref,
+        "timestamp_utc": timestamp,
+    }
+    if metric is not None:
+        single["metric_name"], single["metric_value"] = _metric(metric)
+    given = {k: v for k, v in single.items() if v is not None}
+    if from_ is not None and given:
+        raise UsageError("give either --from FILE or the field options, not both")
+    if from_ is None and fmt is not None:
+        raise UsageError("--format applies to --from")
+    from qisd.client import check_rows, read_input
+
+    rows = read_input(from_, fmt) if from_ is not None else [given]
+    try:
+        total = check_rows(rows)
+    except FieldError as exc:
+        if from_ is None and exc.field in _FLAG_OF:
+            # One row from flags: name the flag the user typed, not the row.
+            raise FieldError(f"{_FLAG_OF[exc.field]} ({exc.field})", exc.value, exc.rule) from None
+        raise
+    if total == 0:
+        raise UsageError("nothing to emit: the input has no rows")
+    client = _client(data_dir)
+    client.ping()  # no daemon: exit 3 before any output
+    bar = None
+    if from_ is not None and not as_json and sys.stderr.isatty() and total > chunk_rows:
+        bar = typer.progressbar(length=total, label="emitting", file=sys.stderr)
+        bar.__enter__()
+    done = 0
+
+    def on_chunk(ids: list[str], rows_done: int, rows_total: int) -> None:
+        nonlocal done
+        if not as_json:
+            sys.stdout.write("".join(i + "\n" for i in ids))
+            sys.stdout.flush()
+        if bar is not None:
+            bar.update(rows_done - done)
+        done = rows_done
+
+    try:
+        result = client.emit_rows(
+            rows, wait=wait, chunk_rows=chunk_rows, on_chunk=on_chunk, validate=False
+        )
+    except QisdError as exc:
+        committed = getattr(exc, "committed", [])
+        if committed:
+            if as_json:
+                _print_json({"packet_ids": committed, "rows": done, "error": str(exc)})
+            exc.args = (
+                f"{exc} ({len(committed)} packets, {done} rows, were committed before this: "
+                "their ids are printed above)",
+            )
+        raise
+    finally:
+        if bar is not None:
+            bar.__exit__(None, None, None)
+    short = [pid for pid, n in result["replicas"].items() if n < wait] if wait else []
+    if as_json:
+        _print_json(result)
+    else:
+        packets = len(result["packet_ids"])
+        _err(f"qisd: committed {packets} packet{'s' * (packets != 1)} ({result['rows']} rows)")
+    if short:
+        worst = min(result["replicas"][p] for p in short)
+        raise _ReplicasShort(
+            f"committed locally, but {len(short)} packet(s) reached only {worst} of the "
+            f"{wait} replicas asked for with --wait"
+        )
+
+
+class _ReplicasShort(QisdError):
+    exit_code = 5
+
+
+# --------------------------------------------------------------------------- query / follow
+
+
+def _f32(value: Any) -> Any:
+    """A float32 column value as the shortest decimal that is the same float32."""
+    if not isinstance(value, float):
+        return value
+    packed = struct.pack("<f", value)
+    for digits in range(1, 10):
+        text = f"{value:.{digits}g}"
+        if struct.pack("<f", float(text)) == packed:
+            return float(text)
+    return value
+
+
+_F32_COLUMNS = ("metric_delta", "metric_value", "confidence")
+
+
+def _json_rows(table: Any) -> list[dict[str, Any]]:
+    rows = table.to_pylist()
+    for row in rows:
+        for name in _F32_COLUMNS:
+            if name in row:
+                row[name] = _f32(row[name])
+    return rows
+
+
+def _human_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
+    cells = [[title for _, title in columns]]
+    for row in rows:
+        cells.append([_cell(row.get(name)) for name, _ in columns])
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells
+    )
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{_f32(value):g}"
+    return str(value)
+
+
+@app.command()
+def query(
+    path: Path_,
+    local: Annotated[bool, typer.Option("--local", help="Only this node's store.")] = False,
+    as_json: Json = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="CSV on stdout.")] = False,
+    arrow: Annotated[
+        str | None, typer.Option("--arrow", metavar="FILE", help="Write an Arrow IPC file.")
+    ] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Every packet under a fingerprint path, from the network and the local store."""
+    if sum((as_json, as_csv, arrow is not None)) > 1:
+        raise UsageError("choose one of --json, --csv and --arrow")
+    table = _client(data_dir).query(path, local=local)
+    if arrow is not None:
+        _write_arrow(table, arrow)
+        _err(f"qisd: {table.num_rows} rows written to {arrow}")
+    elif as_json:
+        _print_json(_json_rows(table))
+    elif as_csv:
+        rows = _json_rows(table)
+        writer = csv.DictWriter(sys.stdout, fieldnames=table.schema.names, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        rows = _json_rows(table)
+        for row in rows:
+            row["when"] = datetime.fromtimestamp(row["timestamp_utc"] / 1000, UTC).strftime(
+                "%Y-%m-%d %H:%M:%S"
+            )
+            row["node"] = row["node_id"][:12]
+        columns = [
+            ("when", "TIME (UTC)"),
+            ("node", "NODE"),
+            ("model_architecture", "MODEL"),
+            ("metric_name", "METRIC"),
+            ("metric_value", "VALUE"),
+            ("metric_delta", "DELTA"),
+            ("confidence", "CONF"),
+            ("intervention_type", "INTERVENTION"),
+            ("outcome_decile", "DECILE"),
+            ("sample_count", "SAMPLES"),
+        ]
+        if rows:
+            sys.stdout.write(_human_table(rows, columns) + "\n")
+        _err(f"qisd: {table.num_rows} rows under {path}")
+
+
+def _write_arrow(table: Any, target: str) -> None:
+    import pyarrow as pa
+
+    try:
+        with pa.OSFile(target, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+    except OSError as exc:
+        raise UsageError(f"cannot write {target}: {exc}") from None
+
+
+@app.command()
+def follow(path: Path_, data_dir: DataDir = None, as_json: Json = False) -> None:
+    """Follow a fingerprint path: its new packets are pushed here and kept fresh."""
+    followed = _client(data_dir).follow(path)
+    if as_json:
+        _print_json({"followed": followed})
+    else:
+        _err(f"qisd: following {path} ({len(followed)} paths followed)")
+
+
+@app.command()
+def unfollow(path: Path_, data_dir: DataDir = None, as_json: Json = False) -> None:
+    """Stop following a fingerprint path."""
+    followed = _client(data_dir).unfollow(path)
+    if as_json:
+        _print_json({"followed": followed})
+    else:
+        _err(f"qisd: no longer following {path}")
+
+
+@app.command()
+def watch(
+    path: Path_,
+    count: Annotated[
+        int, typer.Option(min=0, help="Exit after this many packets (0 = until interrupted).")
+    ] = 0,
+    data_dir: DataDir = None,
+    as_json: Json = False,
+) -> None:
+    """Print new packets of a path as they arrive (JSON lines with --json)."""
+    seen = 0
+    client = _client(data_dir)
+    client.ping()
+    if not as_json:
+        _err(f"qisd: watching {path} (Ctrl-C to stop)")
+    stream = client.watch(path)
+    try:
+        for table in stream:
+            for row in _json_rows(table):
+                if as_json:
+                    sys.stdout.write(json.dumps(row, allow_nan=False) + "\n")
+                else:
+                    sys.stdout.write(
+                        f"{row['packet_id']}  {row['node_id'][:12]}  "
+                        f"{row['intervention_type']}  delta={_cell(row['metric_delta'])}\n"
+                    )
+                seen += 1
+            sys.stdout.flush()
+            if count and seen >= count:
+                return
+    finally:
+        stream.close()
+
+
+# --------------------------------------------------------------------------- elections
+
+
+def _print_synthesis(result: dict[str, Any]) -> None:
+    lines = [f"{result.get('path')}: {result.get('status')}"]
+    lines.append(
+        f"  packets analyzed {result.get('packets_analyzed')}, distinct signers "
+        f"{result.get('distinct_signers')}, template {str(result.get('template_id'))[:12]}"
+    )
+    if result.get("recommendation"):
+        lines.append(f"  {result['recommendation']}")
+    elif result.get("reason"):
+        lines.append(f"  {result['reason']}")
+    interventions = result.get("interventions") or []
+    if interventions:
+        rows = [
+            {
+                "intervention": i["intervention"],
+                "median": i["median_delta"],
+                "ci": f"[{_cell(i['ci_low'])}, {_cell(i['ci_high'])}]",
+                "signers": f"{i['kept_signers']}/{i['signers']}",
+                "eligible": "yes" if i["eligible"] else "no",
+            }
+            for i in interventions
+        ]
+        table = _human_table(
+            rows,
+            [
+                ("intervention", "INTERVENTION"),
+                ("median", "MEDIAN DELTA"),
+                ("ci", "INTERVAL"),
+                ("signers", "SIGNERS KEPT/ALL"),
+                ("eligible", "ELIGIBLE"),
+            ],
+        )
+        lines.extend("  " + line for line in table.splitlines())
+    sys.stdout.write("\n".join(lines) + "\n")
+
+
+@app.command()
+def synthesize(
+    path: Path_,
+    local: Annotated[bool, typer.Option("--local", help="Only this node's store.")] = False,
+    data_dir: DataDir = None,
+    as_json: Json = False,
+) -> None:
+    """What is working on a fingerprint path: The Math's ranked interventions."""
+    result = _client(data_dir).synthesize(path, local=local)
+    if as_json:
+        _print_json(result)
+    else:
+        _print_synthesis(result)
+
+
+# --------------------------------------------------------------------------- status / peers
+
+
+@app.command()
+def status(data_dir: DataDir = None, as_json: Json = False) -> None:
+    """Node id, address, uptime, peers, store, followed paths, rejected-input counters."""
+    s = _client(data_dir).status()
+    if as_json:
+        _print_json(s)
+        return
+    counters = s.get("counters", {})
+    dht = s.get("dht", {})
+    rejected = {k: v for k, v in {**counters, **dht}.items() if "reject" in k and v}
+    lines = [
+        f"node      {s['node_id']}",
+        f"address   {s.get('address') or '-'}",
+        f"data dir  {s['data_dir']}",
+        f"uptime    {s['uptime_seconds']:.0f} s",
+        f"peers     {s['peers']}",
+        f"store     {s['packets']} envelopes ({s['local_packets']} emitted here) under "
+        f"{s['keys']} keys, {s['store_bytes']} bytes",
+        f"emitted   {counters.get('emits', 0)} emits, {counters.get('rows_emitted', 0)} rows",
+        "rejected  "
+        + (", ".join(f"{k} {v}" for k, v in sorted(rejected.items())) if rejected else "none"),
+        "followed  " + (", ".join(s["followed"]) if s["followed"] else "none"),
+    ]
+    for path, syn in (s.get("syntheses") or {}).items():
+        best = syn.get("best_intervention")
+        shown = f"best {best} ({_cell(syn.get('best_delta'))})" if best else syn.get("status")
+        lines.append(f"  {path}: {shown}, {syn.get('packets_analyzed')} packets")
+    sys.stdout.write("\n".join(lines) + "\n")
+
+
+@app.command()
+def peers(data_dir: DataDir = None, as_json: Json = False) -> None:
+    """The daemon's routing table."""
+    table = _client(data_dir).peers()
+    if as_json:
+        _print_json(table)
+        return
+    if table:
+        columns = [(k, k.upper().replace("_", " ")) for k in table[0]]
+        sys.stdout.write(_human_table(table, columns) + "\n")
+    _err(f"qisd: {len(table)} peers")
+
+
+@app.command()
+def version() -> None:
+    """Print the qisd version."""
+    sys.stdout.write(f"qisd {__version__}\n")
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The ``qisd`` console script: run a command; any error becomes one line and an exit code."""
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=argv, prog_name="qisd", standalone_mode=False)
+    except QisdError as exc:
+        _err(f"qisd: error: {_one_line(str(exc))}")
+        raise SystemExit(exc.exit_code) from None
+    except typer.TyperException as exc:
+        ctx = getattr(exc, "ctx", None)
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            sys.stdout.write(exc.format_message() + "\n")
+            raise SystemExit(0) from None
+        hint = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
+        _err(f"qisd: error: {_one_line(exc.format_message())}{hint}")
+        raise SystemExit(exc.exit_code) from None
+    except typer.Abort:
+        _err("qisd: aborted")
+        raise SystemExit(130) from None
+    except KeyboardInterrupt:
+        _err("qisd: interrupted")
+        raise SystemExit(130) from None
+    except BrokenPipeError:
+        sys.stderr.close()
+        raise SystemExit(1) from None
+    raise SystemExit(code if isinstance(code, int) else 0)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,463 @@
+"""The Python client of a running qisd daemon (the CLI is built on it).
+
+::
+
+    from qisd import Client
+
+    with Client() as qisd:                       # $QISD_DATA_DIR or the XDG data home's qisd/
+        ids = qisd.emit([{"domain": "clinical.oncology", ...}])["packet_ids"]
+        table = qisd.query("clinical.oncology/treatment_response")   # a pyarrow.Table
+
+It talks to the daemon's control socket in the data directory (see :mod:`qisd.net.control`),
+synchronously, one request at a time per client. Errors arrive as the same
+:class:`~qisd.errors.QisdError` subclasses the daemon raised (``FieldError`` for a bad row,
+``DaemonNotRunning`` when no daemon answers), each with its ``exit_code``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import fcntl
+import io
+import os
+import socket
+import sys
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import pyarrow as pa
+
+from qisd import errors
+from qisd.core.crypto import Identity
+from qisd.core.packet import build_rows, rows_from_arrow, rows_from_json
+from qisd.errors import DaemonNotRunning, PacketError, QisdError, UsageError
+from qisd.net.control import (
+    connect,
+    encode_frame,
+    ipc_to_table,
+    recv_frame,
+    socket_path,
+    table_to_ipc,
+)
+from qisd.net.datadir import LOCK_FILE, resolve_data_dir
+
+DEFAULT_CHUNK_ROWS = 1_000
+"""Rows per emit request when emitting a file: each request is one commit, one reply."""
+INPUT_FORMATS = ("jsonl", "json", "csv", "parquet", "arrow")
+"""What ``emit_file`` reads (``None`` = decided from the file name or its first bytes)."""
+
+ProgressCallback = Callable[[list[str], int, int], None]
+"""``on_chunk(committed_packet_ids, rows_done, rows_total)`` after each committed chunk."""
+
+
+class RemoteError(QisdError):
+    """An error the daemon reported whose class is not one of :mod:`qisd.errors`."""
+
+    def __init__(self, kind: str, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.exit_code = exit_code
+
+
+def _raise_remote(error: Any) -> None:
+    if not isinstance(error, dict):
+        raise RemoteError("ProtocolError", "the daemon sent a malformed error reply", 1)
+    kind = str(error.get("type", "QisdError"))
+    message = str(error.get("message", "error"))
+    code = error.get("exit_code", 1)
+    cls = getattr(errors, kind, None)
+    if isinstance(cls, type) and issubclass(cls, QisdError):
+        exc = cls.__new__(cls)
+        Exception.__init__(exc, message)
+        raise exc
+    raise RemoteError(kind, message, code if isinstance(code, int) else 1)
+
+
+# --------------------------------------------------------------------------- reading input
+
+
+def _sniff(head: bytes, name: str) -> str:
+    lower = name.lower()
+    for ext, fmt in (
+        (".jsonl", "jsonl"),
+        (".ndjson", "jsonl"),
+        (".json", "json"),
+        (".csv", "csv"),
+        (".parquet", "parquet"),
+        (".pq", "parquet"),
+        (".arrow", "arrow"),
+        (".feather", "arrow"),
+        (".ipc", "arrow"),
+        (".arrows", "arrow"),
+    ):
+        if lower.endswith(ext):
+            return fmt
+    if head.startswith(b"PAR1"):
+        return "parquet"
+    if head.startswith(b"ARROW1") or head.startswith(b"\xff\xff\xff\xff"):
+        return "arrow"
+    text = head.lstrip()
+    if text[:1] in (b"{", b"["):
+        return "json"
+    return "csv"
+
+
+def _read_arrow(data: bytes) -> pa.Table:
+    buf = pa.py_buffer(data)
+    try:
+        return pa.ipc.open_file(buf).read_all()
+    except (pa.ArrowInvalid, OSError):
+        pass
+    try:
+        return pa.ipc.open_stream(buf).read_all()
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise PacketError(f"not an Arrow IPC file or stream ({exc})") from None
+
+
+def _read_parquet(data: bytes) -> pa.Table:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(pa.BufferReader(data))
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise PacketError(f"not a readable Parquet file ({exc})") from None
+
+
+def _read_csv(text: str) -> list[dict[str, Any]]:
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader)
+    except StopIteration:
+        return []
+    except csv.Error as exc:
+        raise PacketError(f"CSV line 1: {exc}") from None
+    names = [h.strip() for h in header]
+    if not any(names) or len(set(names)) != len(names) or "" in names:
+        raise PacketError("CSV line 1 must name each column once (the packet column names)")
+    rows = []
+    try:
+        for row in reader:
+            if not row or all(not cell.strip() for cell in row):
+                continue
+            if len(row) != len(names):
+                raise PacketError(
+                    f"CSV line {reader.line_num}: {len(row)} values for {len(names)} columns"
+                )
+            # An empty cell means "not given" (optional columns take their defaults).
+            rows.append({n: v for n, v in zip(names, row, strict=True) if v != ""})
+    except csv.Error as exc:
+        raise PacketError(f"CSV line {reader.line_num}: {exc}") from None
+    return rows
+
+
+def read_input(
+    source: str | os.PathLike[str] | BinaryIO, fmt: str | None = None
+) -> list[dict[str, Any]] | pa.Table:
+    """Rows of a file (or ``-`` / a binary stream for stdin): JSON lines, a JSON array or
+    object, CSV with a header row, Parquet, or Arrow IPC (file or stream).
+
+    Returns a list of row dicts (text formats) or a ``pyarrow.Table`` (Arrow formats).
+    Raises :class:`PacketError` for input that cannot be read as the format.
+    """
+    if fmt is not None and fmt not in INPUT_FORMATS:
+        raise UsageError(f"input format {fmt!r} must be one of {', '.join(INPUT_FORMATS)}")
+    if isinstance(source, (str, os.PathLike)) and str(source) != "-":
+        name = str(source)
+        try:
+            data = Path(source).read_bytes()
+        except FileNotFoundError:
+            raise UsageError(f"input file {name} does not exist") from None
+        except IsADirectoryError:
+            raise UsageError(f"input {name} is a directory, not a file") from None
+        except OSError as exc:
+            raise UsageError(f"cannot read {name}: {exc.strerror or exc}") from None
+    else:
+        stream = sys.stdin.buffer if not hasattr(source, "read") else source
+        name = "-"
+        data = stream.read()  # type: ignore[union-attr]
+    fmt = fmt or _sniff(data[:64], name)
+    if fmt == "parquet":
+        return _read_parquet(data)
+    if fmt == "arrow":
+        return _read_arrow(data)
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise PacketError(f"{name} is not UTF-8 text (nor Parquet or Arrow)") from None
+    if fmt == "csv":
+        return _read_csv(text)
+    return rows_from_json(text)
+
+
+def check_rows(rows: Sequence[Mapping[str, Any]] | pa.Table) -> int:
+    """Validate every row by the daemon's rules before anything is sent (all or nothing).
+
+    Returns the number of rows; raises :class:`FieldError` naming the first bad row's field.
+    """
+    records = rows_from_arrow(rows) if isinstance(rows, pa.Table) else list(rows)
+    # A throwaway identity: the rules do not depend on whose key signs.
+    build_rows(records, Identity.generate(), now_ms=_now_ms())
+    return len(records)
+
+
+def _now_ms() -> int:
+    import time
+
+    return time.time_ns() // 1_000_000
+
+
+# --------------------------------------------------------------------------- the client
+
+
+class Client:
+    """A connection to the daemon of a data directory (``None``: the default one).
+
+    Use as a context manager or call :meth:`close`. ``timeout`` bounds how long one request
+    may take (a query waits for the network; an emit with ``wait`` for replicas).
+    """
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike[str] | None = None,
+        *,
+        timeout: float = 300.0,
+        connect_timeout: float = 5.0,
+    ) -> None:
+        self.data_dir = resolve_data_dir(data_dir)
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self._sock: socket.socket | None = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection (a later call reconnects)."""
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.close()
+            self._sock = None
+
+    def _not_running(self) -> DaemonNotRunning:
+        return DaemonNotRunning(
+            f"no qisd daemon is running for {self.data_dir} "
+            f"(start one with: qisd start --data-dir {self.data_dir})"
+        )
+
+    def _connect(self) -> socket.socket:
+        if self._sock is not None:
+            return self._sock
+        path = socket_path(self.data_dir)
+        try:
+            sock = connect(path, self.connect_timeout)
+        except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError):
+            raise self._not_running() from None
+        except PermissionError:
+            raise UsageError(
+                f"permission denied on {path}: run qisd as the user that owns the daemon"
+            ) from None
+        except OSError as exc:
+            raise DaemonNotRunning(
+                f"cannot reach the qisd daemon at {path}: {exc.strerror or exc}"
+            ) from None
+        sock.settimeout(self.timeout)
+        self._sock = sock
+        return sock
+
+    def _send(self, op: str, args: dict[str, Any], blob: bytes = b"") -> socket.socket:
+        sock = self._connect()
+        try:
+            sock.sendall(encode_frame({"op": op, "args": args}, blob))
+        except OSError:
+            self.close()
+            raise DaemonNotRunning("the qisd daemon closed the connection (did it stop?)") from None
+        return sock
+
+    def _receive(self, sock: socket.socket) -> tuple[Any, bytes]:
+        try:
+            header, blob = recv_frame(sock)
+        except TimeoutError:
+            self.close()
+            raise QisdError(f"the daemon did not answer within {self.timeout:g} s") from None
+        except OSError:
+            self.close()
+            raise DaemonNotRunning("the qisd daemon closed the connection (did it stop?)") from None
+        except QisdError:
+            self.close()
+            raise
+        if header.get("ok") is True:
+            return header.get("result"), blob
+        if header.get("ok") is False:
+            if (header.get("error") or {}).get("type") in ("ProtocolError", "ShuttingDown"):
+                self.close()
+            _raise_remote(header.get("error"))
+        self.close()
+        raise RemoteError("ProtocolError", "the daemon sent a malformed reply", 1)
+
+    def call(self, op: str, args: dict[str, Any] | None = None, blob: bytes = b"") -> Any:
+        """Send one request and return its result (raw protocol access)."""
+        return self._call(op, args or {}, blob)[0]
+
+    def _call(self, op: str, args: dict[str, Any], blob: bytes = b"") -> tuple[Any, bytes]:
+        return self._receive(self._send(op, args, blob))
+
+    # ------------------------------------------------------------------ operations
+
+    def ping(self) -> dict[str, Any]:
+        """The daemon's node id and version (DaemonNotRunning if none answers)."""
+        return self.call("ping")
+
+    def emit(self, records: Sequence[Mapping[str, Any]], *, wait: int = 0) -> dict[str, Any]:
+        """Emit rows in one commit; returns ``{packet_ids, rows, replicas, rejected}``.
+
+        ``wait`` > 0 waits until that many DHT replicas acknowledged each packet (see
+        ``replicas`` in the result for how many did).
+        """
+        rows = [dict(r) for r in records]
+        return self.call("emit", {"rows": rows, "wait": wait})
+
+    def emit_table(
+        self, table: pa.Table | pa.RecordBatch, *, wait: int = 0, partial: bool = False
+    ) -> dict[str, Any]:
+        """Emit the rows of an Arrow table in one commit (``partial``: keep the valid rows)."""
+        if isinstance(table, pa.RecordBatch):
+            table = pa.Table.from_batches([table])
+        return self.call("emit", {"wait": wait, "partial": partial}, table_to_ipc(table))
+
+    def emit_rows(
+        self,
+        rows: Sequence[Mapping[str, Any]] | pa.Table,
+        *,
+        wait: int = 0,
+        chunk_rows: int = DEFAULT_CHUNK_ROWS,
+        on_chunk: ProgressCallback | None = None,
+        validate: bool = True,
+    ) -> dict[str, Any]:
+        """Emit many rows as a sequence of commits of ``chunk_rows`` rows each.
+
+        Every row is validated before the first chunk is sent, so invalid input stores
+        nothing. ``on_chunk`` is called after each commit with its packet ids. If the daemon
+        goes away midway the error raised carries ``committed``: the ids stored before it.
+        """
+        if chunk_rows < 1:
+            raise UsageError("chunk_rows must be at least 1")
+        total = check_rows(rows) if validate else len(rows)
+        if total == 0:
+            raise UsageError("nothing to emit: the input has no rows")
+        ids: list[str] = []
+        replicas: dict[str, int] = {}
+        done = 0
+        try:
+            while done < total:
+                if isinstance(rows, pa.Table):
+                    chunk = rows.slice(done, chunk_rows)
+                    result = self.emit_table(chunk, wait=wait)
+                    n = chunk.num_rows
+                else:
+                    part = rows[done : done + chunk_rows]
+                    result = self.emit(part, wait=wait)
+                    n = len(part)
+                done += n
+                ids.extend(result["packet_ids"])
+                replicas.update(result.get("replicas", {}))
+                if on_chunk is not None:
+                    on_chunk(list(result["packet_ids"]), done, total)
+        except QisdError as exc:
+            exc.committed = list(ids)  # type: ignore[attr-defined]
+            exc.rows_committed = done  # type: ignore[attr-defined]
+            raise
+        return {"packet_ids": ids, "rows": total, "replicas": replicas, "rejected": []}
+
+    def emit_file(
+        self,
+        source: str | os.PathLike[str] | BinaryIO,
+        *,
+        format: str | None = None,
+        wait: int = 0,
+        chunk_rows: int = DEFAULT_CHUNK_ROWS,
+        on_chunk: ProgressCallback | None = None,
+    ) -> dict[str, Any]:
+        """Emit every row of a file (``-`` for stdin); see :func:`read_input` for formats."""
+        rows = read_input(source, format)
+        return self.emit_rows(rows, wait=wait, chunk_rows=chunk_rows, on_chunk=on_chunk)
+
+    def query(self, path: str, *, local: bool = False) -> pa.Table:
+        """Every packet row under a fingerprint path, from the network and the local store."""
+        _, blob = self._call("query", {"path": path, "local": local})
+        return ipc_to_table(blob)
+
+    def follow(self, path: str) -> list[str]:
+        """Follow a fingerprint path (persistent); returns every followed path."""
+        return self.call("follow", {"path": path})["followed"]
+
+    def unfollow(self, path: str) -> list[str]:
+        """Stop following a path; returns the paths still followed."""
+        return self.call("unfollow", {"path": path})["followed"]
+
+    def synthesize(self, path: str, *, local: bool = False) -> dict[str, Any]:
+        """The elections' synthesis for a fingerprint path (ranked interventions)."""
+        return self.call("synthesize", {"path": path, "local": local})
+
+    def status(self, *, config: bool = False) -> dict[str, Any]:
+        """Node id, address, uptime, peers, store counts, followed paths, counters."""
+        return self.call("status", {"config": config})
+
+    def peers(self) -> list[dict[str, Any]]:
+        """The daemon's routing table."""
+        return self.call("peers")
+
+    def watch(self, path: str) -> Iterator[pa.Table]:
+        """New packets of a path as they arrive (blocks between them; close to stop).
+
+        Uses its own connection, so the client stays usable for other calls meanwhile.
+        """
+        watcher = Client(self.data_dir, timeout=None, connect_timeout=self.connect_timeout)  # type: ignore[arg-type]
+        try:
+            sock = watcher._send("watch", {"path": path})
+            watcher._receive(sock)  # the "watching" acknowledgement
+            while True:
+                _, blob = watcher._receive(sock)
+                yield ipc_to_table(blob)
+        finally:
+            watcher.close()
+
+    def stop(self, *, wait: bool = True, timeout: float = 60.0) -> dict[str, Any]:
+        """Ask the daemon to shut down cleanly; with ``wait``, return once it has stopped."""
+        result = self.call("stop")
+        self.close()
+        if wait and not _wait_unlocked(self.data_dir / LOCK_FILE, timeout):
+            raise QisdError(f"the daemon did not stop within {timeout:g} s")
+        return result
+
+
+def _wait_unlocked(lock_path: Path, timeout: float) -> bool:
+    """Block until no process holds the data directory's lock (the daemon has exited)."""
+    try:
+        fd = os.open(lock_path, os.O_RDONLY)
+    except FileNotFoundError:
+        return True
+    done = threading.Event()
+
+    def take() -> None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)  # blocks while the daemon holds LOCK_EX
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        except OSError:
+            pass
+        done.set()
+
+    thread = threading.Thread(target=take, daemon=True)
+    thread.start()
+    stopped = done.wait(timeout)
+    if stopped:
+        os.close(fd)
+    return stopped
+
+
+__all__ = ["Client", "RemoteError", "check_rows", "read_input"]

@@ -1,0 +1,240 @@
+"""``qisd start``: the node daemon in the foreground, on uvloop.
+
+It opens the :class:`~qisd.net.node.Node` (identity, data-directory lock, store, DHT, background
+bootstrap, publisher and election loop), serves the control socket, starts the Arrow Flight
+endpoint when ``flight`` is configured, prints ``qisd listening on HOST:PORT node=ID`` to stderr
+and sends ``READY=1`` to ``$NOTIFY_SOCKET`` when it is ready. SIGTERM, SIGINT or ``qisd stop``:
+stop accepting control connections, let requests in progress finish (an emit being committed is
+committed and answered), stop Flight, stop the DHT (which saves the routing state), close the
+store, release the lock, return 0.
+
+The Flight endpoint, when ``config.flight`` is set, is ``qisd.net.flight.start_flight(node,
+config.flight, token=config.flight_token)``; its handle is closed at shutdown before the node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from qisd import __version__
+from qisd.config import NodeConfig
+from qisd.errors import QisdError, UsageError
+from qisd.net.control import ControlServer, Sender, ipc_to_table, socket_path, table_to_ipc
+from qisd.net.node import MAX_EMIT_ROWS, Node
+from qisd.net.settings import config_to_dict
+
+log = logging.getLogger("qisd")
+
+
+def sd_notify(message: str) -> bool:
+    """Send ``message`` (e.g. ``READY=1``) to systemd's ``$NOTIFY_SOCKET``; False if unset."""
+    address = os.environ.get("NOTIFY_SOCKET", "")
+    if not address:
+        return False
+    if address.startswith("@"):  # an abstract socket
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode("utf-8"))
+    except OSError as exc:
+        log.warning("cannot notify systemd at %s: %s", address, exc)
+        return False
+    return True
+
+
+def configure_logging(level: str) -> None:
+    """Log records to stderr at ``level`` (the readiness line is printed, not logged)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    if level != "debug":
+        # kademlia logs every lookup at INFO; that is debugging detail for a daemon's log.
+        logging.getLogger("kademlia").setLevel(logging.WARNING)
+        logging.getLogger("rpcudp").setLevel(logging.WARNING)
+
+
+# --------------------------------------------------------------------------- argument checks
+
+
+def _str(args: dict[str, Any], name: str) -> str:
+    value = args.get(name)
+    if not isinstance(value, str):
+        raise UsageError(f"argument {name!r} must be text")
+    return value
+
+
+def _bool(args: dict[str, Any], name: str) -> bool:
+    value = args.get(name, False)
+    if not isinstance(value, bool):
+        raise UsageError(f"argument {name!r} must be true or false")
+    return value
+
+
+def _int(args: dict[str, Any], name: str, default: int = 0) -> int:
+    value = args.get(name, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise UsageError(f"argument {name!r} must be a whole number >= 0")
+    return value
+
+
+def control_handlers(
+    node: Node, server: Callable[[], ControlServer | None], request_stop: Callable[[], None]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The control operations of a daemon: ``(handlers, stream handlers)``."""
+
+    async def ping(args: dict[str, Any], blob: bytes) -> tuple[Any, bytes]:
+        return {"node_id": node.identity.node_id, "version": __version__}, b""
+
+    async def emit(args: dict[str, Any], blob: bytes) -> tuple[Any, bytes]:
+        wait = _int(args, "wait")
+        partial = _bool(args, "partial")
+        if blob:
+            table = ipc_to_table(blob)
+            result = await node.emit_table(table, partial=partial, wait_replicas=wait)
+        else:
+            rows = args.get("rows")
+            if not isinstance(rows, list):
+                raise UsageError("argument 'rows' must be a list of row objects")
+            if len(rows) > MAX_EMIT_ROWS:
+                raise UsageError(f"one request carries at most {MAX_EMIT_ROWS} rows")
+            if partial:
+                raise UsageError("partial emits take Arrow rows")
+            result = await node.emit(rows, wait_replicas=wait)
+        return result.to_dict(), b""
+
+    async def query(args: dict[str, Any], blob: bytes) -> tuple[Any, bytes]:
+        table = await node.query(_str(args, "path"), local_only=_bool(args, "local"))
+        return {"rows": table.num_rows}, table_to_ipc(table)
+
+    async def follow(args: dict[str, Any], blob: bytes) -> tuple[Any, bytes]:
+        await node.follow(_str(args, "path"))
+        return {"followed": node.followed()}, b""
+
+    async def unfollow(args: dict[str, Any], blob: bytes) -> tuple[Any, bytes]:
+        await node.unfollow(_str(args, "path"))
+        return {"followed": node.followed()}, b""
+
+    async def synthesize(args: dict[str, Any], blob: bytes) -> tuple[Any, bytes]:
+        return await node.synthesize(_str(args, "path"), local_only=_bool(args, "local")), b""
+
+    async def status(args: dict[str, Any], blob: bytes) -> tuple[Any, bytes]:
+        out = node.status()
+        srv = server()
+        out["counters"]["rejected_requests"] = srv.rejected if srv is not None else 0
+        if _bool(args, "config"):
+            out["config"] = config_to_dict(node.config)
+        return out, b""
+
+    async def peers(args: dict[str, Any], blob: bytes) -> tuple[Any, bytes]:
+        return node.peers(), b""
+
+    async def stop(args: dict[str, Any], blob: bytes) -> tuple[Any, bytes]:
+        asyncio.get_running_loop().call_soon(request_stop)
+        return {"stopping": True, "pid": os.getpid()}, b""
+
+    async def watch(args: dict[str, Any], send: Sender) -> None:
+        path = _str(args, "path")
+        await send({"watching": path}, b"")
+        stream = node.subscribe(path)
+        try:
+            async for table in stream:
+                await send({"rows": table.num_rows}, table_to_ipc(table))
+        finally:
+            await stream.aclose()
+
+    handlers = {
+        "ping": ping,
+        "emit": emit,
+        "query": query,
+        "follow": follow,
+        "unfollow": unfollow,
+        "synthesize": synthesize,
+        "status": status,
+        "peers": peers,
+        "stop": stop,
+    }
+    handlers.update(_template_handlers(node))
+    return handlers, {"watch": watch}
+
+
+def _template_handlers(node: Node) -> dict[str, Any]:
+    """Hiring operations (template publish/list/endorse), when the node supports them."""
+    return {}
+
+
+# --------------------------------------------------------------------------- the daemon
+
+
+async def serve(config: NodeConfig, *, ready: Callable[[Node], None] | None = None) -> None:
+    """Run a node until SIGTERM, SIGINT or a ``stop`` request, then shut it down cleanly."""
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    node = await Node.open(config)
+    server: ControlServer | None = None
+    flight: Any = None
+    installed: list[int] = []
+    try:
+        handlers, streams = control_handlers(node, lambda: server, stopping.set)
+        server = ControlServer(socket_path(node.data_dir), handlers, streams)
+        await server.start()
+        if config.flight:
+            from qisd.net.flight import start_flight
+
+            flight = await start_flight(node, config.flight, token=config.flight_token)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, stopping.set)
+                installed.append(sig)
+        host, port = node.address if node.address else ("-", 0)
+        print(
+            f"qisd listening on {host}:{port} node={node.identity.node_id}",
+            file=sys.stderr,
+            flush=True,
+        )
+        sd_notify(f"READY=1\nSTATUS=listening on {host}:{port}\nMAINPID={os.getpid()}")
+        if ready is not None:
+            ready(node)
+        await stopping.wait()
+        log.info("stopping")
+        sd_notify("STOPPING=1")
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+        if server is not None:
+            await server.close()
+        if flight is not None:
+            try:
+                await flight.close()
+            except Exception:
+                log.exception("stopping the flight endpoint failed")
+        await node.close()
+    log.info("stopped")
+
+
+def run(config: NodeConfig) -> int:
+    """``qisd start``: configure logging, run :func:`serve` on uvloop, return the exit code.
+
+    Errors a user can act on (identity missing, another daemon on the data directory, a bad
+    store file) propagate as :class:`QisdError` for the CLI to print.
+    """
+    import uvloop
+
+    configure_logging(config.log_level)
+    try:
+        uvloop.run(serve(config))
+    except KeyboardInterrupt:  # a second Ctrl-C during shutdown
+        return 130
+    except QisdError:
+        raise
+    return 0

@@ -1,0 +1,607 @@
+"""The node: one facade over identity, store, DHT and elections that every interface uses.
+
+The control socket (CLI, :class:`qisd.Client`), the Arrow Flight endpoint and the in-process
+demo all call the same :class:`Node` methods, so an emit means the same thing everywhere:
+
+1. every row is validated first (all or nothing, unless ``emit_table(partial=True)``);
+2. rows are signed into envelopes, one per routable level of the domain's hired template;
+3. ``Store.put(local=True)`` commits them durably: that commit is the acknowledgement;
+4. only then are they published to the DHT (in the background, or awaited with
+   ``wait_replicas``), and handed to local subscribers of their paths.
+
+Followed paths are persisted in the store's meta table, registered with the DHT's listen/notify,
+and caught up by the election loop every ``election_seconds``; when a followed path's packets
+change, its synthesis is re-run and kept for :meth:`Node.status`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from qisd import __version__
+from qisd.config import NodeConfig
+from qisd.core.crypto import Identity
+from qisd.core.fingerprint import DEFAULT_TEMPLATE, Template, key_for_path, normalize_path
+from qisd.core.packet import (
+    RESULT_SCHEMA,
+    Envelope,
+    build_rows,
+    pack_rows,
+    read_trusted,
+    rows_from_arrow,
+    validate_row,
+    with_provenance,
+)
+from qisd.errors import FieldError, IdentityError, PacketError, UsageError
+from qisd.net import datadir
+from qisd.net.store import Store
+
+log = logging.getLogger(__name__)
+
+ROUTING_STATE_FILE = "routing.json"
+"""The DHT's routing state (JSON) inside the data directory."""
+FOLLOWED_META = "followed_paths"
+"""Store meta entry holding the followed fingerprint paths (a JSON list)."""
+MAX_EMIT_ROWS = 100_000
+"""Rows one emit call may carry (bulk input is sent in chunks well below this)."""
+MAX_FOLLOWED = 1_000
+"""Paths one node may follow."""
+_SUBSCRIBER_QUEUE = 1_024
+"""Tables buffered per subscriber; a subscriber that falls further behind loses the oldest."""
+
+
+def now_ms() -> int:
+    """The wall clock in milliseconds since 1970 (the one clock the shell passes to the core)."""
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True)
+class EmitResult:
+    """What an emit committed.
+
+    ``packet_ids`` are committed to the local store (durable) when this is returned;
+    ``replicas`` counts, per packet id, the DHT nodes that acknowledged storing it (0 when the
+    emit did not wait for the network); ``rejected`` lists ``(row_index, reason)`` of rows left
+    out by a partial emit.
+    """
+
+    packet_ids: list[str]
+    rows: int
+    replicas: dict[str, int] = field(default_factory=dict)
+    rejected: list[tuple[int, str]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for JSON output."""
+        return {
+            "packet_ids": list(self.packet_ids),
+            "rows": self.rows,
+            "replicas": dict(self.replicas),
+            "rejected": [list(r) for r in self.rejected],
+        }
+
+
+def _table_of(envelopes: Sequence[Envelope]) -> pa.Table:
+    """Envelopes' rows with provenance, as one ``RESULT_SCHEMA`` table (deduplicated)."""
+    batches = []
+    seen: set[str] = set()
+    for env in envelopes:
+        if env.packet_id in seen:
+            continue
+        seen.add(env.packet_id)
+        _, batch = read_trusted(env.raw)
+        if batch is not None:
+            batches.append(with_provenance(batch, env.packet_id, env.public_key))
+    return pa.Table.from_batches(batches, schema=RESULT_SCHEMA)
+
+
+class Node:
+    """A running qisd node. Create with ``await Node.open(config)``; ``await close()`` at the end.
+
+    ``network=False`` opens the node without a DHT (no UDP socket, no peers): emits commit to
+    the local store and queries read it, which is what a node cut off from every peer sees.
+    """
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        identity: Identity,
+        store: Store,
+        lock: datadir.DataDirLock,
+        data_dir: Any,
+    ) -> None:
+        self.config = config
+        self.identity = identity
+        self.store = store
+        self.dht: Any = None
+        self.data_dir = data_dir
+        self.address: tuple[str, int] | None = None
+        self._lock = lock
+        self._started = time.monotonic()
+        self._ttl_ms = config.dht.ttl_seconds * 1000
+        self._followed: list[str] = []
+        self._subscribers: dict[bytes, set[asyncio.Queue[pa.Table]]] = {}
+        self._listening: set[bytes] = set()
+        self._syntheses: dict[str, dict[str, Any]] = {}
+        self._digests: dict[str, tuple[int, str]] = {}
+        self._dirty = asyncio.Event()
+        self._publish_queue: asyncio.Queue[list[Envelope]] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._callbacks: set[asyncio.Task[Any]] = set()
+        self._closed = False
+        self._commit_lock = asyncio.Lock()
+        self.counters: dict[str, int] = {
+            "emits": 0,
+            "rows_emitted": 0,
+            "rejected_emits": 0,
+            "rejected_rows": 0,
+            "received_packets": 0,
+            "publish_failures": 0,
+            "election_runs": 0,
+        }
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @classmethod
+    async def open(cls, config: NodeConfig, *, network: bool = True) -> Node:
+        """Load the identity, take the data directory's lock, open the store, start the DHT.
+
+        Bootstrapping runs in the background (retried until a peer answers), so a node whose
+        peers are down still starts and serves local emits and queries.
+        """
+        data_dir = datadir.resolve_data_dir(config.data_dir or None)
+        if not data_dir.is_dir():
+            raise IdentityError(f"{data_dir} does not exist: run qisd init first")
+        identity = datadir.load_identity(data_dir)
+        lock = datadir.acquire_lock(data_dir)
+        try:
+            store = await asyncio.to_thread(
+                Store.open, data_dir, limits=config.store, ttl_ms=config.dht.ttl_seconds * 1000
+            )
+        except BaseException:
+            lock.release()
+            raise
+        node = cls(config, identity, store, lock, data_dir)
+        try:
+            node._followed = node._load_followed()
+            if network:
+                await node._start_network()
+            node._tasks.append(asyncio.create_task(node._publisher(), name="qisd-publisher"))
+            node._tasks.append(asyncio.create_task(node._election_loop(), name="qisd-elections"))
+        except BaseException:
+            await node.close()
+            raise
+        return node
+
+    async def _start_network(self) -> None:
+        from qisd.net.dht import DhtNode  # the I/O shell is only loaded by a networked node
+        from qisd.net.settings import bootstrap_peers
+
+        peers = bootstrap_peers(self.config)
+        self.dht = DhtNode(
+            self.identity,
+            self.store,
+            self.config.dht,
+            state_path=self.data_dir / ROUTING_STATE_FILE,
+        )
+        self.address = await self.dht.start(self.config.host, self.config.port)
+        if peers:
+            # One attempt here (bounded by the RPC timeout); the DHT keeps retrying peers that
+            # did not answer, so a node whose peers are down still starts.
+            joined = await self.dht.bootstrap(peers)
+            if joined:
+                log.info("joined the network: %d contacts reached", joined)
+            else:
+                log.warning("no bootstrap peer answered yet; retrying in the background")
+        for path in self._followed:
+            await self._listen(key_for_path(path))
+
+    async def close(self) -> None:
+        """Stop background work, stop the DHT (saving routing state), close the store."""
+        if self._closed:
+            return
+        self._closed = True
+        # Give publishes of packets already committed a moment to leave; republish covers
+        # anything that does not (the packets are in the store, marked local).
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._publish_queue.join(), self.config.dht.rpc_timeout * 2)
+        for task in [*self._tasks, *self._callbacks]:
+            task.cancel()
+        await asyncio.gather(*self._tasks, *self._callbacks, return_exceptions=True)
+        for queues in self._subscribers.values():
+            for q in queues:
+                with contextlib.suppress(asyncio.QueueFull):
+                    q.put_nowait(_CLOSED)
+        if self.dht is not None:
+            try:
+                await self.dht.stop()
+            except Exception:
+                log.exception("stopping the DHT failed")
+        async with self._commit_lock:  # an emit committing in a worker thread finishes first
+            self.store.close()
+        self._lock.release()
+
+    async def __aenter__(self) -> Node:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------------ templates
+
+    def template_for(self, domain: str) -> tuple[str, Template]:
+        """The template this node routes ``domain`` by: ``(template_id, template)``."""
+        return "default", DEFAULT_TEMPLATE
+
+    # ------------------------------------------------------------------ emit
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise UsageError("the node is closed")
+
+    async def emit(
+        self, records: Sequence[Mapping[str, Any]], *, wait_replicas: int = 0
+    ) -> EmitResult:
+        """Validate, sign, commit and publish outcome rows (all rows or none).
+
+        Returns once the rows are durable in the local store; with ``wait_replicas`` > 0 it
+        also waits for the DHT to store them and reports the replica count per packet.
+        Raises :class:`FieldError` naming the row, field, value and rule of the first bad row.
+        """
+        self._check_open()
+        if isinstance(records, (str, bytes)) or not isinstance(records, Sequence):
+            raise UsageError("emit takes a sequence of row mappings")
+        if not records:
+            raise UsageError("nothing to emit: no rows given")
+        if len(records) > MAX_EMIT_ROWS:
+            raise UsageError(f"one emit carries at most {MAX_EMIT_ROWS} rows; send chunks")
+        if not isinstance(wait_replicas, int) or wait_replicas < 0:
+            raise UsageError("wait_replicas must be a whole number >= 0")
+        try:
+            async with self._commit_lock:
+                self._check_open()
+                groups = await asyncio.to_thread(self._commit, list(records))
+        except PacketError:
+            self.counters["rejected_emits"] += 1
+            raise
+        envelopes = [env for group in groups for env in group]
+        ids = [group[0].packet_id for group in groups]
+        self.counters["emits"] += 1
+        self.counters["rows_emitted"] += len(records)
+        self._deliver(envelopes)
+        replicas = {pid: 0 for pid in ids}
+        if self.dht is not None:
+            if wait_replicas > 0:
+                replicas.update(await self._publish(envelopes))
+            else:
+                self._publish_queue.put_nowait(envelopes)
+        return EmitResult(ids, len(records), replicas)
+
+    def _commit(self, records: list[Mapping[str, Any]]) -> list[list[Envelope]]:
+        """Validate and sign every row, then one durable put (runs in a worker thread)."""
+        now = now_ms()
+        rows = build_rows(records, self.identity, now_ms=now)
+        for i, row in enumerate(rows):
+            if row["timestamp_utc"] + self._ttl_ms <= now:
+                raise FieldError(
+                    "timestamp_utc",
+                    row["timestamp_utc"],
+                    f"is older than the packet lifetime ({self.config.dht.ttl_seconds} s)",
+                    i,
+                )
+        by_domain: dict[str, list[dict[str, Any]]] = {}
+        for row in rows:
+            by_domain.setdefault(row["domain"], []).append(row)
+        groups: list[list[Envelope]] = []
+        for domain, domain_rows in by_domain.items():
+            _, template = self.template_for(domain)
+            routes = [template.fields_at(level) for level in template.levels]
+            groups.extend(pack_rows(self.identity, domain_rows, routes))
+        result = self.store.put([e for g in groups for e in g], now_ms=now, local=True)
+        if result.refused:
+            pid, reason = result.refused[0]
+            raise PacketError(f"the store refused packet {pid}: {reason}")
+        return groups
+
+    async def emit_table(
+        self, table: pa.Table | pa.RecordBatch, *, partial: bool = False, wait_replicas: int = 0
+    ) -> EmitResult:
+        """Emit the rows of an Arrow table or record batch whose columns are packet columns.
+
+        With ``partial`` valid rows are emitted and the others returned in ``rejected`` as
+        ``(row_index, reason)``; without it one bad row refuses the whole table.
+        """
+        self._check_open()
+        if not isinstance(table, (pa.Table, pa.RecordBatch)):
+            raise UsageError("emit_table takes a pyarrow Table or RecordBatch")
+        rows = rows_from_arrow(table)
+        if not partial:
+            return await self.emit(rows, wait_replicas=wait_replicas)
+        good: list[int] = []
+        rejected: list[tuple[int, str]] = []
+        now = now_ms()
+        for i, row in enumerate(rows):
+            try:
+                validate_row(row, node_id=self.identity.node_id, now_ms=now, row=i)
+                if row.get("data_ref") is not None and not isinstance(row["data_ref"], str):
+                    raise FieldError("data_ref", row["data_ref"], "must be text", i)
+            except PacketError as exc:
+                rejected.append((i, str(exc)))
+        self.counters["rejected_rows"] += len(rejected)
+        bad = {i for i, _ in rejected}
+        good = [i for i in range(len(rows)) if i not in bad]
+        if not good:
+            return EmitResult([], 0, {}, rejected)
+        result = await self.emit([rows[i] for i in good], wait_replicas=wait_replicas)
+        return EmitResult(result.packet_ids, result.rows, result.replicas, rejected)
+
+    async def _publish(self, envelopes: list[Envelope]) -> dict[str, int]:
+        try:
+            published = await self.dht.publish(envelopes)
+        except Exception:
+            self.counters["publish_failures"] += 1
+            log.exception("publishing %d envelopes failed", len(envelopes))
+            return {}
+        return dict(published.replicas)
+
+    async def _publisher(self) -> None:
+        """Publish committed envelopes in the background, batching what queued meanwhile."""
+        while True:
+            batch = await self._publish_queue.get()
+            taken = 1
+            while not self._publish_queue.empty() and len(batch) < 2_048:
+                batch = batch + self._publish_queue.get_nowait()
+                taken += 1
+            try:
+                await self._publish(batch)
+            finally:
+                for _ in range(taken):
+                    self._publish_queue.task_done()
+
+    # ------------------------------------------------------------------ query
+
+    async def query(self, path: str, *, local_only: bool = False) -> pa.Table:
+        """Every packet row under a fingerprint path (``RESULT_SCHEMA``), network and local.
+
+        The network's packets are verified by the DHT, kept in the local store (so the next
+        local query has them) and merged with what this node already held.
+        """
+        self._check_open()
+        path = normalize_path(path)
+        key = key_for_path(path)
+        extra: list[Envelope] = []
+        if not local_only and self.dht is not None:
+            fetched = await self.dht.fetch(key)
+            if fetched:
+                extra = await self._keep(fetched)
+        table = await asyncio.to_thread(self.store.table, key, now_ms=now_ms())
+        if extra:
+            held = set(table.column("packet_id").to_pylist())
+            missing = [e for e in extra if e.packet_id not in held]
+            if missing:
+                table = pa.concat_tables([table, _table_of(missing)])
+        return table
+
+    async def _keep(self, envelopes: Sequence[Envelope]) -> list[Envelope]:
+        """Store envelopes received from the network; returns those the store refused."""
+        accepted, refused = await self._store_remote(envelopes)
+        if accepted:
+            self._deliver(accepted)
+        return refused
+
+    async def _store_remote(
+        self, envelopes: Sequence[Envelope]
+    ) -> tuple[list[Envelope], list[Envelope]]:
+        """Put verified network envelopes; returns (newly stored, refused by a quota)."""
+        async with self._commit_lock:
+            if self._closed:
+                return [], list(envelopes)
+            result = await asyncio.to_thread(
+                self.store.put, list(envelopes), now_ms=now_ms(), local=False
+            )
+        accepted = set(result.accepted)
+        refused = {pid for pid, _ in result.refused}
+        return (
+            [e for e in envelopes if e.packet_id in accepted],
+            [e for e in envelopes if e.packet_id in refused],
+        )
+
+    # ------------------------------------------------------------------ follow / subscribe
+
+    def _load_followed(self) -> list[str]:
+        value = self.store.get_meta(FOLLOWED_META, [])
+        if not isinstance(value, list):
+            return []
+        return [p for p in value if isinstance(p, str)]
+
+    def followed(self) -> list[str]:
+        """The fingerprint paths this node follows (persisted across restarts)."""
+        return list(self._followed)
+
+    async def follow(self, path: str) -> None:
+        """Follow a path: persist it, register with its holders for pushes, catch it up."""
+        self._check_open()
+        path = normalize_path(path)
+        if path in self._followed:
+            return
+        if len(self._followed) >= MAX_FOLLOWED:
+            raise UsageError(f"this node already follows {MAX_FOLLOWED} paths")
+        self._followed.append(path)
+        await asyncio.to_thread(self.store.set_meta, FOLLOWED_META, self._followed)
+        await self._listen(key_for_path(path))
+        self._dirty.set()
+
+    async def unfollow(self, path: str) -> None:
+        """Stop following a path (its packets stay in the store until they expire)."""
+        self._check_open()
+        path = normalize_path(path)
+        if path not in self._followed:
+            raise UsageError(f"{path} is not followed")
+        self._followed.remove(path)
+        await asyncio.to_thread(self.store.set_meta, FOLLOWED_META, self._followed)
+        self._syntheses.pop(path, None)
+        self._digests.pop(path, None)
+        key = key_for_path(path)
+        if not self._subscribers.get(key):
+            self._unlisten(key)
+
+    async def _listen(self, key: bytes) -> None:
+        if self.dht is None or key in self._listening:
+            return
+        self._listening.add(key)
+        try:
+            await self.dht.follow(key, self._on_network_packets)
+        except Exception:
+            self._listening.discard(key)
+            log.exception("registering to follow a key failed")
+
+    def _unlisten(self, key: bytes) -> None:
+        if self.dht is None or key not in self._listening:
+            return
+        self._listening.discard(key)
+        with contextlib.suppress(Exception):
+            self.dht.unfollow(key)
+
+    def _on_network_packets(self, envelopes: list[Envelope]) -> None:
+        """The DHT has packets of a followed key (verified): a push, or a catch-up fetch."""
+        if self._closed or not envelopes:
+            return
+        task = asyncio.ensure_future(self._received(envelopes))
+        self._callbacks.add(task)
+        task.add_done_callback(self._callbacks.discard)
+
+    async def _received(self, envelopes: list[Envelope]) -> None:
+        accepted, _ = await self._store_remote(envelopes)
+        if accepted:
+            self.counters["received_packets"] += len(accepted)
+            self._deliver(accepted)
+            self._dirty.set()
+
+    def _deliver(self, envelopes: Sequence[Envelope]) -> None:
+        """Hand new envelopes to the subscribers of their keys."""
+        if not self._subscribers:
+            return
+        by_key: dict[bytes, list[Envelope]] = {}
+        for env in envelopes:
+            if env.key in self._subscribers:
+                by_key.setdefault(env.key, []).append(env)
+        for key, envs in by_key.items():
+            table = _table_of(envs)
+            if table.num_rows == 0:
+                continue
+            for q in self._subscribers.get(key, ()):
+                if q.full():
+                    with contextlib.suppress(asyncio.QueueEmpty):
+                        q.get_nowait()
+                q.put_nowait(table)
+
+    async def subscribe(self, path: str) -> AsyncIterator[pa.Table]:
+        """New packets of a path as they arrive (local emits and network pushes).
+
+        An async iterator of ``RESULT_SCHEMA`` tables; closing it (``aclose()`` or leaving an
+        ``async for``) unsubscribes. It ends when the node closes.
+        """
+        self._check_open()
+        key = key_for_path(normalize_path(path))
+        queue: asyncio.Queue[pa.Table] = asyncio.Queue(_SUBSCRIBER_QUEUE)
+        self._subscribers.setdefault(key, set()).add(queue)
+        try:
+            await self._listen(key)
+            while True:
+                table = await queue.get()
+                if table is _CLOSED:
+                    return
+                yield table
+        finally:
+            queues = self._subscribers.get(key)
+            if queues is not None:
+                queues.discard(queue)
+                if not queues:
+                    del self._subscribers[key]
+                    if normalize_path(path) not in self._followed and not self._closed:
+                        self._unlisten(key)
+
+    # ------------------------------------------------------------------ elections
+
+    async def synthesize(self, path: str, *, local_only: bool = False) -> dict[str, Any]:
+        """The synthesis of a fingerprint path's packets (network and local)."""
+        table = await self.query(path, local_only=local_only)
+        return self._synthesize(normalize_path(path), table)
+
+    def _synthesize(self, path: str, table: pa.Table) -> dict[str, Any]:
+        from qisd.core.synthesis import synthesize
+
+        domain = path.split("/", 1)[0]
+        template_id, _ = self.template_for(domain)
+        return synthesize(table, path=path, template_id=template_id, now_ms=now_ms())
+
+    async def _election_loop(self) -> None:
+        """Catch followed paths up every ``election_seconds`` (or at once when pushed to) and
+        re-run the synthesis of each path whose packets changed."""
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._dirty.wait(), self.config.election_seconds)
+            pushed = self._dirty.is_set()
+            self._dirty.clear()
+            for path in list(self._followed):
+                try:
+                    await self._refresh(path, fetch=not pushed)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("refreshing followed path %s failed", path)
+
+    async def _refresh(self, path: str, *, fetch: bool) -> None:
+        key = key_for_path(path)
+        if fetch and self.dht is not None:
+            fetched = await self.dht.fetch(key)
+            if fetched:
+                await self._keep(fetched)
+        table = await asyncio.to_thread(self.store.table, key, now_ms=now_ms())
+        ids = table.column("packet_id").to_pylist()
+        digest = (len(ids), ids[-1] if ids else "")
+        if self._digests.get(path) == digest and path in self._syntheses:
+            return
+        self._digests[path] = digest
+        self.counters["election_runs"] += 1
+        self._syntheses[path] = self._synthesize(path, table)
+
+    # ------------------------------------------------------------------ status
+
+    def peers(self) -> list[dict[str, Any]]:
+        """The routing table's contacts (empty without a network)."""
+        if self.dht is None:
+            return []
+        return list(self.dht.peers())
+
+    def status(self) -> dict[str, Any]:
+        """What ``qisd status`` shows: identity, address, uptime, peers, store, follows."""
+        stats = self.store.stats()
+        dht_stats = dict(self.dht.stats()) if self.dht is not None else {}
+        return {
+            "node_id": self.identity.node_id,
+            "version": __version__,
+            "data_dir": str(self.data_dir),
+            "address": f"{self.address[0]}:{self.address[1]}" if self.address else None,
+            "uptime_seconds": round(time.monotonic() - self._started, 3),
+            "peers": len(self.peers()),
+            "keys": stats["keys"],
+            "packets": stats["packets"],
+            "local_packets": stats["local_packets"],
+            "store_bytes": stats["bytes"],
+            "followed": self.followed(),
+            "counters": dict(self.counters),
+            "dht": dht_stats,
+            "syntheses": {p: self._syntheses[p] for p in self._followed if p in self._syntheses},
+        }
+
+
+_CLOSED: Any = object()
+"""Queued to subscribers when the node closes."""
