@@ -516,3 +516,43 @@ def test_an_empty_file_becomes_a_store(tmp_path: Path) -> None:
     (tmp_path / STORE_FILE).touch()
     with open_store(tmp_path) as store:
         assert store.put(make_envelopes(1), now_ms=NOW).accepted
+
+
+def test_batches_read_to_the_end_fill_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import qisd.net.store as store_module
+
+    envs = make_envelopes(30)
+    with open_store(tmp_path) as store:
+        store.put(envs, now_ms=NOW)
+        streamed = pa.Table.from_batches(store.batches(KEY, now_ms=NOW, max_rows=8))
+
+        def no_decoding(raw: bytes) -> None:
+            raise AssertionError("decoded again")
+
+        monkeypatch.setattr(store_module, "read_trusted", no_decoding)
+        assert store.table(KEY, now_ms=NOW).equals(streamed)  # served from the cache
+        monkeypatch.undo()
+
+        # Rows evicted while a stream is under way: that stream must not cache what it read.
+        capped_dir = tmp_path / "capped"
+        capped_dir.mkdir()
+        held = make_envelopes(16, Identity.generate())
+        with Store.open(
+            capped_dir, limits=StoreLimits(max_bytes=sizes(held)), ttl_ms=TTL
+        ) as capped:
+            capped.put(held, now_ms=NOW)
+            stream = capped.batches(KEY, now_ms=NOW, max_rows=8)
+            assert next(stream).column("packet_id").to_pylist() == ids(held[:8])
+            assert capped.put(make_envelopes(1, start=500), now_ms=NOW).evicted >= 1
+            list(stream)
+            assert held[0].packet_id not in capped.table(KEY, now_ms=NOW)["packet_id"].to_pylist()
+
+        # A key too big for the cache streams without being cached.
+        small = Store.open(tmp_path, limits=BIG, ttl_ms=TTL, cache_bytes=1000)
+        try:
+            assert sum(b.num_rows for b in small.batches(KEY, now_ms=NOW, max_rows=8)) == 30
+            assert small.table(KEY, now_ms=NOW) is not small.table(KEY, now_ms=NOW)
+        finally:
+            small.close()

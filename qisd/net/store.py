@@ -247,6 +247,8 @@ class Store:
         self._cache: OrderedDict[bytes, tuple[pa.Table, int, int]] = OrderedDict()
         self._cache_bytes = cache_bytes
         self._cached_bytes = 0
+        # Bumped whenever a key's rows change: a read that overlapped a change must not cache.
+        self._generation: dict[bytes, int] = {}
 
     # ------------------------------------------------------------------ open / close
 
@@ -684,20 +686,17 @@ class Store:
                 valid_until = min(valid_until, min(r[3] for r in rows))
                 since = rows[-1][0]
             table = pa.concat_tables(parts) if parts else RESULT_SCHEMA.empty_table()
-            if table.nbytes <= self._cache_bytes:
-                self._cache[key] = (table, now_ms, valid_until)
-                self._cached_bytes += table.nbytes
-                while self._cached_bytes > self._cache_bytes:
-                    self._drop(next(iter(self._cache)))
-            return table
+            return self._remember(key, table, now_ms, valid_until)
 
     def batches(
         self, key: bytes, *, now_ms: int, max_rows: int = 65_536
     ) -> Iterator[pa.RecordBatch]:
         """The rows of :meth:`table` as record batches of at most ``max_rows`` rows each.
 
-        Reads the store in chunks, so a huge key streams without one giant table in memory
-        (a cached table is sliced instead). Rows stored while iterating may or may not appear.
+        Reads the store in chunks, so a huge key streams without one giant table in memory.
+        A cached table is sliced instead, and a key read to the end whose table fits the cache
+        is cached, so the next read (Flight DoGet) does not decode again. Rows stored while
+        iterating may or may not appear.
         """
         if max_rows < 1:
             raise StoreError("max_rows must be at least 1")
@@ -707,6 +706,11 @@ class Store:
         if cached is not None:
             yield from cached.to_batches(max_chunksize=max_rows)
             return
+        with self._lock:
+            generation = self._generation.get(key, 0)
+        kept: list[pa.Table] | None = []
+        kept_bytes = 0
+        valid_until = 2**63 - 1
         pending: pa.Table | None = None
         since = 0
         while True:
@@ -716,6 +720,13 @@ class Store:
                 break
             since = rows[-1][0]
             part = self._assemble(rows)
+            valid_until = min(valid_until, min(r[3] for r in rows))
+            if kept is not None:
+                kept_bytes += part.nbytes
+                if kept_bytes <= self._cache_bytes:
+                    kept.append(part)
+                else:
+                    kept = None  # too big to cache: stream without holding on to it
             pending = part if pending is None else pa.concat_tables([pending, part])
             if pending.num_rows >= max_rows:
                 chunks = pending.combine_chunks().to_batches(max_chunksize=max_rows)
@@ -723,6 +734,11 @@ class Store:
                 yield from full
                 rest = chunks[len(full) :]
                 pending = pa.Table.from_batches(rest, schema=RESULT_SCHEMA) if rest else None
+        if kept is not None:
+            with self._lock:
+                if self._generation.get(key, 0) == generation and key not in self._cache:
+                    table = pa.concat_tables(kept) if kept else RESULT_SCHEMA.empty_table()
+                    self._remember(key, table, now_ms, valid_until)
         if pending is not None and pending.num_rows:
             yield from pending.combine_chunks().to_batches(max_chunksize=max_rows)
 
@@ -814,7 +830,24 @@ class Store:
         if hit is not None:
             self._cached_bytes -= hit[0].nbytes
 
+    def _remember(self, key: bytes, table: pa.Table, built_at: int, valid_until: int) -> pa.Table:
+        """Cache ``table`` for ``key`` if it fits, dropping the least recently used.
+
+        Returns the table as cached: in one chunk, so every later slice into batches of N rows
+        gives full batches but the last.
+        """
+        if table.nbytes > self._cache_bytes:
+            return table
+        table = table.combine_chunks()
+        self._drop(key)
+        self._cache[key] = (table, built_at, valid_until)
+        self._cached_bytes += table.nbytes
+        while self._cached_bytes > self._cache_bytes:
+            self._drop(next(iter(self._cache)))
+        return table
+
     def _invalidate(self, keys: Iterable[bytes]) -> None:
         with self._lock:
             for key in keys:
+                self._generation[key] = self._generation.get(key, 0) + 1
                 self._drop(key)
