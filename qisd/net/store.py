@@ -572,16 +572,13 @@ class Store:
 
     def get(self, packet_id: str, key: bytes | None = None) -> bytes | None:
         """The raw envelope ``packet_id`` (under ``key`` if given, else its first stored)."""
+        args: tuple[object, ...]
         if key is not None:
-            sql, args = (
-                "SELECT raw FROM envelopes WHERE key = ? AND packet_id = ?",
-                (key, packet_id),
-            )
+            sql = "SELECT raw FROM envelopes WHERE key = ? AND packet_id = ?"
+            args = (key, packet_id)
         else:
-            sql, args = (
-                "SELECT raw FROM envelopes WHERE packet_id = ? ORDER BY seq LIMIT 1",
-                (packet_id,),
-            )
+            sql = "SELECT raw FROM envelopes WHERE packet_id = ? ORDER BY seq LIMIT 1"
+            args = (packet_id,)
         row = self._run(lambda c: c.execute(sql, args).fetchone())
         return None if row is None else bytes(row[0])
 
