@@ -83,6 +83,12 @@ class DaemonNotRunning(QisdError):
     exit_code = 3
 
 
+class DaemonRunningError(QisdError):
+    """Another qisd daemon holds the data directory's lock."""
+
+    exit_code = 1
+
+
 class BootstrapError(QisdError):
     """None of the bootstrap peers could be reached or resolved."""
 

@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from qisd.core.crypto import SECRET_BYTES, Identity
-from qisd.errors import IdentityError, QisdError, StoreError
+from qisd.errors import DaemonRunningError, IdentityError, StoreError
 
 KEY_FILE = "node.key"
 """The Ed25519 private key (PEM) inside the data directory."""
@@ -44,12 +44,6 @@ ENV_DATA_DIR = "QISD_DATA_DIR"
 """Environment variable naming the data directory."""
 
 _MAX_KEY_FILE_BYTES = 4096
-
-
-class DaemonRunningError(QisdError):
-    """Another qisd daemon holds the data directory's lock."""
-
-    exit_code = 1
 
 
 def resolve_data_dir(arg: str | os.PathLike[str] | None) -> Path:
