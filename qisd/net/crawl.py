@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -168,33 +168,41 @@ class PacketCrawl(_Crawl):
         super().__init__(protocol, node, peers, ksize, alpha, stall_after=stall_after)
         self.replies = PacketReplies()
         self.since = since or {}
+        self._paging: list[asyncio.Task[None]] = []
 
     async def _ask(self, node: Node) -> tuple[bool, list[Node]]:
+        """First page: it answers the lookup; further pages are read in the background."""
         cursor = self.since.get(node.id)
-        collected: list[bytes] = []
-        found: list[Node] = []
-        for page in range(MAX_PAGES_PER_NODE):
+        self.messages += 1
+        ok, reply = await self.protocol.call_find_packets(node, self.node.id, cursor)
+        if not ok:
+            return False, []
+        self.replies.raws[node.id] = list(reply.packets)
+        self.replies.cursors[node.id] = reply.cursor
+        if reply.more:
+            self._paging.append(asyncio.ensure_future(self._rest(node, reply.cursor)))
+        return True, reply.nodes
+
+    async def _rest(self, node: Node, cursor: int | None) -> None:
+        collected = self.replies.raws[node.id]
+        for _page in range(MAX_PAGES_PER_NODE):
             self.messages += 1
             ok, reply = await self.protocol.call_find_packets(node, self.node.id, cursor)
             if not ok:
-                if page == 0:
-                    return False, []
-                break  # keep what earlier pages gave
-            if page == 0:
-                found = reply.nodes
+                return  # keep what earlier pages gave; the cursor says where they ended
             collected.extend(reply.packets)
-            cursor = reply.cursor
+            cursor = self.replies.cursors[node.id] = reply.cursor
             if not reply.more:
-                break
-        self.replies.raws[node.id] = collected
-        self.replies.cursors[node.id] = cursor
-        return True, found
+                return
 
     async def find(self) -> PacketReplies:
         """Every answering contact's packets and cursor, and the k closest that answered."""
-        self.replies.nodes = await self._find()
+        try:
+            self.replies.nodes = await self._find()
+            # Paging runs one RPC at a time per replica, each bounded by the RPC timeout.
+            await asyncio.gather(*self._paging)
+        finally:
+            for task in self._paging:
+                task.cancel()
         self.replies.messages = self.messages
         return self.replies
-
-
-Ask = Callable[[Node], Awaitable[tuple[bool, list[Node]]]]
