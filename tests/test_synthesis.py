@@ -108,3 +108,13 @@ def test_table_and_rows_give_the_same_synthesis() -> None:
     rows = byzantine_rows(3, honest_report_b=True)
     table = pa.Table.from_pylist(rows)
     assert _synth(table) == _synth(table.to_pylist())
+
+
+def test_liar_only_claims_are_flagged_for_exploration_not_recommended() -> None:
+    out = _synth(byzantine_rows(30, honest_report_b=False))
+    assert out["best_intervention"] == "A" and out["worth_exploring"] == ["B"]
+    # Once honest sites try B, their votes outweigh the liars' and the flag goes away.
+    assert _synth(byzantine_rows(30, honest_report_b=True))["worth_exploring"] == []
+    # Without an eligible intervention every one is worth exploring, best median first.
+    rows = [outcome("s1", "A", 0.1), outcome("s2", "B", 0.3), outcome("s3", "C", 0.2)]
+    assert _synth(rows)["worth_exploring"] == ["B", "C", "A"]

@@ -38,6 +38,7 @@ bit) for the same rows in any order.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import operator
@@ -281,22 +282,31 @@ def vote_weight(confidence: float, sample_count: int, config: MathConfig) -> flo
 _RowKey = tuple[Any, ...]
 
 
-def _canonical_params(text: object) -> str | None:
-    if text is None:
-        return "{}"
-    if isinstance(text, str):
-        try:
-            parsed = json.loads(text)
-        except ValueError:
-            return None
-    else:
-        parsed = text
+@functools.lru_cache(maxsize=4096)
+def _canonical_params_text(text: str) -> str | None:
+    # Sites reuse a handful of params texts; parsing each row's copy again dominated a tally.
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        return None
+    return _canonical_params_value(parsed)
+
+
+def _canonical_params_value(parsed: object) -> str | None:
     if not isinstance(parsed, dict):
         return None
     try:
         return json.dumps(parsed, sort_keys=True, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError):
         return None
+
+
+def _canonical_params(value: object) -> str | None:
+    if value is None:
+        return "{}"
+    if isinstance(value, str):
+        return _canonical_params_text(value)
+    return _canonical_params_value(value)
 
 
 def _whole(value: Any) -> int:

@@ -21,6 +21,11 @@ dict. Every status has the same keys, so clients never test for presence:
     A sentence for a human (None unless synthesized); ``reason`` says why when not.
 ``interventions``
     Every intervention with its robust statistics, best first.
+``worth_exploring``
+    Interventions not (yet) eligible whose median beats the best's (all of them, by median,
+    when none is eligible). Too few signers back them to recommend them, and the only way
+    to settle it is for more sites to try them: honest trials either confirm them or outvote
+    the liars who may have put them there. Sites that explore should start here.
 
 Same rows in any order, with any replays, and the same arguments give an identical dict.
 """
@@ -82,6 +87,14 @@ def _sentence(best: InterventionStats, result: Tally, path: str, z: float) -> st
     )
 
 
+def _worth_exploring(result: Tally) -> list[str]:
+    best = result.best
+    bar = best.median if best is not None else -math.inf
+    rest = [s for s in result.ranking if not s.eligible and s.median > bar]
+    rest.sort(key=lambda s: (-s.median, s.intervention))
+    return [s.intervention for s in rest]
+
+
 def _normal_cdf(z: float) -> float:
     return 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
 
@@ -124,6 +137,7 @@ def synthesize(
         "recommendation": None,
         "reason": None,
         "interventions": [intervention_summary(s) for s in result.ranking],
+        "worth_exploring": _worth_exploring(result),
     }
     if result.rows == 0:
         out["status"] = STATUS_NO_PACKETS

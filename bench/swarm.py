@@ -1,0 +1,336 @@
+"""Swarm simulation of the election loop: does a bigger swarm learn faster, per site?
+
+N simulated sites (default N = 10, 100, 1,000) share a hidden ground truth: for each of P
+problem types, one intervention is best. Every round each site reads what it can see for its
+fingerprint through an *exchange*, runs :func:`qisd.core.synthesis.synthesize`, follows the
+recommendation (or explores with probability epsilon, or picks at random while there is no
+trustworthy recommendation), observes a noisy outcome of what it did, and publishes that
+outcome row. Measured per N:
+
+* rounds until a new site (no history of its own) picks the best intervention for every
+  problem type, and keeps picking it for the rest of the run;
+* regret per site: sum over rounds of (best true delta - true delta of the choice);
+* the same with a fraction of lying sites (default 20 %) that claim +10 for a poor
+  intervention with the largest weight anyone can claim.
+
+The exchange is pluggable: anything with ``publish(rows)`` and ``fetch(path)`` (see
+:class:`Exchange`). :class:`InMemoryExchange` stores each row under every routable level of
+the template, as the DHT does; a DHT-backed exchange can replace it without touching the rest.
+
+Run:  .venv/bin/python bench/swarm.py            (about a minute on one core)
+      .venv/bin/python bench/swarm.py --sites 10,100 --rounds 20 --seeds 2
+Prints a table; writes PNG plots to bench/out/ when matplotlib is importable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from qisd.core.fingerprint import DEFAULT_TEMPLATE, Template
+from qisd.core.hiring import default_template_doc
+from qisd.core.math import MathConfig
+from qisd.core.synthesis import synthesize
+
+DOMAIN = "bench.swarm"
+ARCH = "resnet"
+T0 = 1_760_000_000_000
+ROUND_MS = 3_600_000
+
+
+class Exchange(Protocol):
+    """What a site needs from the network: publish its rows, fetch a fingerprint's rows."""
+
+    def publish(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Make ``rows`` (one signer's outcome rows) visible to everyone following their paths."""
+
+    def fetch(self, path: str) -> list[dict[str, Any]]:
+        """Every row currently visible under fingerprint ``path``."""
+
+
+class InMemoryExchange:
+    """An :class:`Exchange` in one process: rows filed under every routable level's path."""
+
+    def __init__(self, template: Template = DEFAULT_TEMPLATE) -> None:
+        self.template = template
+        self._rows: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        self.publishes = 0
+        self.fetches = 0
+
+    def publish(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        self.publishes += 1
+        for row in rows:
+            for _fields, path, _key in self.template.routes(row):
+                self._rows[path].append(dict(row))
+
+    def fetch(self, path: str) -> list[dict[str, Any]]:
+        self.fetches += 1
+        return list(self._rows.get(path, ()))
+
+
+@dataclass(frozen=True)
+class World:
+    """The hidden ground truth: true mean delta per (problem type, intervention)."""
+
+    problems: tuple[str, ...]
+    interventions: tuple[str, ...]
+    truth: dict[str, dict[str, float]]
+    noise: float
+
+    def best(self, problem: str) -> str:
+        effects = self.truth[problem]
+        return max(effects, key=lambda x: effects[x])
+
+    @classmethod
+    def make(cls, rng: random.Random, problems: int = 4, interventions: int = 6) -> World:
+        names = tuple(f"problem{p}" for p in range(problems))
+        xs = tuple(f"intervention{i}" for i in range(interventions))
+        truth: dict[str, dict[str, float]] = {}
+        bests = rng.sample(xs, problems) if problems <= interventions else list(xs) * problems
+        for p, best in zip(names, bests, strict=False):
+            truth[p] = {x: round(rng.uniform(0.0, 0.2), 3) for x in xs}
+            truth[p][best] = 0.30
+        return cls(names, xs, truth, noise=0.10)
+
+
+@dataclass
+class Site:
+    """One simulated site."""
+
+    node_id: str
+    problem: str
+    liar: bool
+    regret: float = 0.0
+    curve: list[float] = field(default_factory=list)
+
+
+def _row(site: Site, x: str, delta: float, ts: int, rng: random.Random) -> dict[str, Any]:
+    liar = site.liar
+    return {
+        "node_id": site.node_id,
+        "timestamp_utc": ts,
+        "domain": DOMAIN,
+        "problem_type": site.problem,
+        "model_architecture": ARCH,
+        "training_phase": "finetune",
+        "metric_name": "accuracy",
+        "metric_delta": delta,
+        "metric_value": 0.6 + delta,
+        "confidence": 1.0 if liar else round(rng.uniform(0.6, 0.95), 2),
+        "intervention_type": x,
+        "intervention_params": json.dumps({"strength": 1}),
+        "outcome_decile": 10 if liar else min(10, max(1, int(5 + delta * 15))),
+        "sample_count": 10**9 if liar else rng.randint(20, 500),
+        "raw_data_hash": "",
+    }
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What one simulated run measured."""
+
+    sites: int
+    liars: int
+    rounds_to_best: int | None
+    regret_per_site: float
+    curve: list[float]
+    seconds: float
+
+
+def run(
+    n_sites: int,
+    rounds: int,
+    seed: int,
+    *,
+    liar_fraction: float = 0.0,
+    epsilon: float = 0.1,
+    guided: bool = True,
+    exchange: Exchange | None = None,
+    config: MathConfig | None = None,
+) -> RunResult:
+    """Simulate ``rounds`` synchronous rounds of ``n_sites`` sites and measure learning."""
+    started = time.perf_counter()
+    rng = random.Random(seed)
+    world = World.make(rng)
+    exchange = exchange if exchange is not None else InMemoryExchange()
+    template_id = default_template_doc(DOMAIN).template_id
+    level = DEFAULT_TEMPLATE.levels[-1]
+    n_liars = int(n_sites * liar_fraction)
+    sites = [
+        Site(f"{k:032x}", world.problems[k % len(world.problems)], liar=k % n_sites < n_liars)
+        for k in range(n_sites)
+    ]
+    rng.shuffle(sites)  # liars spread over the problem types
+    # Each liar boosts the intervention that is worst for its problem type.
+    target = {p: min(world.truth[p], key=lambda x: world.truth[p][x]) for p in world.problems}
+    paths = {
+        p: DEFAULT_TEMPLATE.path(
+            {"domain": DOMAIN, "problem_type": p, "model_architecture": ARCH}, level
+        )
+        for p in world.problems
+    }
+    honest = [s for s in sites if not s.liar]
+    stable_since: int | None = None
+    for r in range(rounds):
+        now = T0 + r * ROUND_MS
+        # All sites of one path see the same rows this round, so one synthesis per path
+        # stands for each of theirs (a simulation shortcut; the result is identical).
+        picks: dict[str, str | None] = {}
+        leads: dict[str, list[str]] = {}
+        for p, path in paths.items():
+            out = synthesize(
+                exchange.fetch(path), path=path, template_id=template_id, now_ms=now, config=config
+            )
+            picks[p] = out["best_intervention"] if out["status"] == "synthesized" else None
+            leads[p] = out["worth_exploring"] if guided else []
+        # A new site with no history would follow the recommendation as it stands now.
+        if all(picks[p] == world.best(p) for p in world.problems):
+            if stable_since is None:
+                stable_since = r
+        else:
+            stable_since = None
+        for site in sites:
+            if site.liar:
+                x = target[site.problem]
+                exchange.publish([_row(site, x, 10.0, now + 1, rng)])
+                continue
+            pick = picks[site.problem]
+            if pick is not None and rng.random() >= epsilon:
+                x = pick
+            elif leads[site.problem] and rng.random() < 0.5:
+                # Guided exploration: half of the exploring goes to what synthesis flags.
+                x = rng.choice(leads[site.problem])
+            else:
+                x = rng.choice(world.interventions)
+            effect = world.truth[site.problem][x]
+            loss = world.truth[site.problem][world.best(site.problem)] - effect
+            site.regret += loss
+            site.curve.append(loss)
+            exchange.publish([_row(site, x, rng.gauss(effect, world.noise), now + 1, rng)])
+    curve = [statistics.fmean(s.curve[r] for s in honest) for r in range(rounds)]
+    return RunResult(
+        sites=n_sites,
+        liars=n_liars,
+        rounds_to_best=stable_since,
+        regret_per_site=statistics.fmean(s.regret for s in honest),
+        curve=curve,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _fmt_rounds(values: list[int | None], rounds: int) -> str:
+    shown = [str(v) if v is not None else f">{rounds - 1}" for v in values]
+    known = [v for v in values if v is not None]
+    median = statistics.median(known) if len(known) == len(values) else None
+    head = f"{median:g}" if median is not None else "n/a"
+    return f"{head} [{', '.join(shown)}]"
+
+
+Variant = tuple[float, bool, bool]
+"""(liar fraction, guided exploration, Byzantine quorum on)."""
+
+
+def _label(variant: Variant) -> str:
+    frac, guided, quorum = variant
+    text = "guided" if guided else "uniform"
+    text += "" if quorum else ", no quorum"
+    return text + (f", {round(frac * 100)}% liars" if frac else "")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sites", default="10,100,1000", help="comma-separated swarm sizes")
+    parser.add_argument("--rounds", type=int, default=25)
+    parser.add_argument("--seeds", type=int, default=3, help="runs per size (seeds 0..n-1)")
+    parser.add_argument("--liars", type=float, default=0.2, help="liar fraction (0 = skip)")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "out"))
+    args = parser.parse_args(argv)
+    sizes = [int(s) for s in args.sites.split(",") if s]
+    variants: list[Variant] = [(0.0, False, True), (0.0, True, True), (0.0, True, False)]
+    if args.liars > 0:
+        variants += [(args.liars, True, True), (args.liars, True, False)]
+    results: dict[tuple[int, Variant], list[RunResult]] = {}
+    started = time.perf_counter()
+    for n in sizes:
+        for frac, guided, quorum in variants:
+            config = MathConfig() if quorum else MathConfig(byzantine_fraction=0)
+            results[(n, (frac, guided, quorum))] = [
+                run(n, args.rounds, seed, liar_fraction=frac, guided=guided, config=config)
+                for seed in range(args.seeds)
+            ]
+    total = time.perf_counter() - started
+
+    print(
+        f"swarm: {args.rounds} rounds, 4 problem types x 6 interventions, noise sd 0.10, "
+        f"best +0.30, epsilon 0.1, seeds 0..{args.seeds - 1}"
+    )
+    header = (
+        f"{'sites':>6} {'variant':<32} {'rounds to best: median [per seed]':<34} "
+        f"{'regret/site':>11} {'last-5 regret/round':>20} {'s/run':>6}"
+    )
+    print(header)
+    print("-" * len(header))
+    for (n, variant), runs in results.items():
+        regret = statistics.fmean(r.regret_per_site for r in runs)
+        tail = statistics.fmean(statistics.fmean(r.curve[-5:]) for r in runs)
+        secs = statistics.fmean(r.seconds for r in runs)
+        print(
+            f"{n:>6} {_label(variant):<32} "
+            f"{_fmt_rounds([r.rounds_to_best for r in runs], args.rounds):<34} "
+            f"{regret:>11.3f} {tail:>20.4f} {secs:>6.2f}"
+        )
+    print(f"total {total:.1f} s")
+    _plot(results, Path(args.out), args.rounds)
+    return 0
+
+
+def _plot(results: dict[tuple[int, Variant], list[RunResult]], out: Path, rounds: int) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not importable: no plots written", file=sys.stderr)
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    styles = {(0.0, False, True): ":", (0.0, True, True): "-", (0.0, True, False): "-."}
+    for (n, variant), runs in results.items():
+        curve = [statistics.fmean(r.curve[i] for r in runs) for i in range(rounds)]
+        ax.plot(range(rounds), curve, styles.get(variant, "--"), label=f"N={n}, {_label(variant)}")
+    ax.set_xlabel("round")
+    ax.set_ylabel("mean regret per honest site per round")
+    ax.set_title("Regret per round")
+    ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    fig.savefig(out / "swarm_regret_curve.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for variant in dict.fromkeys(v for _, v in results):
+        ns = sorted(n for n, v in results if v == variant)
+        regrets = [statistics.fmean(r.regret_per_site for r in results[(n, variant)]) for n in ns]
+        ax.plot(ns, regrets, "o" + styles.get(variant, "--"), label=_label(variant))
+    ax.set_xscale("log")
+    ax.set_xlabel("sites N")
+    ax.set_ylabel(f"cumulative regret per honest site ({rounds} rounds)")
+    ax.set_title("Regret per site vs N")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "swarm_regret_vs_n.png", dpi=120)
+    plt.close(fig)
+    print(f"plots: {out / 'swarm_regret_curve.png'}, {out / 'swarm_regret_vs_n.png'}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
