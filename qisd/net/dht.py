@@ -67,6 +67,7 @@ REPLY_CONTACTS_BYTES = 40
 LISTEN_FANOUT = 4
 """A follower registers with this many of a key's closest holders."""
 MAX_HANDED_OFF = 100_000
+RECEIVE_BUFFER_BYTES = 4 << 20
 
 
 def _now_ms(clock: Callable[[], float]) -> int:
@@ -885,6 +886,10 @@ class DhtServer(Server):
         try:
             if family == socket.AF_INET6 and ipaddress.ip_address(sockaddr[0]).is_unspecified:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            # Room for bursts: a full receive buffer drops datagrams silently (best effort:
+            # the kernel caps this at net.core.rmem_max).
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER_BYTES)
             sock.bind(sockaddr)
         except OSError as exc:
             sock.close()
