@@ -74,8 +74,11 @@ log = logging.getLogger(__name__)
 
 DEFAULT_URI = "grpc://127.0.0.1:8815"
 """Where ``qisd start --flight`` listens when no URI is given."""
-BATCH_ROWS = 65_536
+BATCH_ROWS = 16_384
 """Most rows in one record batch sent by DoGet or DoExchange."""
+STORE_STEP_ROWS = 128
+"""Rows asked of the store per read: it decodes up to this many envelopes (<= 128 rows each)
+at a time, which bounds DoGet's memory whatever the size of the key."""
 MAX_PUT_ROWS = 100_000
 """Most rows one DoPut stream may carry (all of them are checked before any is stored)."""
 LOCAL_PREFIX = "local:"
@@ -206,6 +209,8 @@ def _translated(what: str) -> Iterator[None]:
         raise flight.FlightInternalError(f"{what}: {exc}") from None
     except QisdError as exc:
         raise _bad_request(f"{what}: {exc}", type(exc).__name__) from None
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise _bad_request(f"{what}: {exc}", "invalid") from None
     except (concurrent.futures.CancelledError, asyncio.CancelledError):
         raise flight.FlightUnavailableError(f"{what}: the daemon is shutting down") from None
     except Exception:
@@ -273,6 +278,16 @@ class _CallMiddlewareFactory(flight.ServerMiddlewareFactory):
             "this qisd Flight endpoint needs its token: send the header "
             "'authorization: Bearer <token>' (or authenticate_basic_token(user, token))"
         )
+
+
+class _HeaderAuthHandler(flight.ServerAuthHandler):
+    """Enables Flight's Handshake (basic-auth) RPC; the middleware does the checking."""
+
+    def authenticate(self, outgoing: Any, incoming: Any) -> None:
+        return None
+
+    def is_valid(self, token: bytes) -> str:
+        return ""
 
 
 # --------------------------------------------------------------------------- descriptors
@@ -412,7 +427,8 @@ def _normalise_columns(table: pa.Table) -> pa.Table:
             column = column.cast(f.type.value_type)
         if pa.types.is_timestamp(f.type):
             # Timestamps from pandas/Polars: milliseconds since 1970 (naive ones taken as UTC).
-            column = column.cast(pa.timestamp("ms", f.type.tz)).cast(pa.int64())
+            # Sub-millisecond digits are dropped, as the schema's int64 milliseconds require.
+            column = column.cast(pa.timestamp("ms", f.type.tz), safe=False).cast(pa.int64())
         if column is not table.column(i):
             table = table.set_column(i, f.name, column)
     return table
@@ -465,7 +481,7 @@ def _provenance_table(envelopes: list[Envelope]) -> pa.Table:
     return pa.Table.from_batches(batches, schema=RESULT_SCHEMA)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Follower:
     """One DoExchange follow: the loop's pump task feeds ``tables``; the gRPC thread sends."""
 
@@ -490,6 +506,7 @@ class QisdFlightServer(flight.FlightServerBase):
         super().__init__(
             location,
             tls_certificates=tls_certificates or None,
+            auth_handler=_HeaderAuthHandler() if token else None,
             middleware={"qisd": _CallMiddlewareFactory(token)},
         )
         self.node = node
@@ -529,6 +546,16 @@ class QisdFlightServer(flight.FlightServerBase):
     # ------------------------------------------------------------------ DoPut
 
     def do_put(
+        self,
+        context: flight.ServerCallContext,
+        descriptor: flight.FlightDescriptor,
+        reader: flight.MetadataRecordBatchReader,
+        writer: flight.FlightMetadataWriter,
+    ) -> None:
+        with _translated("DoPut"):
+            self._do_put(context, descriptor, reader, writer)
+
+    def _do_put(
         self,
         context: flight.ServerCallContext,
         descriptor: flight.FlightDescriptor,
@@ -625,13 +652,13 @@ class QisdFlightServer(flight.FlightServerBase):
                 refused = self._run(lambda: fetch_into_store(node, key))
             now = _now_ms()
             batches = self._blocking(
-                lambda: node.store.batches(key, now_ms=now, max_rows=BATCH_ROWS)
+                lambda: node.store.batches(key, now_ms=now, max_rows=STORE_STEP_ROWS)
             )
         try:
             while True:
                 with _translated("DoGet"):
-                    batch = self._blocking(lambda: next(batches, _END))
-                if batch is _END:
+                    batch = self._blocking(lambda: _next_batch(batches))
+                if batch is None:
                     break
                 yield batch
             if refused:
@@ -887,6 +914,26 @@ class QisdFlightServer(flight.FlightServerBase):
             followers = list(self._followers)
         for follower in followers:
             self._stop_follower(follower)
+
+
+def _next_batch(batches: Iterator[pa.RecordBatch]) -> pa.RecordBatch | None:
+    """Up to ``BATCH_ROWS`` rows of the store's small batches as one batch (None at the end).
+
+    The store is read in steps of ``STORE_STEP_ROWS`` so that what it decodes at once stays
+    small; the wire gets fewer, larger messages.
+    """
+    group: list[pa.RecordBatch] = []
+    rows = 0
+    for batch in batches:
+        group.append(batch)
+        rows += batch.num_rows
+        if rows + STORE_STEP_ROWS > BATCH_ROWS:
+            break
+    if not group:
+        return None
+    if len(group) == 1:
+        return group[0]
+    return pa.Table.from_batches(group, schema=RESULT_SCHEMA).combine_chunks().to_batches()[0]
 
 
 def _now_ms() -> int:
