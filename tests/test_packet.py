@@ -382,6 +382,7 @@ def test_each_limit_accepts_at_and_refuses_just_past(
         ("domain", "", "non-empty"),
         ("domain", " padded", "surrounding"),
         ("domain", "a/b", "'/'"),
+        ("domain", "qisd.templates", "reserved"),
         ("problem_type", "tab\there", "control"),
         ("problem_type", None, "required"),
         ("metric_name", 5, "text"),

@@ -93,6 +93,8 @@ MAX_DOC_BYTES = 4_096
 """Body of a template or endorsement document."""
 MAX_FUTURE_MS = 5 * 60 * 1000
 """A row's timestamp may be at most this far ahead of the receiver's clock."""
+RESERVED_DOMAIN_PREFIX = "qisd."
+"""Domains qisd uses for its own documents (Hiring templates); packets may not use them."""
 MAX_METRIC_ABS = 1e9
 """metric_delta and metric_value must be finite and within +-this."""
 
@@ -254,6 +256,14 @@ def validate_row(
         if value is None:
             raise FieldError(field, value, "is required", row)
         out[field] = _check_name(field, value, row)
+    if out["domain"].startswith(RESERVED_DOMAIN_PREFIX):
+        # Template documents live at "qisd.templates/<domain>": packets must not share keys.
+        raise FieldError(
+            "domain",
+            out["domain"],
+            f"must not start with {RESERVED_DOMAIN_PREFIX!r} (reserved)",
+            row,
+        )
 
     for field in ("metric_delta", "metric_value"):
         if record.get(field) is None:
