@@ -112,7 +112,8 @@ _KINDS: dict[str, str] = {
 }
 """What each accepted input column must hold (``node_id`` is ignored whatever it holds)."""
 REQUIRED_COLUMNS: tuple[str, ...] = tuple(c for c in COLUMNS if c != "node_id")
-"""Columns a DoPut must carry (the 15 packet columns but ``node_id``)."""
+"""Columns a DoPut must carry: the packet columns but ``node_id`` (and ``raw_data_hash`` when
+a ``data_ref`` column replaces it)."""
 
 _T = TypeVar("_T")
 _END: Any = object()
@@ -390,7 +391,11 @@ def check_put_schema(schema: pa.Schema) -> None:
     names = list(schema.names)
     duplicated = sorted({n for n in names if names.count(n) > 1})
     unknown = [n for n in names if n != "node_id" and n not in _KINDS]
-    missing = [c for c in REQUIRED_COLUMNS if c not in names]
+    missing = [
+        c
+        for c in REQUIRED_COLUMNS
+        if c not in names and not (c == "raw_data_hash" and "data_ref" in names)
+    ]
     problems = []
     if duplicated:
         problems.append(f"duplicated columns {duplicated}")
@@ -409,7 +414,8 @@ def check_put_schema(schema: pa.Schema) -> None:
         raise _bad_request(
             "DoPut batches must have the outcome packet schema: "
             + ", ".join(problems)
-            + f" (expected {list(SCHEMA.names)}; node_id may be left out, data_ref added)",
+            + f" (expected {list(SCHEMA.names)}; node_id may be left out, and data_ref may"
+            " replace raw_data_hash)",
             "schema",
             missing=missing,
             unknown=unknown,
