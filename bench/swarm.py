@@ -77,6 +77,116 @@ class InMemoryExchange:
         return list(self._rows.get(path, ()))
 
 
+class DhtExchange:
+    """An :class:`Exchange` over a real in-process qisd DHT: one node per site on 127.0.0.1.
+
+    Each site gets its own Ed25519 identity, SQLite store (in a temporary directory) and
+    :class:`~qisd.net.dht.DhtNode`; a publish signs the site's rows with its key and stores
+    them at the k closest nodes of every routable level, a fetch crawls the path's key from a
+    node of the swarm. The nodes run on an event loop in a background thread, so the
+    simulation above stays synchronous. Counts the messages every publish and fetch sends.
+    """
+
+    def __init__(self, n_sites: int, template: Template = DEFAULT_TEMPLATE) -> None:
+        import asyncio
+        import tempfile
+        import threading
+
+        from qisd.config import DhtConfig, StoreLimits
+        from qisd.core.crypto import Identity
+        from qisd.net.dht import DhtNode
+        from qisd.net.store import Store
+
+        self.template = template
+        self._routes = [template.fields_at(level) for level in template.levels]
+        self._tmp = tempfile.TemporaryDirectory(prefix="qisd-swarm-")
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        config = DhtConfig()
+        self._ids = [Identity.generate() for _ in range(n_sites)]
+        self._sites: dict[str, int] = {}
+        self.publishes = self.fetches = 0
+        self.publish_messages = self.fetch_messages = 0
+        self.min_replicas: list[int] = []
+
+        async def build() -> list[Any]:
+            nodes, addrs = [], []
+            for k, ident in enumerate(self._ids):
+                store = Store.open(
+                    Path(self._tmp.name) / f"site{k}",
+                    limits=StoreLimits(),
+                    ttl_ms=config.ttl_seconds * 1000,
+                )
+                node = DhtNode(ident, store, config)
+                addrs.append(await node.start("127.0.0.1", 0))
+                nodes.append((node, store))
+            for node, _ in nodes[1:]:
+                await node.bootstrap([addrs[0]])
+            return nodes
+
+        self._nodes = self._run(build())
+
+    def _run(self, coro: Any) -> Any:
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=600)
+
+    def _site(self, node_id: str) -> int:
+        return self._sites.setdefault(node_id, len(self._sites) % len(self._ids))
+
+    def publish(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        from qisd.core.packet import build_rows, pack_rows
+
+        k = self._site(str(rows[0]["node_id"]))
+        ident = self._ids[k]
+        node, store = self._nodes[k]
+        now = max(int(r["timestamp_utc"]) for r in rows)
+        signed = build_rows(rows, ident, now_ms=now)
+        envs = [e for body in pack_rows(ident, signed, self._routes) for e in body]
+
+        async def go() -> Any:
+            store.put(envs, now_ms=now, local=True)
+            return await node.publish(envs)
+
+        before = self._sent(node)
+        result = self._run(go())
+        self.publishes += 1
+        # This node's own RPCs during the publish (the publishes run one at a time).
+        self.publish_messages += self._sent(node) - before
+        self.min_replicas.append(result.min_replicas)
+
+    @staticmethod
+    def _sent(node: Any) -> int:
+        return int(sum(node.stats()["rpcs_sent"].values()))
+
+    def fetch(self, path: str) -> list[dict[str, Any]]:
+        from qisd.core.fingerprint import key_for_path
+        from qisd.core.packet import batch_rows
+
+        node, _ = self._nodes[self.fetches % len(self._nodes)]
+        before = self._sent(node)
+        envs = self._run(node.fetch(key_for_path(path)))
+        self.fetches += 1
+        self.fetch_messages += self._sent(node) - before
+        return [row for env in envs for row in batch_rows(env.batch())]
+
+    def sent_total(self) -> int:
+        """Every RPC any node of the swarm sent so far (lookups, stores, pings, hand-offs)."""
+        return sum(self._sent(node) for node, _ in self._nodes)
+
+    def close(self) -> None:
+        async def stop() -> None:
+            for node, store in self._nodes:
+                await node.stop()
+                store.close()
+
+        self._run(stop())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._tmp.cleanup()
+
+
 @dataclass(frozen=True)
 class World:
     """The hidden ground truth: true mean delta per (problem type, intervention)."""
@@ -156,6 +266,7 @@ def run(
     guided: bool = True,
     exchange: Exchange | None = None,
     config: MathConfig | None = None,
+    t0: int = T0,
 ) -> RunResult:
     """Simulate ``rounds`` synchronous rounds of ``n_sites`` sites and measure learning."""
     started = time.perf_counter()
@@ -181,7 +292,7 @@ def run(
     honest = [s for s in sites if not s.liar]
     stable_since: int | None = None
     for r in range(rounds):
-        now = T0 + r * ROUND_MS
+        now = t0 + r * ROUND_MS
         # All sites of one path see the same rows this round, so one synthesis per path
         # stands for each of theirs (a simulation shortcut; the result is identical).
         picks: dict[str, str | None] = {}
@@ -253,6 +364,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3, help="runs per size (seeds 0..n-1)")
     parser.add_argument("--liars", type=float, default=0.2, help="liar fraction (0 = skip)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "out"))
+    parser.add_argument(
+        "--dht-sites",
+        default="10,50,100",
+        help="swarm sizes also run over a real in-process DHT ('' = none)",
+    )
+    parser.add_argument("--dht-rounds", type=int, default=8, help="rounds of each DHT run")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sites.split(",") if s]
     variants: list[Variant] = [(0.0, False, True), (0.0, True, True), (0.0, True, False)]
@@ -290,7 +407,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     print(f"total {total:.1f} s")
     _plot(results, Path(args.out), args.rounds)
+    dht_sizes = [int(x) for x in args.dht_sites.split(",") if x]
+    if dht_sizes:
+        _dht_runs(dht_sizes, args.dht_rounds)
     return 0
+
+
+def _dht_runs(sizes: Sequence[int], rounds: int) -> None:
+    """The same loop with every publish and fetch going over a real in-process DHT."""
+    print()
+    print(
+        f"over the DHT (real DhtNodes on 127.0.0.1, k=20, alpha=3; {rounds} rounds, seed 0, "
+        "guided, quorum on): messages each site sends per round = one publish (its outcome, "
+        "2 routable levels) + one fetch (its path)"
+    )
+    header = (
+        f"{'sites':>6} {'msgs/publish':>13} {'msgs/fetch':>11} {'msgs/site/round':>16} "
+        f"{'all sent/site/round':>20} {'min replicas':>13} {'regret/site':>12} {'s':>6}"
+    )
+    print(header)
+    print("-" * len(header))
+    for n in sizes:
+        started = time.perf_counter()
+        exchange = DhtExchange(n)
+        try:
+            sent0 = exchange.sent_total()
+            t0 = int(time.time() * 1000) - (rounds + 1) * ROUND_MS
+            result = run(n, rounds, 0, exchange=exchange, t0=t0)
+            per_pub = exchange.publish_messages / max(exchange.publishes, 1)
+            per_fetch = exchange.fetch_messages / max(exchange.fetches, 1)
+            all_sent = (exchange.sent_total() - sent0) / (n * rounds)
+            print(
+                f"{n:>6} {per_pub:>13.1f} {per_fetch:>11.1f} {per_pub + per_fetch:>16.1f} "
+                f"{all_sent:>20.1f} {min(exchange.min_replicas):>13} "
+                f"{result.regret_per_site:>12.3f} {time.perf_counter() - started:>6.1f}"
+            )
+        finally:
+            exchange.close()
 
 
 def _plot(results: dict[tuple[int, Variant], list[RunResult]], out: Path, rounds: int) -> None:
