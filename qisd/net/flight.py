@@ -76,6 +76,8 @@ DEFAULT_URI = "grpc://127.0.0.1:8815"
 """Where ``qisd start --flight`` listens when no URI is given."""
 BATCH_ROWS = 16_384
 """Most rows in one record batch sent by DoGet or DoExchange."""
+WHOLE_KEY_PACKETS = 1_024
+"""Keys holding at most this many envelopes (<= 131,072 rows) are read as one cached table."""
 STORE_STEP_ROWS = 128
 """Rows asked of the store per read: it decodes up to this many envelopes (<= 128 rows each)
 at a time, which bounds DoGet's memory whatever the size of the key."""
@@ -649,7 +651,12 @@ class QisdFlightServer(flight.FlightServerBase):
 
     def _rows_of(self, path: str, local: bool) -> Iterator[pa.RecordBatch]:
         """The path's rows in bounded batches: the network's first (fetched into the store,
-        except what the store refuses), then the store's, read as they are sent."""
+        except what the store refuses), then the store's.
+
+        A key of at most ``WHOLE_KEY_PACKETS`` envelopes is read as the store's cached table
+        (decoded once, then sliced without copying); a larger one is read in small steps as
+        the batches are sent, so memory stays bounded whatever the key holds.
+        """
         key = key_for_path(path)
         node = self.node
         with _translated("DoGet"):
@@ -657,13 +664,19 @@ class QisdFlightServer(flight.FlightServerBase):
             if not local:
                 refused = self._run(lambda: fetch_into_store(node, key))
             now = _now_ms()
-            batches = self._blocking(
-                lambda: node.store.batches(key, now_ms=now, max_rows=STORE_STEP_ROWS)
-            )
+
+            def open_rows() -> Iterator[pa.RecordBatch]:
+                packets = dict(node.store.keys()).get(key, 0)
+                if packets <= WHOLE_KEY_PACKETS:
+                    table = node.store.table(key, now_ms=now)
+                    return iter(table.to_batches(max_chunksize=BATCH_ROWS))
+                return _regrouped(node.store.batches(key, now_ms=now, max_rows=STORE_STEP_ROWS))
+
+            batches = self._blocking(open_rows)
         try:
             while True:
                 with _translated("DoGet"):
-                    batch = self._blocking(lambda: _next_batch(batches))
+                    batch = self._blocking(lambda: next(batches, None))
                 if batch is None:
                     break
                 yield batch
@@ -671,7 +684,7 @@ class QisdFlightServer(flight.FlightServerBase):
                 yield from _provenance_table(refused).to_batches(max_chunksize=BATCH_ROWS)
         finally:
             with contextlib.suppress(Exception):
-                batches.close()
+                batches.close()  # type: ignore[attr-defined]
 
     # ------------------------------------------------------------------ DoExchange
 
@@ -922,24 +935,20 @@ class QisdFlightServer(flight.FlightServerBase):
             self._stop_follower(follower)
 
 
-def _next_batch(batches: Iterator[pa.RecordBatch]) -> pa.RecordBatch | None:
-    """Up to ``BATCH_ROWS`` rows of the store's small batches as one batch (None at the end).
-
-    The store is read in steps of ``STORE_STEP_ROWS`` so that what it decodes at once stays
-    small; the wire gets fewer, larger messages.
-    """
+def _regrouped(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    """The store's small batches regrouped into batches of up to ``BATCH_ROWS`` rows."""
     group: list[pa.RecordBatch] = []
     rows = 0
     for batch in batches:
+        if group and rows + batch.num_rows > BATCH_ROWS:
+            yield (
+                pa.Table.from_batches(group, schema=RESULT_SCHEMA).combine_chunks().to_batches()[0]
+            )
+            group, rows = [], 0
         group.append(batch)
         rows += batch.num_rows
-        if rows + STORE_STEP_ROWS > BATCH_ROWS:
-            break
-    if not group:
-        return None
-    if len(group) == 1:
-        return group[0]
-    return pa.Table.from_batches(group, schema=RESULT_SCHEMA).combine_chunks().to_batches()[0]
+    if group:
+        yield pa.Table.from_batches(group, schema=RESULT_SCHEMA).combine_chunks().to_batches()[0]
 
 
 def _now_ms() -> int:
@@ -956,10 +965,19 @@ async def fetch_into_store(node: Any, key: bytes) -> list[Envelope]:
     """
     if node.dht is None:
         return []
-    fetched = await node.dht.fetch(key)
+    fetched = await node.dht.fetch(key)  # the network's and the store's, merged
     if not fetched:
         return []
-    return list(await node._keep(fetched))
+    store = node.store
+
+    def new_ones() -> list[Envelope]:
+        return [e for e in fetched if not store.has(key, e.packet_id)]
+
+    fresh = await asyncio.to_thread(new_ones)
+    if not fresh:
+        return []
+    # Node.query keeps fetched packets the same way (Node._keep: one durable put).
+    return list(await node._keep(fresh))
 
 
 # --------------------------------------------------------------------------- entry point
