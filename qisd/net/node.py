@@ -63,6 +63,14 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+@dataclass
+class _Subscription:
+    """The local subscribers of one key and the packets already handed to them."""
+
+    queues: set[asyncio.Queue[pa.Table]] = field(default_factory=set)
+    delivered: set[str] = field(default_factory=set)
+
+
 @dataclass(frozen=True)
 class EmitResult:
     """What an emit committed.
@@ -127,11 +135,12 @@ class Node:
         self._started = time.monotonic()
         self._ttl_ms = config.dht.ttl_seconds * 1000
         self._followed: list[str] = []
-        self._subscribers: dict[bytes, set[asyncio.Queue[pa.Table]]] = {}
+        self._subscribers: dict[bytes, _Subscription] = {}
         self._listening: set[bytes] = set()
         self._syntheses: dict[str, dict[str, Any]] = {}
         self._digests: dict[str, tuple[int, str]] = {}
         self._dirty = asyncio.Event()
+        self._elected = asyncio.Event()
         self._publish_queue: asyncio.Queue[list[Envelope]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[Any]] = []
         self._callbacks: set[asyncio.Task[Any]] = set()
@@ -192,6 +201,7 @@ class Node:
             state_path=self.data_dir / ROUTING_STATE_FILE,
         )
         self.address = await self.dht.start(self.config.host, self.config.port)
+        self.dht.protocol.on_stored = self._on_stored
         if peers:
             # One attempt here (bounded by the RPC timeout); the DHT keeps retrying peers that
             # did not answer, so a node whose peers are down still starts.
@@ -210,13 +220,14 @@ class Node:
         self._closed = True
         # Give publishes of packets already committed a moment to leave; republish covers
         # anything that does not (the packets are in the store, marked local).
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._publish_queue.join(), self.config.dht.rpc_timeout * 2)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.config.dht.rpc_timeout * 2):
+                await self._publish_queue.join()
         for task in [*self._tasks, *self._callbacks]:
             task.cancel()
         await asyncio.gather(*self._tasks, *self._callbacks, return_exceptions=True)
-        for queues in self._subscribers.values():
-            for q in queues:
+        for sub in self._subscribers.values():
+            for q in sub.queues:
                 with contextlib.suppress(asyncio.QueueFull):
                     q.put_nowait(_CLOSED)
         if self.dht is not None:
@@ -279,7 +290,7 @@ class Node:
         replicas = {pid: 0 for pid in ids}
         if self.dht is not None:
             if wait_replicas > 0:
-                replicas.update(await self._publish(envelopes))
+                replicas.update(await self._publish_until(envelopes, wait_replicas))
             else:
                 self._publish_queue.put_nowait(envelopes)
         return EmitResult(ids, len(records), replicas)
@@ -350,6 +361,26 @@ class Node:
             log.exception("publishing %d envelopes failed", len(envelopes))
             return {}
         return dict(published.replicas)
+
+    async def _publish_until(self, envelopes: list[Envelope], wanted: int) -> dict[str, int]:
+        """Publish until every packet has ``wanted`` replicas or the wait runs out.
+
+        A node that just joined may not know its neighbours yet, and a replica may time out:
+        packets short of replicas are published again, backing off, for up to ten RPC timeouts.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(5.0, 10 * self.config.dht.rpc_timeout)
+        best: dict[str, int] = {}
+        pending = envelopes
+        delay = 0.1
+        while True:
+            for pid, n in (await self._publish(pending)).items():
+                best[pid] = max(best.get(pid, 0), n)
+            pending = [e for e in pending if best.get(e.packet_id, 0) < wanted]
+            if not pending or loop.time() + delay > deadline:
+                return best
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
     async def _publisher(self) -> None:
         """Publish committed envelopes in the background, batching what queued meanwhile."""
@@ -479,39 +510,71 @@ class Node:
 
     async def _received(self, envelopes: list[Envelope]) -> None:
         accepted, _ = await self._store_remote(envelopes)
-        if accepted:
-            self.counters["received_packets"] += len(accepted)
-            self._deliver(accepted)
+        self.counters["received_packets"] += len(accepted)
+        # Deliver even what the store already held: this node may be one of the key's
+        # replicas, stored by a peer's store_packets before the push reached the follow.
+        self._deliver(envelopes)
+        self._dirty.set()
+
+    def _on_stored(self, key: bytes, accepted: int) -> None:
+        """A peer stored packets here (this node is one of the key's replicas)."""
+        if self._closed:
+            return
+        if key in self._followed_keys():
             self._dirty.set()
+        if key in self._subscribers:
+            table = self.store.table(key, now_ms=now_ms())
+            self._deliver_table(key, table)
+
+    def _followed_keys(self) -> set[bytes]:
+        return {key_for_path(p) for p in self._followed}
 
     def _deliver(self, envelopes: Sequence[Envelope]) -> None:
-        """Hand new envelopes to the subscribers of their keys."""
+        """Hand envelopes to the subscribers of their keys (each packet once per key)."""
         if not self._subscribers:
             return
         by_key: dict[bytes, list[Envelope]] = {}
         for env in envelopes:
-            if env.key in self._subscribers:
+            sub = self._subscribers.get(env.key)
+            if sub is not None and env.packet_id not in sub.delivered:
                 by_key.setdefault(env.key, []).append(env)
         for key, envs in by_key.items():
-            table = _table_of(envs)
-            if table.num_rows == 0:
-                continue
-            for q in self._subscribers.get(key, ()):
-                if q.full():
-                    with contextlib.suppress(asyncio.QueueEmpty):
-                        q.get_nowait()
-                q.put_nowait(table)
+            self._deliver_table(key, _table_of(envs))
+
+    def _deliver_table(self, key: bytes, table: pa.Table) -> None:
+        sub = self._subscribers.get(key)
+        if sub is None or table.num_rows == 0:
+            return
+        ids = table.column("packet_id").to_pylist()
+        fresh = [i for i, pid in enumerate(ids) if pid not in sub.delivered]
+        if not fresh:
+            return
+        if len(fresh) < len(ids):
+            table = table.take(pa.array(fresh, pa.int64()))
+        sub.delivered.update(ids[i] for i in fresh)
+        for q in sub.queues:
+            if q.full():
+                with contextlib.suppress(asyncio.QueueEmpty):
+                    q.get_nowait()
+            q.put_nowait(table)
 
     async def subscribe(self, path: str) -> AsyncIterator[pa.Table]:
         """New packets of a path as they arrive (local emits and network pushes).
 
-        An async iterator of ``RESULT_SCHEMA`` tables; closing it (``aclose()`` or leaving an
+        An async iterator of ``RESULT_SCHEMA`` tables holding packets stored after the
+        subscription started, each packet once; closing it (``aclose()`` or leaving an
         ``async for``) unsubscribes. It ends when the node closes.
         """
         self._check_open()
-        key = key_for_path(normalize_path(path))
+        path = normalize_path(path)
+        key = key_for_path(path)
         queue: asyncio.Queue[pa.Table] = asyncio.Queue(_SUBSCRIBER_QUEUE)
-        self._subscribers.setdefault(key, set()).add(queue)
+        sub = self._subscribers.get(key)
+        if sub is None:
+            # What is stored now is not new; read synchronously so nothing slips in between.
+            held = self.store.table(key, now_ms=now_ms()).column("packet_id").to_pylist()
+            sub = self._subscribers[key] = _Subscription(delivered=set(held))
+        sub.queues.add(queue)
         try:
             await self._listen(key)
             while True:
@@ -520,13 +583,11 @@ class Node:
                     return
                 yield table
         finally:
-            queues = self._subscribers.get(key)
-            if queues is not None:
-                queues.discard(queue)
-                if not queues:
-                    del self._subscribers[key]
-                    if normalize_path(path) not in self._followed and not self._closed:
-                        self._unlisten(key)
+            sub.queues.discard(queue)
+            if not sub.queues and self._subscribers.get(key) is sub:
+                del self._subscribers[key]
+                if path not in self._followed and not self._closed:
+                    self._unlisten(key)
 
     # ------------------------------------------------------------------ elections
 
@@ -546,8 +607,11 @@ class Node:
         """Catch followed paths up every ``election_seconds`` (or at once when pushed to) and
         re-run the synthesis of each path whose packets changed."""
         while True:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._dirty.wait(), self.config.election_seconds)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+            # races with the event being set, and the loop would never stop.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.config.election_seconds):
+                    await self._dirty.wait()
             pushed = self._dirty.is_set()
             self._dirty.clear()
             for path in list(self._followed):
@@ -557,6 +621,7 @@ class Node:
                     raise
                 except Exception:
                     log.exception("refreshing followed path %s failed", path)
+            self._elected.set()
 
     async def _refresh(self, path: str, *, fetch: bool) -> None:
         key = key_for_path(path)

@@ -1,0 +1,262 @@
+"""The Node facade in-process: real UDP sockets on 127.0.0.1 and real SQLite stores.
+
+Each test runs its own event loop with ``asyncio.run`` and waits on the node's own events
+(subscriptions, futures) under ``asyncio.timeout``; nothing sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pytest
+
+from qisd.config import DhtConfig, NodeConfig
+from qisd.core.packet import RESULT_SCHEMA
+from qisd.errors import FieldError, PacketError, UsageError
+from qisd.net.datadir import DaemonRunningError, init_identity
+from qisd.net.node import Node
+
+PATH = "clinical.oncology/treatment_response_classification"
+FINE = PATH + "/transformer-256d"
+
+
+def row(i: int = 0, **overrides: Any) -> dict[str, Any]:
+    out = {
+        "domain": "clinical.oncology",
+        "problem_type": "treatment_response_classification",
+        "model_architecture": "transformer-256d",
+        "training_phase": "epoch_5_of_50",
+        "metric_name": "val_auc",
+        "metric_value": 0.847,
+        "metric_delta": 0.01 + 0.001 * i,
+        "confidence": 0.91,
+        "intervention_type": "learning_rate_schedule",
+        "intervention_params": {"schedule": "cosine_annealing", "T_max": 10},
+        "outcome_decile": 8,
+        "sample_count": 1240,
+    }
+    out.update(overrides)
+    return out
+
+
+def config(data_dir: Path, *peers: tuple[str, int], **extra: Any) -> NodeConfig:
+    init_identity(data_dir) if not (data_dir / "node.key").exists() else None
+    return NodeConfig(
+        data_dir=str(data_dir),
+        host="127.0.0.1",
+        port=0,
+        bootstrap=tuple(f"{h}:{p}" for h, p in peers),
+        bootstrap_file=os.devnull,
+        dht=DhtConfig(ksize=8, rpc_timeout=1.0),
+        **extra,
+    )
+
+
+def run(main: Callable[[], Awaitable[Any]], timeout: float = 60.0) -> Any:
+    async def bounded() -> Any:
+        async with asyncio.timeout(timeout):
+            return await main()
+
+    return asyncio.run(bounded())
+
+
+async def settle(nodes: list[Node]) -> None:
+    """Wait until no node has DHT work pending (new contacts being verified, hand-offs)."""
+    while True:
+        pending = [t for n in nodes for t in n.dht.protocol._tasks]
+        if not pending:
+            return
+        await asyncio.gather(*pending, return_exceptions=True)
+
+
+@contextlib.asynccontextmanager
+async def network(tmp_path: Path, n: int, **extra: Any) -> AsyncIterator[list[Node]]:
+    """``n`` nodes, each bootstrapped to the first."""
+    nodes: list[Node] = []
+    try:
+        first = await Node.open(config(tmp_path / "n0", **extra))
+        nodes.append(first)
+        assert first.address is not None
+        for i in range(1, n):
+            nodes.append(await Node.open(config(tmp_path / f"n{i}", first.address, **extra)))
+        await settle(nodes)
+        yield nodes
+    finally:
+        for node in reversed(nodes):
+            await node.close()
+
+
+def test_emit_commits_before_returning_and_query_reads_it_back(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with network(tmp_path, 1) as (node,):
+            result = await node.emit([row(0), row(1)])
+            assert result.rows == 2 and len(result.packet_ids) == 1
+            # Committed: a second handle on the same file sees it without the node's help.
+            table = await node.query(PATH, local_only=True)
+            assert table.schema == RESULT_SCHEMA
+            assert table.num_rows == 2
+            assert set(table.column("node_id").to_pylist()) == {node.identity.node_id}
+            assert set(table.column("packet_id").to_pylist()) == set(result.packet_ids)
+            # Stored under both routable levels of the default template.
+            assert (await node.query(FINE, local_only=True)).num_rows == 2
+            assert node.status()["counters"]["rows_emitted"] == 2
+
+    run(main)
+
+
+def test_emit_is_all_or_nothing_and_names_the_bad_row(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with network(tmp_path, 1) as (node,):
+            with pytest.raises(FieldError) as err:
+                await node.emit([row(0), row(1, confidence=1.5)])
+            assert err.value.field == "confidence" and err.value.row == 1
+            assert "row 1" in str(err.value)
+            assert node.store.stats()["packets"] == 0
+            with pytest.raises(UsageError):
+                await node.emit([])
+            with pytest.raises(FieldError, match="older than the packet lifetime"):
+                await node.emit([row(0, timestamp_utc=1_000)])
+            assert node.store.stats()["packets"] == 0
+            assert node.status()["counters"]["rejected_emits"] == 2
+
+    run(main)
+
+
+def test_emit_table_partial_keeps_valid_rows_and_reports_rejections(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with network(tmp_path, 1) as (node,):
+            rows = [row(0), row(1, outcome_decile=11), row(2), row(3, confidence=-0.5)]
+            table = pa.Table.from_pylist([dict(r, intervention_params='{"a":1}') for r in rows])
+            with pytest.raises(PacketError):
+                await node.emit_table(table)
+            assert node.store.stats()["packets"] == 0
+            result = await node.emit_table(table, partial=True)
+            assert result.rows == 2
+            assert [i for i, _ in result.rejected] == [1, 3]
+            assert "outcome_decile" in result.rejected[0][1]
+            assert (await node.query(PATH, local_only=True)).num_rows == 2
+
+    run(main)
+
+
+def test_packet_emitted_on_one_node_is_found_from_another(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with network(tmp_path, 4) as nodes:
+            emitter, asker = nodes[2], nodes[3]
+            result = await emitter.emit([row(7)], wait_replicas=1)
+            (pid,) = result.packet_ids
+            assert result.replicas[pid] >= 1
+            table = await asker.query(PATH)
+            assert table.column("packet_id").to_pylist() == [pid]
+            got = table.to_pylist()[0]
+            assert got["node_id"] == emitter.identity.node_id
+            assert got["intervention_params"] == '{"schedule":"cosine_annealing","T_max":10}'
+            # The network's packets are kept: the asker now has them locally.
+            assert (await asker.query(PATH, local_only=True)).num_rows == 1
+            assert emitter.status()["peers"] >= 1
+
+    run(main)
+
+
+def test_subscribers_get_local_emits_and_network_pushes(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with network(tmp_path, 3) as nodes:
+            emitter, follower = nodes[1], nodes[2]
+            stream = follower.subscribe(PATH)
+            first = asyncio.ensure_future(anext(stream))
+            await asyncio.sleep(0)  # let the subscription register before anything is emitted
+            local = emitter.subscribe(PATH)
+            local_first = asyncio.ensure_future(anext(local))
+            await asyncio.sleep(0)
+            await follower.follow(PATH)  # registers with the key's holders (listen)
+            result = await emitter.emit([row(3)], wait_replicas=1)
+            pushed = await first
+            assert pushed.column("packet_id").to_pylist() == result.packet_ids
+            assert (await local_first).column("packet_id").to_pylist() == result.packet_ids
+            await stream.aclose()
+            await local.aclose()
+            assert not follower._subscribers and not emitter._subscribers
+
+    run(main)
+
+
+def test_follows_persist_across_restarts_and_feed_the_election_loop(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with network(tmp_path, 2, election_seconds=3600) as (seed, node):
+            await node.follow(PATH)
+            await node.follow(PATH)  # idempotent
+            assert node.followed() == [PATH]
+            with pytest.raises(UsageError):
+                await node.unfollow("clinical.oncology/other")
+            stream = node.subscribe(PATH)
+            waiting = asyncio.ensure_future(anext(stream))
+            await asyncio.sleep(0)
+            await seed.emit([row(1)], wait_replicas=1)
+            await waiting  # pushed to the follower, not fetched
+            await stream.aclose()
+            # The push wakes the election loop, which re-runs the synthesis of the path.
+            while node._syntheses.get(PATH, {}).get("packets_analyzed") != 1:
+                node._elected.clear()
+                await node._elected.wait()
+            status = node.status()
+            assert status["followed"] == [PATH]
+            assert status["syntheses"][PATH]["packets_analyzed"] == 1
+        reopened = await Node.open(config(tmp_path / "n1"), network=False)
+        try:
+            assert reopened.followed() == [PATH]
+        finally:
+            await reopened.close()
+
+    run(main)
+
+
+def test_synthesis_over_three_sites_found_by_a_fourth(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with network(tmp_path, 4) as nodes:
+            for i, node in enumerate(nodes[:3]):
+                await node.emit(
+                    [
+                        row(i, intervention_type="warmup", metric_delta=0.05 + 0.001 * i),
+                        row(i, intervention_type="dropout", metric_delta=0.01 + 0.001 * i),
+                    ],
+                    wait_replicas=1,
+                )
+            result = await nodes[3].synthesize(PATH)
+            assert result["status"] == "synthesized"
+            assert result["distinct_signers"] == 3
+            assert result["best_intervention"] == "warmup"
+            assert result["packets_analyzed"] == 6
+
+    run(main)
+
+
+def test_a_second_node_on_one_data_directory_is_refused(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with network(tmp_path, 1):
+            with pytest.raises(DaemonRunningError, match="another qisd daemon"):
+                await Node.open(config(tmp_path / "n0"))
+
+    run(main)
+
+
+def test_a_closed_node_refuses_work_and_releases_the_directory(tmp_path: Path) -> None:
+    async def main() -> None:
+        node = await Node.open(config(tmp_path / "a"), network=False)
+        await node.emit([row(0)])
+        await node.close()
+        await node.close()  # idempotent
+        with pytest.raises(UsageError, match="closed"):
+            await node.emit([row(1)])
+        again = await Node.open(config(tmp_path / "a"), network=False)
+        try:
+            assert (await again.query(PATH, local_only=True)).num_rows == 1
+        finally:
+            await again.close()
+
+    run(main)
