@@ -963,8 +963,8 @@ async def fetch_into_store(node: Any, key: bytes) -> list[Envelope]:
     Returns the fetched envelopes the store refused (a quota), so a reader can still see them.
     A streaming cousin of :meth:`Node.query`: the caller then streams the store in batches.
     """
-    if node.dht is None:
-        return []
+    if node.dht is None or not node.dht.peers():
+        return []  # no peer to ask: the network's packets are the store's
     fetched = await node.dht.fetch(key)  # the network's and the store's, merged
     if not fetched:
         return []
