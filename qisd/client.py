@@ -26,13 +26,9 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
-
-import pyarrow as pa
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from qisd import errors
-from qisd.core.crypto import Identity
-from qisd.core.packet import build_rows, rows_from_arrow, rows_from_json
 from qisd.errors import DaemonNotRunning, PacketError, QisdError, UsageError
 from qisd.net.control import (
     connect,
@@ -48,6 +44,12 @@ DEFAULT_CHUNK_ROWS = 1_000
 """Rows per emit request when emitting a file: each request is one commit, one reply."""
 INPUT_FORMATS = ("jsonl", "json", "csv", "parquet", "arrow")
 """What ``emit_file`` reads (``None`` = decided from the file name or its first bytes)."""
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+# pyarrow and the packet core are imported where rows are handled, so that `qisd status` and
+# other small commands start quickly.
 
 ProgressCallback = Callable[[list[str], int, int], None]
 """``on_chunk(committed_packet_ids, rows_done, rows_total)`` after each committed chunk."""
@@ -106,6 +108,8 @@ def _sniff(head: bytes, name: str) -> str:
 
 
 def _read_arrow(data: bytes) -> pa.Table:
+    import pyarrow as pa
+
     buf = pa.py_buffer(data)
     try:
         return pa.ipc.open_file(buf).read_all()
@@ -118,6 +122,7 @@ def _read_arrow(data: bytes) -> pa.Table:
 
 
 def _read_parquet(data: bytes) -> pa.Table:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
@@ -189,6 +194,8 @@ def read_input(
         raise PacketError(f"{name} is not UTF-8 text (nor Parquet or Arrow)") from None
     if fmt == "csv":
         return _read_csv(text)
+    from qisd.core.packet import rows_from_json
+
     return rows_from_json(text)
 
 
@@ -197,6 +204,11 @@ def check_rows(rows: Sequence[Mapping[str, Any]] | pa.Table) -> int:
 
     Returns the number of rows; raises :class:`FieldError` naming the first bad row's field.
     """
+    import pyarrow as pa
+
+    from qisd.core.crypto import Identity
+    from qisd.core.packet import build_rows, rows_from_arrow
+
     records = rows_from_arrow(rows) if isinstance(rows, pa.Table) else list(rows)
     # A throwaway identity: the rules do not depend on whose key signs.
     build_rows(records, Identity.generate(), now_ms=_now_ms())
@@ -326,6 +338,8 @@ class Client:
         self, table: pa.Table | pa.RecordBatch, *, wait: int = 0, partial: bool = False
     ) -> dict[str, Any]:
         """Emit the rows of an Arrow table in one commit (``partial``: keep the valid rows)."""
+        import pyarrow as pa
+
         if isinstance(table, pa.RecordBatch):
             table = pa.Table.from_batches([table])
         return self.call("emit", {"wait": wait, "partial": partial}, table_to_ipc(table))
@@ -345,6 +359,8 @@ class Client:
         nothing. ``on_chunk`` is called after each commit with its packet ids. If the daemon
         goes away midway the error raised carries ``committed``: the ids stored before it.
         """
+        import pyarrow as pa
+
         if chunk_rows < 1:
             raise UsageError("chunk_rows must be at least 1")
         total = check_rows(rows) if validate else len(rows)

@@ -30,11 +30,12 @@ import socket
 import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
-
-import pyarrow as pa
+from typing import TYPE_CHECKING, Any
 
 from qisd.errors import DaemonNotRunning, QisdError, UsageError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,8 @@ def error_header(exc: BaseException) -> dict[str, Any]:
 
 def table_to_ipc(table: pa.Table) -> bytes:
     """Arrow IPC stream bytes of a table."""
+    import pyarrow as pa
+
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)
@@ -107,6 +110,8 @@ def table_to_ipc(table: pa.Table) -> bytes:
 
 def ipc_to_table(blob: bytes) -> pa.Table:
     """The table in Arrow IPC stream bytes (UsageError if they are not one)."""
+    import pyarrow as pa
+
     try:
         return pa.ipc.open_stream(pa.py_buffer(blob)).read_all()
     except (pa.ArrowException, ValueError, OSError) as exc:
