@@ -468,7 +468,8 @@ def packet_id_of(kind: int, public_key: bytes, body: bytes) -> str:
 
 
 def _deflate(ipc: bytes) -> bytes:
-    c = zlib.compressobj(9, zlib.DEFLATED, 15, 9, zlib.Z_DEFAULT_STRATEGY, ZDICT_V1)
+    # Level 6: level 9 costs five times the CPU for ~5 bytes on a one-row body.
+    c = zlib.compressobj(6, zlib.DEFLATED, 15, 8, zlib.Z_DEFAULT_STRATEGY, ZDICT_V1)
     return c.compress(ipc) + c.flush()
 
 
