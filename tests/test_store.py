@@ -556,3 +556,24 @@ def test_batches_read_to_the_end_fill_the_cache(
             assert small.table(KEY, now_ms=NOW) is not small.table(KEY, now_ms=NOW)
         finally:
             small.close()
+
+
+def test_batches_never_decode_more_rows_at_once_than_max_rows(tmp_path: Path) -> None:
+    # 40 envelopes of 128 rows: a step bounded by envelope count instead of rows would
+    # decode all 5,120 rows to produce the first 128-row batch.
+    store = Store.open(tmp_path, limits=BIG, ttl_ms=TTL, cache_bytes=0)
+    envs = [p[0] for p in make_packets(40, rows_per_packet=P.MAX_ROWS)]
+    store.put(envs, now_ms=NOW)
+    full = store.table(coarse_key(), now_ms=NOW)
+    assert full.num_rows == 40 * P.MAX_ROWS
+    full_bytes = full.nbytes
+    del full
+    base = pa.total_allocated_bytes()
+    peak = 0
+    rows = 0
+    for batch in store.batches(coarse_key(), now_ms=NOW, max_rows=P.MAX_ROWS):
+        assert batch.num_rows <= P.MAX_ROWS
+        rows += batch.num_rows
+        peak = max(peak, pa.total_allocated_bytes() - base)
+    assert rows == 40 * P.MAX_ROWS
+    assert peak < full_bytes / 4, (peak, full_bytes)

@@ -50,6 +50,7 @@ import pyarrow as pa
 from qisd.config import StoreLimits
 from qisd.core.packet import (
     KIND_PACKET,
+    MAX_ROWS,
     RESULT_SCHEMA,
     SCHEMA,
     Envelope,
@@ -711,8 +712,9 @@ class Store:
         pending: pa.Table | None = None
         since = 0
         while True:
-            # An envelope holds at least one row: never read more envelopes than max_rows.
-            rows = self._rows_after(key, since, now_ms, min(4096, max_rows))
+            # An envelope holds 1..MAX_ROWS rows: read few enough envelopes that one step can
+            # never hold more than max_rows rows (one envelope at the least).
+            rows = self._rows_after(key, since, now_ms, min(4096, max(1, max_rows // MAX_ROWS)))
             if not rows:
                 break
             since = rows[-1][0]
