@@ -89,11 +89,13 @@ CREATE TABLE envelopes (
     rows INTEGER NOT NULL,
     size INTEGER NOT NULL,
     local INTEGER NOT NULL,
+    source TEXT NOT NULL,
     raw BLOB NOT NULL,
     UNIQUE (key, packet_id)
 );
 CREATE INDEX envelopes_key_seq ON envelopes (key, seq);
 CREATE INDEX envelopes_signer ON envelopes (signer, local, timestamp_ms);
+CREATE INDEX envelopes_source ON envelopes (source, local, timestamp_ms);
 CREATE INDEX envelopes_expires ON envelopes (expires_ms);
 CREATE INDEX envelopes_packet ON envelopes (packet_id);
 CREATE INDEX envelopes_local ON envelopes (local, expires_ms);
@@ -103,8 +105,8 @@ CREATE TABLE signer_key_usage (
     key BLOB NOT NULL, signer BLOB NOT NULL, packets INTEGER NOT NULL,
     PRIMARY KEY (key, signer)
 ) WITHOUT ROWID;
-CREATE TABLE signer_remote (signer BLOB PRIMARY KEY, bytes INTEGER NOT NULL) WITHOUT ROWID;
-CREATE INDEX signer_remote_bytes ON signer_remote (bytes);
+CREATE TABLE source_remote (source TEXT PRIMARY KEY, bytes INTEGER NOT NULL) WITHOUT ROWID;
+CREATE INDEX source_remote_bytes ON source_remote (bytes);
 CREATE TABLE totals (
     id INTEGER PRIMARY KEY CHECK (id = 0),
     packets INTEGER NOT NULL, bytes INTEGER NOT NULL,
@@ -118,8 +120,8 @@ CREATE TRIGGER envelopes_ai AFTER INSERT ON envelopes BEGIN
         ON CONFLICT (key) DO UPDATE SET packets = packets + 1;
     INSERT INTO signer_key_usage VALUES (NEW.key, NEW.signer, 1)
         ON CONFLICT (key, signer) DO UPDATE SET packets = packets + 1;
-    INSERT INTO signer_remote SELECT NEW.signer, NEW.size WHERE NEW.local = 0
-        ON CONFLICT (signer) DO UPDATE SET bytes = bytes + excluded.bytes;
+    INSERT INTO source_remote SELECT NEW.source, NEW.size WHERE NEW.local = 0
+        ON CONFLICT (source) DO UPDATE SET bytes = bytes + excluded.bytes;
     UPDATE totals SET packets = packets + 1, bytes = bytes + NEW.size,
         local_packets = local_packets + NEW.local,
         local_bytes = local_bytes + NEW.local * NEW.size;
@@ -129,16 +131,16 @@ CREATE TRIGGER envelopes_ad AFTER DELETE ON envelopes BEGIN
     DELETE FROM key_usage WHERE key = OLD.key AND packets <= 0;
     UPDATE signer_key_usage SET packets = packets - 1 WHERE key = OLD.key AND signer = OLD.signer;
     DELETE FROM signer_key_usage WHERE key = OLD.key AND signer = OLD.signer AND packets <= 0;
-    UPDATE signer_remote SET bytes = bytes - OLD.size WHERE OLD.local = 0 AND signer = OLD.signer;
-    DELETE FROM signer_remote WHERE signer = OLD.signer AND bytes <= 0;
+    UPDATE source_remote SET bytes = bytes - OLD.size WHERE OLD.local = 0 AND source = OLD.source;
+    DELETE FROM source_remote WHERE source = OLD.source AND bytes <= 0;
     UPDATE totals SET packets = packets - 1, bytes = bytes - OLD.size,
         local_packets = local_packets - OLD.local,
         local_bytes = local_bytes - OLD.local * OLD.size;
 END;
 CREATE TRIGGER envelopes_au_local AFTER UPDATE OF local ON envelopes
 WHEN OLD.local = 0 AND NEW.local = 1 BEGIN
-    UPDATE signer_remote SET bytes = bytes - OLD.size WHERE signer = OLD.signer;
-    DELETE FROM signer_remote WHERE signer = OLD.signer AND bytes <= 0;
+    UPDATE source_remote SET bytes = bytes - OLD.size WHERE source = OLD.source;
+    DELETE FROM source_remote WHERE source = OLD.source AND bytes <= 0;
     UPDATE totals SET local_packets = local_packets + 1, local_bytes = local_bytes + OLD.size;
 END;
 """
@@ -296,7 +298,7 @@ class Store:
             if version < 1:
                 raise StoreError(f"{path} is an incomplete qisd store (schema {version})")
             # Touch every table we use: a damaged schema page fails here, not mid-put.
-            for table in ("envelopes", "key_usage", "signer_key_usage", "signer_remote", "meta"):
+            for table in ("envelopes", "key_usage", "signer_key_usage", "source_remote", "meta"):
                 conn.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchall()
             if conn.execute("SELECT count(*) FROM totals").fetchone()[0] != 1:
                 raise StoreError(f"{path} is a damaged qisd store (totals row missing)")
@@ -341,8 +343,19 @@ class Store:
 
     # ------------------------------------------------------------------ writes
 
-    def put(self, envelopes: Sequence[Envelope], *, now_ms: int, local: bool = False) -> PutResult:
+    def put(
+        self,
+        envelopes: Sequence[Envelope],
+        *,
+        now_ms: int,
+        local: bool = False,
+        origin: str = "",
+    ) -> PutResult:
         """Store verified envelopes in one transaction; returns after the COMMIT is durable.
+
+        ``origin`` names the host that delivered remote envelopes (the DHT passes the
+        sender's address): eviction under the byte cap takes from the heaviest *source*, the
+        origin when known, else the signer, because keys are free to mint and hosts are not.
 
         Idempotent by ``(key, packet_id)``: a second put of the same envelope is a duplicate
         (a duplicate put with ``local=True`` marks the stored row local; a duplicate document
@@ -410,7 +423,8 @@ class Store:
                         continue
                 conn.execute(
                     "INSERT INTO envelopes (key, packet_id, kind, signer, timestamp_ms,"
-                    " expires_ms, rows, size, local, raw) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    " expires_ms, rows, size, local, source, raw)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                     (
                         env.key,
                         pid,
@@ -421,6 +435,7 @@ class Store:
                         env.rows,
                         size,
                         int(local),
+                        f"host:{origin}" if origin else f"signer:{env.public_key.hex()}",
                         env.raw,
                     ),
                 )
@@ -481,27 +496,29 @@ class Store:
         return len(keys)
 
     def _evict(self, conn: sqlite3.Connection, need: int, floor: int, changed: set[bytes]) -> int:
-        """Delete remote rows (seq <= floor) until ``need`` bytes are freed; returns rows."""
+        """Delete remote rows (seq <= floor) until ``need`` bytes are freed; returns rows.
+
+        The heaviest source (delivering host, else signer) goes first, oldest rows first."""
         evicted = 0
         exhausted: list[bytes] = []
         while need > 0:
             marks = ",".join("?" * len(exhausted))
             row = conn.execute(
-                "SELECT signer FROM signer_remote"
-                + (f" WHERE signer NOT IN ({marks})" if exhausted else "")
+                "SELECT source FROM source_remote"
+                + (f" WHERE source NOT IN ({marks})" if exhausted else "")
                 + " ORDER BY bytes DESC LIMIT 1",
                 exhausted,
             ).fetchone()
             if row is None:
                 break
-            signer = row[0]
+            source = row[0]
             victims = conn.execute(
-                "SELECT seq, key, size FROM envelopes WHERE signer = ? AND local = 0"
+                "SELECT seq, key, size FROM envelopes WHERE source = ? AND local = 0"
                 " AND seq <= ? ORDER BY timestamp_ms, seq LIMIT 64",
-                (signer, floor),
+                (source, floor),
             ).fetchall()
             if not victims:
-                exhausted.append(signer)
+                exhausted.append(source)
                 continue
             doomed = []
             for seq, key, size in victims:
@@ -813,8 +830,8 @@ class Store:
                     SELECT key, signer, count(*) FROM envelopes GROUP BY key, signer
                     EXCEPT SELECT key, signer, packets FROM signer_key_usage
                 ) UNION ALL SELECT count(*) FROM (
-                    SELECT signer, sum(size) FROM envelopes WHERE local = 0 GROUP BY signer
-                    EXCEPT SELECT signer, bytes FROM signer_remote
+                    SELECT source, sum(size) FROM envelopes WHERE local = 0 GROUP BY source
+                    EXCEPT SELECT source, bytes FROM source_remote
                 )
                 """
             ).fetchall()
