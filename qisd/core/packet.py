@@ -109,6 +109,7 @@ _NAME_FIELDS = (
     "intervention_type",
 )
 _OPTIONAL_NAMES = {"model_architecture": "unspecified", "training_phase": "unspecified"}
+_F32 = struct.Struct("<f")
 _BAD_NAME_CHARS = re.compile(r"[\x00-\x1f\x7f/]")
 _BAD_HASH_CHARS = re.compile(r"[\x00-\x20\x7f]")
 _FIELD_INDEX = {name: i for i, name in enumerate(COLUMNS)}
@@ -152,7 +153,7 @@ def _to_float(field: str, value: object, row: int | None) -> float:
 
 def _float32(value: float) -> float:
     """``value`` rounded to float32, as the schema stores it (so callers see what is signed)."""
-    return float(struct.unpack("<f", struct.pack("<f", value))[0])
+    return float(_F32.unpack(_F32.pack(value))[0])
 
 
 def _to_int(field: str, value: object, row: int | None) -> int:
@@ -225,7 +226,10 @@ def validate_row(
     ``data_ref_commitment`` (the keyed commitment of a caller's data reference) replaces
     ``raw_data_hash``. Raises :class:`FieldError` naming the field, the value and the rule.
     """
-    unknown = [k for k in record if k not in _FIELD_INDEX and k != "data_ref"]
+    # A received row's keys are the schema's own; only caller input can carry others.
+    unknown = (
+        () if strict_node_id else [k for k in record if k not in _FIELD_INDEX and k != "data_ref"]
+    )
     if unknown:
         raise FieldError(
             unknown[0], record[unknown[0]], "is not a column of the packet schema", row
