@@ -78,6 +78,10 @@ class _Crawl(SpiderCrawl):
     async def _ask(self, node: Node) -> tuple[bool, list[Node]]:
         raise NotImplementedError
 
+    def _suspect(self, node: Node) -> bool:
+        check = getattr(self.protocol, "suspect", None)
+        return bool(check(node.id)) if check is not None else False
+
     async def _find(self, rpcmethod: object = None) -> list[Node]:
         loop = asyncio.get_running_loop()
         inflight: dict[asyncio.Task[tuple[bool, list[Node]]], tuple[Node, float]] = {}
@@ -92,14 +96,19 @@ class _Crawl(SpiderCrawl):
                     if self._state[node.id] == "new":
                         self._state[node.id] = "asked"
                         task = asyncio.ensure_future(self._ask(node))
+                        if self._suspect(node):
+                            # It failed last time: ask, but do not hold the lookup for it.
+                            inflight[task] = (node, loop.time())
+                            stalled.add(task)
+                            self._state[node.id] = "stalled"
+                            continue
                         inflight[task] = (node, loop.time() + self.stall_after())
                         active += 1
                 pending = [n for n in closest if self._state[n.id] in ("new", "asked")]
-                if not pending:
+                if not pending and (self._answered or not inflight):
                     break
+                # (With no answer yet and every call stalled, wait for whichever ends first.)
                 waiting = [t for t in inflight if t not in stalled]
-                if not waiting and not inflight:
-                    break
                 if waiting:
                     deadline = min(inflight[t][1] for t in waiting)
                     timeout = max(0.0, deadline - loop.time())

@@ -274,13 +274,12 @@ class QisdProtocol(KademliaProtocol):
         """The socket address for a contact, or None if this socket cannot reach it."""
         if host is None or port is None:
             return None
-        try:
-            ip = ipaddress.ip_address(host)
-        except ValueError:
+        version = wire.ip_version(host)
+        if version is None:
             return None
         if self.family == socket.AF_INET:
-            return (host, port) if ip.version == 4 else None
-        if ip.version == 6:
+            return (host, port) if version == 4 else None
+        if version == 6:
             return (host, port)
         return (f"::ffff:{host}", port) if self.dual_stack else None
 
@@ -369,8 +368,13 @@ class QisdProtocol(KademliaProtocol):
 
     def stall_after(self) -> float:
         """Seconds after which a lookup stops waiting on a call (a few smoothed RTTs)."""
-        base = 4 * self.srtt + 0.05 if self.srtt else 0.25
-        return min(self.config.rpc_timeout, max(0.1, base))
+        base = 4 * self.srtt + 0.02 if self.srtt else 0.25
+        return min(self.config.rpc_timeout, max(0.05, base))
+
+    def suspect(self, node_id: bytes) -> bool:
+        """True if the last call to this contact failed: lookups ask it but never wait on it."""
+        contact = self.router.get(node_id)
+        return contact is not None and contact.failures > 0
 
     # -- sending: explicit stubs
 

@@ -201,12 +201,15 @@ class QisdRoutingTable(RoutingTable):
     ) -> list[Contact]:
         """The ``k`` contacts closest to ``node`` in the whole table (defect 11)."""
         k = k or self.ksize
+        target = node.long_id
+        skip = (exclude.ip, exclude.port) if exclude is not None else None
         candidates: Iterable[Contact] = (
             c
-            for c in self.contacts()
-            if c.id != node.id and (exclude is None or not c.same_home_as(exclude))
+            for b in self.buckets
+            for c in b.nodes.values()
+            if c.long_id != target and (skip is None or (c.ip, c.port) != skip)
         )
-        return heapq.nsmallest(k, candidates, key=lambda c: c.long_id ^ node.long_id)
+        return heapq.nsmallest(k, candidates, key=lambda c: c.long_id ^ target)
 
     def cancel(self) -> None:
         """Stop pending head checks (node shutting down)."""

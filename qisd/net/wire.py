@@ -11,6 +11,7 @@ name) on bad input; the protocol counts and drops, it never lets bad remote data
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import math
 import time
@@ -94,6 +95,15 @@ def split_request(payload: Any) -> tuple[str, list[Any]]:
 # --------------------------------------------------------------------------- typed fields
 
 
+@functools.lru_cache(maxsize=65_536)
+def ip_version(host: str) -> int | None:
+    """4 or 6 for an IP address literal, None for anything else (cached: called per contact)."""
+    try:
+        return ipaddress.ip_address(host).version
+    except ValueError:
+        return None
+
+
 def node_id(value: Any) -> bytes:
     """A 160-bit node id or key, or WireError."""
     if not isinstance(value, bytes) or len(value) != NODE_ID_BYTES:
@@ -109,10 +119,8 @@ def contact(value: Any) -> tuple[bytes, str, int]:
     node_id(nid)
     if not isinstance(host, str) or not host or len(host) > MAX_HOST_CHARS:
         raise WireError("bad_contact")
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise WireError("bad_contact") from None
+    if ip_version(host) is None:
+        raise WireError("bad_contact")
     if type(port) is not int or not 0 < port < 65536:
         raise WireError("bad_contact")
     return nid, host, port
