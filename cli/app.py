@@ -509,11 +509,8 @@ def watch(
 ) -> None:
     """Print new packets of a path as they arrive (JSON lines with --json)."""
     seen = 0
-    client = _client(data_dir)
-    client.ping()
-    if not as_json:
-        _err(f"qisd: watching {path} (Ctrl-C to stop)")
-    stream = client.watch(path)
+    stream = _client(data_dir).watch(path)
+    _err(f"qisd: watching {path} (Ctrl-C to stop)")
     try:
         for table in stream:
             for row in _json_rows(table):

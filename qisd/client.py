@@ -24,7 +24,7 @@ import os
 import socket
 import sys
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -428,20 +428,13 @@ class Client:
         """The daemon's routing table."""
         return self.call("peers")
 
-    def watch(self, path: str) -> Iterator[pa.Table]:
-        """New packets of a path as they arrive (blocks between them; close to stop).
+    def watch(self, path: str) -> Watch:
+        """New packets of a path as they arrive: an iterator of tables (blocks between them).
 
-        Uses its own connection, so the client stays usable for other calls meanwhile.
+        The subscription is registered when this returns: every packet stored afterwards is
+        delivered. Uses its own connection; ``close()`` it (or use ``with``) to stop.
         """
-        watcher = Client(self.data_dir, timeout=None, connect_timeout=self.connect_timeout)  # type: ignore[arg-type]
-        try:
-            sock = watcher._send("watch", {"path": path})
-            watcher._receive(sock)  # the "watching" acknowledgement
-            while True:
-                _, blob = watcher._receive(sock)
-                yield ipc_to_table(blob)
-        finally:
-            watcher.close()
+        return Watch(self.data_dir, path, self.connect_timeout)
 
     def stop(self, *, wait: bool = True, timeout: float = 60.0) -> dict[str, Any]:
         """Ask the daemon to shut down cleanly; with ``wait``, return once it has stopped."""
@@ -450,6 +443,37 @@ class Client:
         if wait and not _wait_unlocked(self.data_dir / LOCK_FILE, timeout):
             raise QisdError(f"the daemon did not stop within {timeout:g} s")
         return result
+
+
+class Watch:
+    """A live subscription to a path's new packets (see :meth:`Client.watch`)."""
+
+    def __init__(self, data_dir: Path, path: str, connect_timeout: float) -> None:
+        self._client = Client(data_dir, timeout=None, connect_timeout=connect_timeout)  # type: ignore[arg-type]
+        self.path = path
+        try:
+            self._sock = self._client._send("watch", {"path": path})
+            self._client._receive(self._sock)  # the acknowledgement: registered
+        except BaseException:
+            self._client.close()
+            raise
+
+    def __iter__(self) -> Watch:
+        return self
+
+    def __next__(self) -> pa.Table:
+        _, blob = self._client._receive(self._sock)
+        return ipc_to_table(blob)
+
+    def close(self) -> None:
+        """End the subscription."""
+        self._client.close()
+
+    def __enter__(self) -> Watch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _wait_unlocked(lock_path: Path, timeout: float) -> bool:
@@ -476,4 +500,4 @@ def _wait_unlocked(lock_path: Path, timeout: float) -> bool:
     return stopped
 
 
-__all__ = ["Client", "RemoteError", "check_rows", "read_input"]
+__all__ = ["Client", "RemoteError", "Watch", "check_rows", "read_input"]

@@ -170,10 +170,8 @@ def test_subscribers_get_local_emits_and_network_pushes(tmp_path: Path) -> None:
             emitter, follower = nodes[1], nodes[2]
             stream = follower.subscribe(PATH)
             first = asyncio.ensure_future(anext(stream))
-            await asyncio.sleep(0)  # let the subscription register before anything is emitted
             local = emitter.subscribe(PATH)
             local_first = asyncio.ensure_future(anext(local))
-            await asyncio.sleep(0)
             await follower.follow(PATH)  # registers with the key's holders (listen)
             result = await emitter.emit([row(3)], wait_replicas=1)
             pushed = await first
@@ -196,7 +194,6 @@ def test_follows_persist_across_restarts_and_feed_the_election_loop(tmp_path: Pa
                 await node.unfollow("clinical.oncology/other")
             stream = node.subscribe(PATH)
             waiting = asyncio.ensure_future(anext(stream))
-            await asyncio.sleep(0)
             await seed.emit([row(1)], wait_replicas=1)
             await waiting  # pushed to the follower, not fetched
             await stream.aclose()

@@ -26,7 +26,7 @@ from typing import Any
 
 from qisd import __version__
 from qisd.config import NodeConfig
-from qisd.errors import QisdError, UsageError
+from qisd.errors import UsageError
 from qisd.net.control import ControlServer, Sender, ipc_to_table, socket_path, table_to_ipc
 from qisd.net.node import MAX_EMIT_ROWS, Node
 from qisd.net.settings import config_to_dict
@@ -145,13 +145,10 @@ def control_handlers(
 
     async def watch(args: dict[str, Any], send: Sender) -> None:
         path = _str(args, "path")
-        await send({"watching": path}, b"")
-        stream = node.subscribe(path)
-        try:
+        async with node.subscribe(path) as stream:  # registered before the acknowledgement
+            await send({"watching": path}, b"")
             async for table in stream:
                 await send({"rows": table.num_rows}, table_to_ipc(table))
-        finally:
-            await stream.aclose()
 
     handlers = {
         "ping": ping,
@@ -209,16 +206,23 @@ async def serve(config: NodeConfig, *, ready: Callable[[Node], None] | None = No
         log.info("stopping")
         sd_notify("STOPPING=1")
     finally:
-        for sig in installed:
-            loop.remove_signal_handler(sig)
-        if server is not None:
-            await server.close()
-        if flight is not None:
-            try:
-                await flight.close()
-            except Exception:
-                log.exception("stopping the flight endpoint failed")
-        await node.close()
+        # The signal handlers stay installed until everything is closed: a second SIGTERM
+        # or Ctrl-C while in-flight commits finish only sets the (already set) stop event.
+        try:
+            if server is not None:
+                await server.close()
+            if flight is not None:
+                try:
+                    await flight.close()
+                except Exception:
+                    log.exception("stopping the flight endpoint failed")
+            await node.close()
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+                # The daemon is exiting: a late signal must not turn a clean exit into death
+                # by signal while the loop and its worker threads wind down.
+                signal.signal(sig, signal.SIG_IGN)
     log.info("stopped")
 
 
@@ -231,10 +235,5 @@ def run(config: NodeConfig) -> int:
     import uvloop
 
     configure_logging(config.log_level)
-    try:
-        uvloop.run(serve(config))
-    except KeyboardInterrupt:  # a second Ctrl-C during shutdown
-        return 130
-    except QisdError:
-        raise
+    uvloop.run(serve(config))
     return 0

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -558,36 +558,36 @@ class Node:
                     q.get_nowait()
             q.put_nowait(table)
 
-    async def subscribe(self, path: str) -> AsyncIterator[pa.Table]:
+    def subscribe(self, path: str) -> Subscription:
         """New packets of a path as they arrive (local emits and network pushes).
 
-        An async iterator of ``RESULT_SCHEMA`` tables holding packets stored after the
-        subscription started, each packet once; closing it (``aclose()`` or leaving an
-        ``async for``) unsubscribes. It ends when the node closes.
+        Registered when called: every packet stored after this call is delivered, once, as
+        part of a ``RESULT_SCHEMA`` table (``async for table in node.subscribe(path)``).
+        Closing it (``await sub.aclose()`` or leaving the ``async for``) unsubscribes; it
+        ends when the node closes. The path's holders are asked to push (listen) meanwhile.
         """
         self._check_open()
         path = normalize_path(path)
         key = key_for_path(path)
-        queue: asyncio.Queue[pa.Table] = asyncio.Queue(_SUBSCRIBER_QUEUE)
-        sub = self._subscribers.get(key)
-        if sub is None:
+        entry = self._subscribers.get(key)
+        if entry is None:
             # What is stored now is not new; read synchronously so nothing slips in between.
             held = self.store.table(key, now_ms=now_ms()).column("packet_id").to_pylist()
-            sub = self._subscribers[key] = _Subscription(delivered=set(held))
-        sub.queues.add(queue)
-        try:
-            await self._listen(key)
-            while True:
-                table = await queue.get()
-                if table is _CLOSED:
-                    return
-                yield table
-        finally:
-            sub.queues.discard(queue)
-            if not sub.queues and self._subscribers.get(key) is sub:
-                del self._subscribers[key]
-                if path not in self._followed and not self._closed:
-                    self._unlisten(key)
+            entry = self._subscribers[key] = _Subscription(delivered=set(held))
+        sub = Subscription(self, path, key, entry)
+        if self.dht is not None and key not in self._listening:
+            task = asyncio.ensure_future(self._listen(key))
+            self._callbacks.add(task)
+            task.add_done_callback(self._callbacks.discard)
+        return sub
+
+    def _unsubscribe(self, sub: Subscription) -> None:
+        entry = sub._entry
+        entry.queues.discard(sub._queue)
+        if not entry.queues and self._subscribers.get(sub.key) is entry:
+            del self._subscribers[sub.key]
+            if sub.path not in self._followed and not self._closed:
+                self._unlisten(sub.key)
 
     # ------------------------------------------------------------------ elections
 
@@ -670,3 +670,45 @@ class Node:
 
 _CLOSED: Any = object()
 """Queued to subscribers when the node closes."""
+
+
+class Subscription:
+    """An async iterator of new packets of one path; made by :meth:`Node.subscribe`."""
+
+    def __init__(self, node: Node, path: str, key: bytes, entry: _Subscription) -> None:
+        self.node = node
+        self.path = path
+        self.key = key
+        self._entry = entry
+        self._queue: asyncio.Queue[pa.Table] = asyncio.Queue(_SUBSCRIBER_QUEUE)
+        self._closed = False
+        entry.queues.add(self._queue)
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> pa.Table:
+        if self._closed:
+            raise StopAsyncIteration
+        try:
+            table = await self._queue.get()
+        except BaseException:
+            if not self._closed and self.node._closed:
+                await self.aclose()
+            raise
+        if table is _CLOSED:
+            await self.aclose()
+            raise StopAsyncIteration
+        return table
+
+    async def aclose(self) -> None:
+        """Unsubscribe (idempotent)."""
+        if not self._closed:
+            self._closed = True
+            self.node._unsubscribe(self)
+
+    async def __aenter__(self) -> Subscription:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
