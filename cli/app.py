@@ -630,6 +630,22 @@ def peers(data_dir: DataDir = None, as_json: Json = False) -> None:
 
 
 @app.command()
+def demo(
+    nodes: Annotated[int, typer.Option(min=5, max=50, help="Nodes in the demo network.")] = 6,
+    as_json: Json = False,
+) -> None:
+    """A local network on 127.0.0.1: three sites emit, a fourth finds them and synthesizes."""
+    import logging
+
+    from qisd.net.demo import main as run_demo
+
+    logging.basicConfig(level=logging.ERROR)
+    summary = run_demo(nodes, quiet=as_json)
+    if as_json:
+        _print_json(summary)
+
+
+@app.command()
 def version() -> None:
     """Print the qisd version."""
     sys.stdout.write(f"qisd {__version__}\n")

@@ -525,3 +525,18 @@ def test_stop_shuts_the_daemon_down_cleanly(tmp_path: Path) -> None:
     assert d.proc.wait(30) == 0  # stop returns once the daemon has gone
     assert not (tmp_path / "stopme" / "control.sock").exists()
     one_line_error(d.cli("status"), 3, "no qisd daemon")
+
+
+def test_demo_finds_three_sites_over_the_dht_and_cleans_up() -> None:
+    import tempfile
+
+    before = set(Path(tempfile.gettempdir()).glob("qisd-demo-*"))
+    done = qisd("demo", "--json")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["rows_found"] == 9 and len(summary["signers"]) == 3
+    assert summary["synthesis"]["status"] == "synthesized"
+    assert summary["synthesis"]["best_intervention"] == "cosine_annealing"
+    assert set(Path(tempfile.gettempdir()).glob("qisd-demo-*")) == before
+    human = qisd("demo")
+    assert human.returncode == 0 and "Try 'cosine_annealing'" in human.stdout

@@ -354,13 +354,25 @@ class Node:
         return EmitResult(result.packet_ids, result.rows, result.replicas, rejected)
 
     async def _publish(self, envelopes: list[Envelope]) -> dict[str, int]:
+        """Publish; per packet id, the replicas of its least-replicated routable level.
+
+        A packet lives under one key per routable level; it is only as findable as its
+        worst-placed level, so that is the count ``--wait`` compares against.
+        """
+        by_key: dict[bytes, list[Envelope]] = {}
+        for env in envelopes:
+            by_key.setdefault(env.key, []).append(env)
         try:
-            published = await self.dht.publish(envelopes)
+            results = await asyncio.gather(*(self.dht.publish(g) for g in by_key.values()))
         except Exception:
             self.counters["publish_failures"] += 1
             log.exception("publishing %d envelopes failed", len(envelopes))
             return {}
-        return dict(published.replicas)
+        replicas: dict[str, int] = {}
+        for result in results:
+            for pid, n in result.replicas.items():
+                replicas[pid] = min(replicas.get(pid, n), n)
+        return replicas
 
     async def _publish_until(self, envelopes: list[Envelope], wanted: int) -> dict[str, int]:
         """Publish until every packet has ``wanted`` replicas or the wait runs out.
