@@ -16,6 +16,7 @@ import json
 import struct
 import sys
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -627,6 +628,88 @@ def peers(data_dir: DataDir = None, as_json: Json = False) -> None:
         columns = [(k, k.upper().replace("_", " ")) for k in table[0]]
         sys.stdout.write(_human_table(table, columns) + "\n")
     _err(f"qisd: {len(table)} peers")
+
+
+# --------------------------------------------------------------------------- templates
+
+
+@template_app.command("publish")
+def template_publish(
+    file: Annotated[
+        str,
+        typer.Argument(
+            metavar="FILE|-",
+            help='JSON: {"domain": D, "fields": [...], "levels": [...], "note": "..."}.',
+        ),
+    ],
+    data_dir: DataDir = None,
+    as_json: Json = False,
+) -> None:
+    """Sign and publish a similarity template for a domain (a Hiring candidate)."""
+    try:
+        text = sys.stdin.read() if file == "-" else Path(file).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot read {file}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{file} is not UTF-8 text") from None
+    try:
+        document = json.loads(text)
+    except ValueError as exc:
+        raise UsageError(f"{file} is not JSON ({exc})") from None
+    if not isinstance(document, dict):
+        raise UsageError(f"{file} must hold one JSON object")
+    result = _client(data_dir).publish_template(document)
+    if as_json:
+        _print_json(result)
+    else:
+        sys.stdout.write(result["template_id"] + "\n")
+        _err(f"qisd: published a template for {result['domain']} ({result['replicas']} replicas)")
+
+
+@template_app.command("list")
+def template_list(
+    domain: Annotated[str, typer.Argument(help="Domain, e.g. clinical.oncology.")],
+    data_dir: DataDir = None,
+    as_json: Json = False,
+) -> None:
+    """The domain's candidate templates, their endorsers and weights, and which is hired."""
+    result = _client(data_dir).templates(domain)
+    if as_json:
+        _print_json(result)
+        return
+    rows = [
+        {
+            "hired": "*" if t["hired"] else "",
+            "id": t["template_id"][:16],
+            "fields": "/".join(t["fields"]),
+            "levels": ",".join(str(n) for n in t["levels"]),
+            "endorsers": t["endorsers"],
+            "weight": "-" if t["weight"] is None else f"{t['weight']:.3f}",
+            "state": "retired" if t["retired"] else "active",
+            "note": t["note"],
+        }
+        for t in result["templates"]
+    ]
+    columns = [(k, k.upper()) for k in rows[0]] if rows else []
+    sys.stdout.write(_human_table(rows, columns) + "\n")
+    _err(f"qisd: {domain} routes by {result['hired'][:16]} ({result['reason']})")
+
+
+@template_app.command("endorse")
+def template_endorse(
+    template_id: Annotated[str, typer.Argument(metavar="ID", help="Template id (40 hex).")],
+    domain: Annotated[
+        str | None, typer.Option(help="Its domain, if this node has not listed it yet.")
+    ] = None,
+    data_dir: DataDir = None,
+    as_json: Json = False,
+) -> None:
+    """Sign and publish an endorsement of a template."""
+    result = _client(data_dir).endorse_template(template_id, domain)
+    if as_json:
+        _print_json(result)
+    else:
+        _err(f"qisd: endorsed {template_id} for {result['domain']}")
 
 
 @app.command()

@@ -428,6 +428,21 @@ class Client:
         """The daemon's routing table."""
         return self.call("peers")
 
+    def publish_template(self, document: Mapping[str, Any]) -> dict[str, Any]:
+        """Publish a similarity template ``{domain, fields, levels, note?}``; returns its id."""
+        return self.call("template_publish", {"document": dict(document)})
+
+    def templates(self, domain: str) -> dict[str, Any]:
+        """A domain's template candidates, their endorsements and weights, and the hire."""
+        return self.call("template_list", {"domain": domain})
+
+    def endorse_template(self, template_id: str, domain: str | None = None) -> dict[str, Any]:
+        """Endorse a template by id (``domain`` when this node has not seen it yet)."""
+        args: dict[str, Any] = {"template_id": template_id}
+        if domain is not None:
+            args["domain"] = domain
+        return self.call("template_endorse", args)
+
     def watch(self, path: str) -> Watch:
         """New packets of a path as they arrive: an iterator of tables (blocks between them).
 

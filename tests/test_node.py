@@ -257,3 +257,82 @@ def test_a_closed_node_refuses_work_and_releases_the_directory(tmp_path: Path) -
             await again.close()
 
     run(main)
+
+
+def test_hiring_endorsed_templates_route_emits_and_darwinism_scores_them(
+    tmp_path: Path,
+) -> None:
+
+    domain = "clinical.oncology"
+    by_phase = {
+        "domain": domain,
+        "fields": ["domain", "problem_type", "training_phase"],
+        "levels": [2, 3],
+        "note": "phase matters more than architecture",
+    }
+
+    async def main() -> None:
+        async with network(tmp_path, 3) as (a, b, c):
+            assert (await c.templates(domain))["reason"] == "default"
+            published = await a.publish_template(by_phase)
+            tid = published["template_id"]
+            assert published["replicas"] >= 1
+            # One signer is not enough (min 2 distinct endorsers); the author counts once.
+            await a.endorse_template(tid)
+            assert (await c.templates(domain))["hired"] != tid
+            await b.endorse_template(tid, domain)
+            listing = await c.templates(domain)
+            assert listing["hired"] == tid and listing["reason"] == "endorsed"
+            (entry,) = [t for t in listing["templates"] if t["template_id"] == tid]
+            assert entry["endorsers"] == 2 and entry["hired"]
+
+            # c now routes this domain by training phase: its packets live under that key.
+            await c.emit([row(0, intervention_type="warmup")], wait_replicas=1)
+            phase_path = f"{PATH}/epoch_5_of_50"
+            assert (await a.query(phase_path)).num_rows == 1
+            assert (await c.query(FINE, local_only=True)).num_rows == 0
+
+            # Darwinism: once c was recommended warmup and reports what happened, every
+            # candidate template is scored and the state persists.
+            for other in (a, b):
+                await other.emit([row(1, intervention_type="warmup")], wait_replicas=1)
+            assert (await c.synthesize(phase_path))["best_intervention"] == "warmup"
+            await c.emit([row(2, intervention_type="warmup", metric_delta=0.02)])
+            await asyncio.gather(*c._callbacks)
+            assert c.counters["darwin_observations"] == 1
+            assert c.darwin.rounds(domain) == 1
+            assert tid in c.darwin.weights(domain)
+        again = await Node.open(config(tmp_path / "n2"), network=False)
+        try:
+            assert again.darwin.rounds(domain) == 1
+        finally:
+            await again.close()
+
+    run(main)
+
+
+def test_a_pinned_template_always_wins(tmp_path: Path) -> None:
+    from qisd.core.hiring import default_template_doc
+
+    domain = "clinical.oncology"
+    default_id = default_template_doc(domain).template_id
+
+    async def main() -> None:
+        node = await Node.open(
+            config(tmp_path / "p", pinned_templates={domain: default_id}), network=False
+        )
+        try:
+            assert node.hire(domain).reason == "pinned"
+            assert node.template_for(domain)[0] == default_id
+        finally:
+            await node.close()
+        unknown = await Node.open(
+            config(tmp_path / "q", pinned_templates={domain: "ab" * 20}), network=False
+        )
+        try:
+            with pytest.raises(UsageError, match="pinned template"):
+                await unknown.emit([row(0)])
+        finally:
+            await unknown.close()
+
+    run(main)

@@ -166,8 +166,24 @@ def control_handlers(
 
 
 def _template_handlers(node: Node) -> dict[str, Any]:
-    """Hiring operations (template publish/list/endorse), when the node supports them."""
-    return {}
+    """Hiring operations: publish, list and endorse similarity templates."""
+
+    async def publish(args: dict[str, Any], blob: bytes) -> tuple[Any, bytes]:
+        document = args.get("document")
+        if not isinstance(document, dict):
+            raise UsageError("argument 'document' must be a template object")
+        return await node.publish_template(document), b""
+
+    async def listing(args: dict[str, Any], blob: bytes) -> tuple[Any, bytes]:
+        return await node.templates(_str(args, "domain")), b""
+
+    async def endorse(args: dict[str, Any], blob: bytes) -> tuple[Any, bytes]:
+        domain = args.get("domain")
+        if domain is not None and not isinstance(domain, str):
+            raise UsageError("argument 'domain' must be text")
+        return await node.endorse_template(_str(args, "template_id"), domain), b""
+
+    return {"template_publish": publish, "template_list": listing, "template_endorse": endorse}
 
 
 # --------------------------------------------------------------------------- the daemon

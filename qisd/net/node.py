@@ -29,14 +29,29 @@ import pyarrow as pa
 from qisd import __version__
 from qisd.config import NodeConfig
 from qisd.core.crypto import Identity
-from qisd.core.fingerprint import DEFAULT_TEMPLATE, Template, key_for_path, normalize_path
+from qisd.core.darwin import Darwinism, DarwinStateError
+from qisd.core.fingerprint import Template, key_for_path, normalize_path
+from qisd.core.hiring import (
+    Endorsement,
+    Hire,
+    TemplateDoc,
+    decode_doc,
+    default_template_doc,
+    elect,
+    templates_key,
+    templates_path,
+)
+from qisd.core.math import tally
 from qisd.core.packet import (
+    KIND_ENDORSEMENT,
+    KIND_TEMPLATE,
     RESULT_SCHEMA,
     Envelope,
     build_rows,
     pack_rows,
     read_trusted,
     rows_from_arrow,
+    seal,
     validate_row,
     with_provenance,
 )
@@ -48,6 +63,8 @@ log = logging.getLogger(__name__)
 
 ROUTING_STATE_FILE = "routing.json"
 """The DHT's routing state (JSON) inside the data directory."""
+DARWIN_META = "darwinism"
+"""Store meta entry holding the Darwinism state (its ``to_dict``)."""
 FOLLOWED_META = "followed_paths"
 """Store meta entry holding the followed fingerprint paths (a JSON list)."""
 MAX_EMIT_ROWS = 100_000
@@ -146,6 +163,10 @@ class Node:
         self._callbacks: set[asyncio.Task[Any]] = set()
         self._closed = False
         self._commit_lock = asyncio.Lock()
+        self._hires: dict[str, Hire] = {}
+        self._domains: set[str] = set()
+        self._recommended: dict[str, tuple[str, str]] = {}
+        self.darwin = Darwinism()
         self.counters: dict[str, int] = {
             "emits": 0,
             "rows_emitted": 0,
@@ -154,6 +175,7 @@ class Node:
             "received_packets": 0,
             "publish_failures": 0,
             "election_runs": 0,
+            "darwin_observations": 0,
         }
 
     # ------------------------------------------------------------------ lifecycle
@@ -180,6 +202,7 @@ class Node:
         node = cls(config, identity, store, lock, data_dir)
         try:
             node._followed = node._load_followed()
+            node.darwin = node._load_darwin()
             if network:
                 await node._start_network()
             node._tasks.append(asyncio.create_task(node._publisher(), name="qisd-publisher"))
@@ -248,8 +271,181 @@ class Node:
     # ------------------------------------------------------------------ templates
 
     def template_for(self, domain: str) -> tuple[str, Template]:
-        """The template this node routes ``domain`` by: ``(template_id, template)``."""
-        return "default", DEFAULT_TEMPLATE
+        """The template this node routes ``domain`` by: ``(template_id, template)``.
+
+        The Hiring election over the template documents and endorsements this node holds for
+        the domain, weighted by Darwinism; a pinned template (config) always wins. Cached
+        until the domain's documents or weights change. Safe to call from any thread.
+        """
+        hire = self._hires.get(domain)
+        if hire is None:
+            hire = self.hire(domain)
+            self._hires[domain] = hire
+        return hire.template_id, hire.template
+
+    def hire(self, domain: str) -> Hire:
+        """Run the Hiring election for ``domain`` now (UsageError for an unknown pin)."""
+        templates, endorsements = self._documents(domain)
+        return elect(
+            domain,
+            templates,
+            endorsements,
+            self.darwin.weights(domain),
+            self.config.pinned_templates.get(domain),
+            retired=self.darwin.retired(domain),
+        )
+
+    def _documents(
+        self, domain: str
+    ) -> tuple[list[tuple[str, TemplateDoc]], list[tuple[str, Endorsement]]]:
+        """Verified (signer, document) pairs held under the domain's templates key."""
+        key = templates_key(domain)
+        templates: list[tuple[str, TemplateDoc]] = []
+        endorsements: list[tuple[str, Endorsement]] = []
+        since, more = 0, True
+        while more:
+            raws, since, more = self.store.page(
+                key, since=since, max_bytes=1 << 20, now_ms=now_ms()
+            )
+            for raw in raws:
+                env, _ = read_trusted(raw)
+                if env.kind not in (KIND_TEMPLATE, KIND_ENDORSEMENT):
+                    continue
+                try:
+                    doc = decode_doc(env.body)
+                except PacketError:
+                    continue  # verified signature, but not a document of ours: ignore it
+                if doc.domain != domain:
+                    continue
+                if isinstance(doc, TemplateDoc):
+                    templates.append((env.signer, doc))
+                else:
+                    endorsements.append((env.signer, doc))
+        return templates, endorsements
+
+    def _template_doc(self, domain: str, template_id: str) -> TemplateDoc | None:
+        default = default_template_doc(domain)
+        if template_id == default.template_id:
+            return default
+        for _, doc in self._documents(domain)[0]:
+            if doc.template_id == template_id:
+                return doc
+        return None
+
+    async def _refresh_documents(self, domain: str) -> None:
+        """Fetch the domain's template documents from the network into the store."""
+        if self.dht is not None:
+            fetched = await self.dht.fetch(templates_key(domain))
+            if fetched:
+                await self._keep(fetched)
+        self._hires.pop(domain, None)
+
+    async def _publish_document(self, domain: str, body: bytes, kind: int) -> dict[str, Any]:
+        env = seal(self.identity, kind, templates_key(domain), body, timestamp_ms=0)
+        self._domains.add(domain)
+        async with self._commit_lock:
+            self._check_open()
+            result = await asyncio.to_thread(self.store.put, [env], now_ms=now_ms(), local=True)
+        if result.refused:
+            raise PacketError(f"the store refused the document: {result.refused[0][1]}")
+        self._hires.pop(domain, None)
+        replicas = await self._publish([env]) if self.dht is not None else {}
+        return {"packet_id": env.packet_id, "replicas": replicas.get(env.packet_id, 0)}
+
+    async def publish_template(self, document: Mapping[str, Any]) -> dict[str, Any]:
+        """Sign and publish a similarity template for a domain (a Hiring candidate).
+
+        ``document``: ``{"domain", "fields", "levels", "note"?}``. Publishing counts as the
+        author's endorsement. Returns ``{template_id, domain, packet_id, replicas}``.
+        """
+        self._check_open()
+        if not isinstance(document, Mapping):
+            raise UsageError("a template is a JSON object with domain, fields and levels")
+        unknown = set(document) - {"domain", "fields", "levels", "note"}
+        if unknown:
+            raise UsageError(
+                f"unknown template keys {sorted(unknown)} (domain, fields, levels, note)"
+            )
+        fields, levels = document.get("fields"), document.get("levels")
+        if not isinstance(fields, list) or not isinstance(levels, list):
+            raise UsageError("a template needs 'fields' and 'levels' lists")
+        doc = TemplateDoc(
+            domain=document.get("domain"),  # type: ignore[arg-type]
+            fields=tuple(fields),
+            levels=tuple(levels),
+            created_ms=now_ms(),
+            note=document.get("note", ""),  # type: ignore[arg-type]
+        )
+        out = await self._publish_document(doc.domain, doc.to_bytes(), KIND_TEMPLATE)
+        return {"template_id": doc.template_id, "domain": doc.domain, **out}
+
+    async def endorse_template(self, template_id: str, domain: str | None = None) -> dict[str, Any]:
+        """Sign and publish an endorsement of a known template (found by id)."""
+        self._check_open()
+        if not isinstance(template_id, str):
+            raise UsageError("a template id is 40 hex digits")
+        domains = [domain] if domain else self._known_domains()
+        found: TemplateDoc | None = None
+        for d in domains:
+            if domain:
+                await self._refresh_documents(d)
+            found = self._template_doc(d, template_id)
+            if found is not None:
+                break
+        if found is None:
+            where = f"domain {domain!r}" if domain else "any domain this node knows"
+            raise UsageError(
+                f"template {template_id} is not known in {where}: run qisd template list DOMAIN "
+                "first, or pass --domain"
+            )
+        endorsement = Endorsement(template_id=template_id, domain=found.domain, created_ms=now_ms())
+        out = await self._publish_document(found.domain, endorsement.to_bytes(), KIND_ENDORSEMENT)
+        return {"template_id": template_id, "domain": found.domain, **out}
+
+    async def templates(self, domain: str) -> dict[str, Any]:
+        """The domain's template candidates (from the network and the store) and the hire."""
+        self._check_open()
+        templates_path(domain)  # validates the domain name
+        await self._refresh_documents(domain)
+        self._domains.add(domain)
+        templates, endorsements = self._documents(domain)
+        hire = self.hire(domain)
+        self._hires[domain] = hire
+        weights = self.darwin.weights(domain)
+        retired = self.darwin.retired(domain)
+        backers: dict[str, set[str]] = {}
+        docs: dict[str, TemplateDoc] = {}
+        default = default_template_doc(domain)
+        docs[default.template_id] = default
+        for signer, doc in templates:
+            docs[doc.template_id] = doc
+            backers.setdefault(doc.template_id, set()).add(signer)
+        for signer, e in endorsements:
+            backers.setdefault(e.template_id, set()).add(signer)
+        listed = []
+        for tid, doc in sorted(docs.items(), key=lambda kv: (kv[1].created_ms, kv[0])):
+            listed.append(
+                {
+                    "template_id": tid,
+                    "fields": list(doc.fields),
+                    "levels": list(doc.levels),
+                    "note": doc.note,
+                    "created_ms": doc.created_ms,
+                    "endorsers": len(backers.get(tid, ())),
+                    "weight": weights.get(tid),
+                    "retired": tid in retired,
+                    "hired": tid == hire.template_id,
+                }
+            )
+        return {
+            "domain": domain,
+            "hired": hire.template_id,
+            "reason": hire.reason,
+            "templates": listed,
+        }
+
+    def _known_domains(self) -> list[str]:
+        return sorted(self._domains | {p.split("/", 1)[0] for p in self._followed})
 
     # ------------------------------------------------------------------ emit
 
@@ -278,7 +474,7 @@ class Node:
         try:
             async with self._commit_lock:
                 self._check_open()
-                groups = await asyncio.to_thread(self._commit, list(records))
+                groups, rows = await asyncio.to_thread(self._commit, list(records))
         except PacketError:
             self.counters["rejected_emits"] += 1
             raise
@@ -286,7 +482,10 @@ class Node:
         ids = [group[0].packet_id for group in groups]
         self.counters["emits"] += 1
         self.counters["rows_emitted"] += len(records)
+        self._domains.update(row["domain"] for row in rows)
         self._deliver(envelopes)
+        if self._recommended:
+            self._background(self._observe(rows, set(ids)))
         replicas = {pid: 0 for pid in ids}
         if self.dht is not None:
             if wait_replicas > 0:
@@ -295,7 +494,9 @@ class Node:
                 self._publish_queue.put_nowait(envelopes)
         return EmitResult(ids, len(records), replicas)
 
-    def _commit(self, records: list[Mapping[str, Any]]) -> list[list[Envelope]]:
+    def _commit(
+        self, records: list[Mapping[str, Any]]
+    ) -> tuple[list[list[Envelope]], list[dict[str, Any]]]:
         """Validate and sign every row, then one durable put (runs in a worker thread)."""
         now = now_ms()
         rows = build_rows(records, self.identity, now_ms=now)
@@ -319,7 +520,7 @@ class Node:
         if result.refused:
             pid, reason = result.refused[0]
             raise PacketError(f"the store refused packet {pid}: {reason}")
-        return groups
+        return groups, rows
 
     async def emit_table(
         self, table: pa.Table | pa.RecordBatch, *, partial: bool = False, wait_replicas: int = 0
@@ -458,6 +659,15 @@ class Node:
 
     # ------------------------------------------------------------------ follow / subscribe
 
+    def _load_darwin(self) -> Darwinism:
+        try:
+            return Darwinism.from_dict(
+                self.store.get_meta(DARWIN_META, None) or {"version": 1, "domains": {}}
+            )
+        except DarwinStateError as exc:
+            log.warning("ignoring unreadable Darwinism state (%s); starting fresh", exc)
+            return Darwinism()
+
     def _load_followed(self) -> list[str]:
         value = self.store.get_meta(FOLLOWED_META, [])
         if not isinstance(value, list):
@@ -588,9 +798,7 @@ class Node:
             entry = self._subscribers[key] = _Subscription(delivered=set(held))
         sub = Subscription(self, path, key, entry)
         if self.dht is not None and key not in self._listening:
-            task = asyncio.ensure_future(self._listen(key))
-            self._callbacks.add(task)
-            task.add_done_callback(self._callbacks.discard)
+            self._background(self._listen(key))
         return sub
 
     def _unsubscribe(self, sub: Subscription) -> None:
@@ -613,7 +821,75 @@ class Node:
 
         domain = path.split("/", 1)[0]
         template_id, _ = self.template_for(domain)
-        return synthesize(table, path=path, template_id=template_id, now_ms=now_ms())
+        result = synthesize(table, path=path, template_id=template_id, now_ms=now_ms())
+        if result.get("best_intervention"):
+            # Remembered so that when this site later reports that intervention's outcome,
+            # Darwinism can score the templates on it.
+            self._recommended[path] = (result["best_intervention"], template_id)
+        return result
+
+    def _background(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._callbacks.add(task)
+        task.add_done_callback(self._callbacks.discard)
+
+    async def _observe(self, rows: list[dict[str, Any]], own_ids: set[str]) -> None:
+        """Darwinism: score every candidate template on this site's reported outcomes.
+
+        For each emitted row whose intervention this node was recommended (by a synthesis
+        of one of the row's routable paths), each candidate template of the domain predicts
+        the intervention's delta (The Math's weighted median at the row's finest path under
+        that template, from the packets held here, this emit's own left out); the row's
+        ``metric_delta`` is the observed outcome. The state is persisted in the store.
+        """
+        done: set[tuple[str, str, str]] = set()
+        changed: set[str] = set()
+        try:
+            for row in rows:
+                domain, intervention = row["domain"], row["intervention_type"]
+                hired_id, hired = self.template_for(domain)
+                match = next(
+                    (
+                        p
+                        for p in (hired.path(row, level) for level in hired.levels)
+                        if self._recommended.get(p, ("",))[0] == intervention
+                    ),
+                    None,
+                )
+                if match is None or (domain, match, intervention) in done:
+                    continue
+                done.add((domain, match, intervention))
+                now = now_ms()
+                predictions: dict[str, float | None] = {}
+                scale = None
+                for tid in sorted({*self.darwin.candidates(domain), hired_id}):
+                    doc = self._template_doc(domain, tid)
+                    if doc is None:
+                        continue
+                    template = doc.template
+                    path = template.path(row, max(template.levels))
+                    table = await asyncio.to_thread(
+                        self.store.table, key_for_path(path), now_ms=now
+                    )
+                    votes = [r for r in table.to_pylist() if r["packet_id"] not in own_ids]
+                    result = tally(votes, now_ms=now)
+                    stats = next(
+                        (s for s in result.ranking if s.intervention == intervention), None
+                    )
+                    predictions[tid] = stats.median if stats is not None else None
+                    if tid == hired_id and result.sigma_pooled > 0:
+                        scale = 3 * result.sigma_pooled
+                self.darwin.observe(
+                    domain, predictions, float(row["metric_delta"]), now_ms=now, scale=scale
+                )
+                self.counters["darwin_observations"] += 1
+                changed.add(domain)
+            if changed:
+                await asyncio.to_thread(self.store.set_meta, DARWIN_META, self.darwin.to_dict())
+                for domain in changed:
+                    self._hires.pop(domain, None)
+        except Exception:
+            log.exception("scoring templates (Darwinism) failed")
 
     async def _election_loop(self) -> None:
         """Catch followed paths up every ``election_seconds`` (or at once when pushed to) and
@@ -626,6 +902,14 @@ class Node:
                     await self._dirty.wait()
             pushed = self._dirty.is_set()
             self._dirty.clear()
+            if not pushed:
+                for domain in self._known_domains():
+                    try:
+                        await self._refresh_documents(domain)  # Hiring candidates
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception:
+                        log.exception("refreshing the templates of %s failed", domain)
             for path in list(self._followed):
                 try:
                     await self._refresh(path, fetch=not pushed)
@@ -677,6 +961,16 @@ class Node:
             "counters": dict(self.counters),
             "dht": dht_stats,
             "syntheses": {p: self._syntheses[p] for p in self._followed if p in self._syntheses},
+            "templates": {
+                domain: {
+                    "hired": hire.template_id,
+                    "reason": hire.reason,
+                    "fields": list(hire.template.fields),
+                    "levels": list(hire.template.levels),
+                    "weights": self.darwin.weights(domain),
+                }
+                for domain, hire in sorted(self._hires.items())
+            },
         }
 
 
