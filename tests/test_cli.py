@@ -540,3 +540,18 @@ def test_demo_finds_three_sites_over_the_dht_and_cleans_up() -> None:
     assert set(Path(tempfile.gettempdir()).glob("qisd-demo-*")) == before
     human = qisd("demo")
     assert human.returncode == 0 and "Try 'cosine_annealing'" in human.stdout
+
+
+def test_systemd_readiness_is_notified(tmp_path: Path) -> None:
+    notify = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+        listener.bind(str(notify))
+        listener.settimeout(30)
+        d = Daemon(tmp_path / "sd", env={"NOTIFY_SOCKET": str(notify)})
+        try:
+            message = listener.recv(4096).decode()
+            assert "READY=1" in message.splitlines()
+            assert f"MAINPID={d.proc.pid}" in message
+        finally:
+            assert d.terminate() == 0
+        assert "STOPPING=1" in listener.recv(4096).decode()
