@@ -17,6 +17,7 @@ import pickle
 import random
 import socket
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -896,10 +897,18 @@ def test_per_source_rate_limit_counts_and_drops(tmp_path: Path) -> None:
 def test_proof_of_key_possession_on_first_contact(tmp_path: Path) -> None:
     """A node claiming an id that is not the hash of a key it holds never enters a table."""
 
+    chosen = hashlib.blake2b(b"chosen", digest_size=20).digest()
+
     class Impostor(QisdProtocol):
+        """Claims a chosen id (say, next to a key) in its ping answers and introductions."""
+
         def _rpc_ping(self, addr: tuple, args: list[Any]) -> list[bytes]:
-            me, pub, proof = super()._rpc_ping(addr, args)
-            return [hashlib.blake2b(b"chosen", digest_size=20).digest(), pub, proof]
+            _me, pub, proof = super()._rpc_ping(addr, args)
+            return [chosen, pub, proof]
+
+        def _me(self, to: bytes | None) -> Any:
+            value = super()._me(to)
+            return [chosen, *value[1:]] if isinstance(value, list) else chosen
 
     async def body(net: Network) -> None:
         await net.add(3)
@@ -907,11 +916,15 @@ def test_proof_of_key_possession_on_first_contact(tmp_path: Path) -> None:
         liar.server.protocol_class = Impostor
         await liar.start()
         net.nodes.append(liar)
-        reached = await net.nodes[0].bootstrap([liar.address])
-        assert reached == 0
+        assert await net.nodes[0].bootstrap([liar.address]) == 0
+        assert await liar.bootstrap([net.nodes[1].address]) == 0
+        await liar.server.crawl_nodes(chosen)
         await net.settle()
-        assert all(n.protocol.router.get(liar.node_id) is None for n in net.nodes[:3])
-        assert net.nodes[0].stats()["rejected"]["id_not_key_hash"] >= 1
+        assert all(n.protocol.router.get(chosen) is None for n in net.nodes[:3])
+        rejected = Counter()
+        for n in net.nodes[:3]:
+            rejected.update(n.stats()["rejected"])
+        assert rejected["id_not_key_hash"] >= 1 and rejected["bad_introduction"] >= 1
 
     run(tmp_path, body)
 

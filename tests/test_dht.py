@@ -190,6 +190,9 @@ def test_forged_envelopes_are_refused_by_holders_and_never_fetched(tmp_path: Pat
         for node in net.nodes:
             got = await node.fetch(good.key)
             assert [e.packet_id for e in got] == [good.packet_id]
+        table = await net.nodes[3].fetch_table(good.key)
+        assert table.column("packet_id").to_pylist() == [good.packet_id]
+        assert table.column("signer").to_pylist() == [author.identity.public_key.hex()]
 
     run(tmp_path, body)
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import pyarrow as pa
 from kademlia.network import Server
 from kademlia.node import Node
 from kademlia.protocol import KademliaProtocol
@@ -40,10 +41,13 @@ from rpcudp.protocol import RPCProtocol
 from qisd.config import DhtConfig
 from qisd.core.crypto import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Identity, dht_id_for, verify
 from qisd.core.packet import (
+    KIND_PACKET,
+    RESULT_SCHEMA,
     Envelope,
     open_envelope,
     packet_id_of,
     read_trusted,
+    with_provenance,
 )
 from qisd.errors import PacketError, QisdError, UsageError
 from qisd.net import wire
@@ -54,15 +58,21 @@ from qisd.net.routing import Contact, QisdRoutingTable
 log = logging.getLogger(__name__)
 
 _HELLO_TAG = b"qisd/hello\x00"
+_INTRO_TAG = b"qisd/intro\x00"
+INTRO_WINDOW_MS = 120_000
+"""A request's signed introduction is accepted this far from the receiver's clock."""
+MAX_INTRODUCED = 100_000
 STATE_VERSION = 1
 MAX_ENVELOPES_PER_REQUEST = 64
 """store_packets / notify carry at most this many envelopes (a request is <= 8,192 bytes)."""
 MAX_LISTENERS_PER_KEY = 64
 MAX_LISTENED_KEYS = 4_096
 MAX_PENDING_VERIFICATIONS = 256
-REQUEST_OVERHEAD = 160
-"""Bytes of a store_packets/notify request besides its envelopes (name, ids, key, headers)."""
+REQUEST_OVERHEAD = 320
+"""Bytes of a store_packets/notify request besides its envelopes (name, intro, key, headers)."""
 REPLY_CONTACTS_BYTES = 40
+PROOF_BYTES = 112
+"""A reply's proof of key possession: public key and signature, packed."""
 """Upper bound of one packed contact triple (id, IPv4/IPv6 text, port) in a reply."""
 LISTEN_FANOUT = 4
 """A follower registers with this many of a key's closest holders."""
@@ -234,6 +244,8 @@ class QisdProtocol(KademliaProtocol):
         self._tasks: set[asyncio.Task[Any]] = set()
         self._verifying: set[bytes] = set()
         self._handed_off: OrderedDict[bytes, None] = OrderedDict()
+        self._introduced: OrderedDict[bytes, None] = OrderedDict()
+        self._intro_nonces: OrderedDict[bytes, int] = OrderedDict()
         self._listeners: dict[bytes, dict[tuple, tuple[bytes, float]]] = {}
         self.on_notify: Callable[[bytes, list[Envelope]], None] | None = None
         self.on_stored: Callable[[bytes, int], None] | None = None
@@ -402,33 +414,96 @@ class QisdProtocol(KademliaProtocol):
     def _address(self, node: Node) -> tuple | None:
         return self.send_address(node.ip, node.port)
 
-    def ping(self, address: tuple | None, nonce: bytes) -> asyncio.Future[Any]:
-        """Send ``ping``: the answer proves the peer holds the key its id hashes."""
-        return self._call(address, "ping", [self.source_node.id, nonce])
+    def _me(self, to: bytes | None) -> Any:
+        """The sender field of a request to ``to``: our id, or a signed introduction.
 
-    def find_node(self, address: tuple | None, target: bytes) -> asyncio.Future[Any]:
+        Until ``to`` has answered one introduced request, requests carry
+        ``[id, public_key, time_ms, nonce, sig(tag, id, to, time_ms, nonce)]``: proof that we
+        hold the key our id hashes, so the receiver can add us without pinging back.
+        """
+        me = self.source_node.id
+        if to is None or to in self._introduced:
+            return me
+        ts = _now_ms(self.clock)
+        nonce = os.urandom(wire.NONCE_BYTES)
+        sig = self.identity.sign(_INTRO_TAG + me + to + ts.to_bytes(8, "big") + nonce)
+        return [me, self.identity.public_key, ts, nonce, sig]
+
+    def _introduce(self, future: asyncio.Future[Any], to: bytes, args: list[Any]) -> None:
+        if not isinstance(args[0], list) or future.cancelled() or not future.result()[0]:
+            return
+        self._introduced[to] = None
+        while len(self._introduced) > MAX_INTRODUCED:
+            self._introduced.popitem(last=False)
+
+    def _request(
+        self, address: tuple | None, name: str, to: bytes | None, rest: list[Any]
+    ) -> asyncio.Future[Any]:
+        return self._introduced_request(address, name, to, rest)[0]
+
+    def _introduced_request(
+        self, address: tuple | None, name: str, to: bytes | None, rest: list[Any]
+    ) -> tuple[asyncio.Future[Any], bytes | None]:
+        """Send a request; also the nonce of its introduction (None if it carries none)."""
+        me = self._me(to)
+        args = [me, *rest]
+        future = self._call(address, name, args)
+        if to is not None:
+            future.add_done_callback(lambda f: self._introduce(f, to, args))
+        return future, (me[3] if isinstance(me, list) else None)
+
+    def _proof(self, nonce: bytes, requester: bytes) -> list[bytes]:
+        """Our answer to an introduction: proof that we hold the key our id hashes."""
+        me = self.source_node.id
+        return [self.identity.public_key, self.identity.sign(_HELLO_TAG + nonce + requester + me)]
+
+    def _proven(self, reply: Any, nonce: bytes | None, node: Node) -> bool:
+        """True if ``reply`` proves that ``node`` holds the key its id hashes."""
+        if nonce is None or not isinstance(reply, dict):
+            return False
+        proof = reply.get("proof")
+        if not isinstance(proof, list) or len(proof) != 2:
+            return False
+        pub, sig = proof
+        if not isinstance(pub, bytes) or not isinstance(sig, bytes):
+            return False
+        if len(pub) != PUBLIC_KEY_BYTES or dht_id_for(pub) != node.id:
+            return False
+        return verify(pub, sig, _HELLO_TAG + nonce + self.source_node.id + node.id)
+
+    def ping(
+        self, address: tuple | None, nonce: bytes, *, to: bytes | None = None
+    ) -> asyncio.Future[Any]:
+        """Send ``ping``: the answer proves the peer holds the key its id hashes."""
+        return self._request(address, "ping", to, [nonce])
+
+    def find_node(
+        self, address: tuple | None, target: bytes, *, to: bytes | None = None
+    ) -> asyncio.Future[Any]:
         """Send ``find_node``."""
-        return self._call(address, "find_node", [self.source_node.id, target])
+        return self._request(address, "find_node", to, [target])
 
     def store_packets(
-        self, address: tuple | None, key: bytes, raws: list[bytes]
+        self, address: tuple | None, key: bytes, raws: list[bytes], *, to: bytes | None = None
     ) -> asyncio.Future[Any]:
         """Send ``store_packets``."""
-        return self._call(address, "store_packets", [self.source_node.id, key, raws])
+        return self._request(address, "store_packets", to, [key, raws])
 
     def find_packets(
-        self, address: tuple | None, key: bytes, cursor: int | None
+        self, address: tuple | None, key: bytes, cursor: int | None, *, to: bytes | None = None
     ) -> asyncio.Future[Any]:
         """Send ``find_packets``."""
-        return self._call(address, "find_packets", [self.source_node.id, key, cursor])
+        return self._request(address, "find_packets", to, [key, cursor])
 
-    def listen(self, address: tuple | None, key: bytes) -> asyncio.Future[Any]:
+    def listen(
+        self, address: tuple | None, key: bytes, *, to: bytes | None = None
+    ) -> asyncio.Future[Any]:
         """Send ``listen``."""
-        return self._call(address, "listen", [self.source_node.id, key])
+        return self._request(address, "listen", to, [key])
 
     def notify(self, address: tuple | None, key: bytes, raws: list[bytes]) -> asyncio.Future[Any]:
         """Send ``notify``."""
-        return self._call(address, "notify", [self.source_node.id, key, raws])
+        return self._request(address, "notify", None, [key, raws])
 
     # -- calls with checked replies (defect 7)
 
@@ -448,7 +523,7 @@ class QisdProtocol(KademliaProtocol):
     async def verified_ping(self, address: tuple | None, expect: bytes | None) -> bytes | None:
         """Ping ``address``; the id it proves it holds the key of (``expect`` if given)."""
         nonce = os.urandom(wire.NONCE_BYTES)
-        ok, reply = await self.ping(address, nonce)
+        ok, reply = await self.ping(address, nonce, to=expect)
         if not ok:
             return None
         if (
@@ -482,21 +557,29 @@ class QisdProtocol(KademliaProtocol):
 
     async def call_find_node(self, node_to_ask: Node, node_to_find: Node) -> tuple[bool, Any]:
         """``find_node``: (ok, contacts as Nodes)."""
-        ok, reply = await self.find_node(self._address(node_to_ask), node_to_find.id)
+        future, nonce = self._introduced_request(
+            self._address(node_to_ask), "find_node", node_to_ask.id, [node_to_find.id]
+        )
+        ok, reply = await future
         if not ok:
             return self.handle_call_response((False, None), node_to_ask)
         try:
-            found = [Contact(i, h, p) for i, h, p in wire.contacts(reply)]
+            if not isinstance(reply, dict):
+                raise wire.WireError("shape")
+            found = [Contact(i, h, p) for i, h, p in wire.contacts(reply.get("nodes"))]
         except wire.WireError:
             return self._bad_reply(node_to_ask, "find_node")
-        self.welcome_if_new(node_to_ask)
+        self.welcome_if_new(node_to_ask, proven=self._proven(reply, nonce, node_to_ask))
         return True, [n for n in found if self.reachable(n)]
 
     async def call_find_packets(
         self, node_to_ask: Node, key: bytes, cursor: int | None
     ) -> tuple[bool, Any]:
         """``find_packets``: (ok, FindPacketsReply)."""
-        ok, reply = await self.find_packets(self._address(node_to_ask), key, cursor)
+        future, nonce = self._introduced_request(
+            self._address(node_to_ask), "find_packets", node_to_ask.id, [key, cursor]
+        )
+        ok, reply = await future
         if not ok:
             return self.handle_call_response((False, None), node_to_ask)
         try:
@@ -515,14 +598,17 @@ class QisdProtocol(KademliaProtocol):
             )
         except wire.WireError:
             return self._bad_reply(node_to_ask, "find_packets")
-        self.welcome_if_new(node_to_ask)
+        self.welcome_if_new(node_to_ask, proven=self._proven(reply, nonce, node_to_ask))
         return True, parsed
 
     async def call_store_packets(
         self, node_to_ask: Node, key: bytes, raws: list[bytes]
     ) -> tuple[bool, Any]:
         """``store_packets``: (ok, StoreReply)."""
-        ok, reply = await self.store_packets(self._address(node_to_ask), key, raws)
+        future, nonce = self._introduced_request(
+            self._address(node_to_ask), "store_packets", node_to_ask.id, [key, raws]
+        )
+        ok, reply = await future
         if not ok:
             return self.handle_call_response((False, None), node_to_ask)
         try:
@@ -544,19 +630,22 @@ class QisdProtocol(KademliaProtocol):
                 raise wire.WireError("shape")
         except wire.WireError:
             return self._bad_reply(node_to_ask, "store_packets")
-        self.welcome_if_new(node_to_ask)
+        self.welcome_if_new(node_to_ask, proven=self._proven(reply, nonce, node_to_ask))
         return True, StoreReply(accepted, duplicates, [(a, b) for a, b in refused])
 
     async def call_listen(self, node_to_ask: Node, key: bytes) -> bool:
         """``listen``: True if the holder registered us."""
-        ok, reply = await self.listen(self._address(node_to_ask), key)
+        future, nonce = self._introduced_request(
+            self._address(node_to_ask), "listen", node_to_ask.id, [key]
+        )
+        ok, reply = await future
         if not ok:
             self.handle_call_response((False, None), node_to_ask)
             return False
         if not isinstance(reply, dict) or not isinstance(reply.get("ttl"), int):
             self._bad_reply(node_to_ask, "listen")
             return False
-        self.welcome_if_new(node_to_ask)
+        self.welcome_if_new(node_to_ask, proven=self._proven(reply, nonce, node_to_ask))
         return True
 
     async def call_notify(self, address: tuple, key: bytes, raws: list[bytes]) -> bool:
@@ -588,12 +677,13 @@ class QisdProtocol(KademliaProtocol):
             self.counters["task_errors"] += 1
             log.debug("background task failed", exc_info=task.exception())
 
-    def welcome_if_new(self, node: Node) -> None:
+    def welcome_if_new(self, node: Node, *, proven: bool = False) -> None:
         """Refresh a known contact; verify an unknown one (signed ping) before adding it.
 
         A node enters the routing table only after it proved it holds the key its id hashes
-        (no self-chosen ids). Hand-off runs once per node id, on its first verified contact,
-        not for nodes parked in a replacement cache (defect 1).
+        (no self-chosen ids). A newcomer whose bucket is full (and would not split) is left
+        out, without pings. Hand-off runs once per node id, on its first verified contact;
+        a contact already known, in a bucket or its replacement cache, is never "new" (defect 1).
         """
         if node.id == self.source_node.id or self.closed or not self.reachable(node):
             return
@@ -602,6 +692,12 @@ class QisdProtocol(KademliaProtocol):
             self.router.touch(known)
             return
         if node.id in self._verifying or len(self._verifying) >= MAX_PENDING_VERIFICATIONS:
+            return
+        if known is None and not self.router.has_room_for(node):
+            self.counters["contacts_skipped_full_bucket"] += 1
+            return
+        if proven:
+            self._add_verified(Contact(node.id, node.ip, node.port))
             return
         self._verifying.add(node.id)
         self.spawn(self._verify_and_add(Contact(node.id, node.ip, node.port)))
@@ -613,6 +709,9 @@ class QisdProtocol(KademliaProtocol):
             self._verifying.discard(node.id)
         if nid is None or self.closed:
             return
+        self._add_verified(node)
+
+    def _add_verified(self, node: Contact) -> None:
         self.router.add_contact(node)
         if node.id not in self._handed_off:
             self._handed_off[node.id] = None
@@ -663,17 +762,54 @@ class QisdProtocol(KademliaProtocol):
 
     # -- handlers: (address, args) -> reply; WireError = bad arguments (counted)
 
-    def _sender(self, addr: tuple, value: Any) -> Contact:
-        return Contact(wire.node_id(value), self._peer_host(addr), addr[1])
+    def _sender(self, addr: tuple, value: Any) -> tuple[Contact, bool, bytes | None]:
+        """The requester, whether its introduction proved its id, and the intro's nonce."""
+        host = self._peer_host(addr)
+        if isinstance(value, bytes):
+            return Contact(wire.node_id(value), host, addr[1]), False, None
+        if not isinstance(value, list) or len(value) != 5:
+            raise wire.WireError("bad_sender")
+        nid, pub, ts, nonce, sig = value
+        wire.node_id(nid)
+        if (
+            not isinstance(pub, bytes)
+            or len(pub) != PUBLIC_KEY_BYTES
+            or type(ts) is not int
+            or not 0 <= ts < 2**63
+            or not isinstance(nonce, bytes)
+            or len(nonce) != wire.NONCE_BYTES
+            or not isinstance(sig, bytes)
+            or len(sig) != SIGNATURE_BYTES
+        ):
+            raise wire.WireError("bad_sender")
+        contact = Contact(nid, host, addr[1])
+        known = self.router.get(nid)
+        if known is not None and (known.ip, known.port) == (host, addr[1]):
+            return contact, False, nonce  # nothing to prove: skip the signature check
+        now = _now_ms(self.clock)
+        if abs(now - ts) > INTRO_WINDOW_MS or nonce in self._intro_nonces:
+            self.counters["rejected.stale_introduction"] += 1
+            return contact, False, None  # fall back to a verification ping
+        if dht_id_for(pub) != nid or not verify(
+            pub, sig, _INTRO_TAG + nid + self.source_node.id + ts.to_bytes(8, "big") + nonce
+        ):
+            raise wire.WireError("bad_introduction")
+        self._intro_nonces[nonce] = ts
+        while self._intro_nonces and (
+            len(self._intro_nonces) > MAX_INTRODUCED
+            or next(iter(self._intro_nonces.values())) < now - INTRO_WINDOW_MS
+        ):
+            self._intro_nonces.popitem(last=False)
+        return contact, True, nonce
 
     def _rpc_ping(self, addr: tuple, args: list[Any]) -> list[bytes]:
         if len(args) != 2:
             raise wire.WireError("bad_args")
-        sender = self._sender(addr, args[0])
+        sender, proven, _intro = self._sender(addr, args[0])
         nonce = args[1]
         if not isinstance(nonce, bytes) or len(nonce) != wire.NONCE_BYTES:
             raise wire.WireError("bad_args")
-        self.welcome_if_new(sender)
+        self.welcome_if_new(sender, proven=proven)
         me = self.source_node.id
         proof = self.identity.sign(_HELLO_TAG + nonce + sender.id + me)
         return [me, self.identity.public_key, proof]
@@ -682,35 +818,41 @@ class QisdProtocol(KademliaProtocol):
         neighbors = self.router.find_neighbors(Node(target), exclude=exclude)
         return [[n.id, n.ip, n.port] for n in neighbors]
 
-    def _rpc_find_node(self, addr: tuple, args: list[Any]) -> list[list[Any]]:
+    def _rpc_find_node(self, addr: tuple, args: list[Any]) -> dict[str, Any]:
         if len(args) != 2:
             raise wire.WireError("bad_args")
-        sender = self._sender(addr, args[0])
+        sender, proven, nonce = self._sender(addr, args[0])
         target = wire.node_id(args[1])
-        self.welcome_if_new(sender)
-        return self._contacts_reply(target, sender)
+        self.welcome_if_new(sender, proven=proven)
+        reply: dict[str, Any] = {"nodes": self._contacts_reply(target, sender)}
+        if nonce is not None:
+            reply["proof"] = self._proof(nonce, sender.id)
+        return reply
 
     def _rpc_find_packets(self, addr: tuple, args: list[Any]) -> dict[str, Any]:
         if len(args) != 3:
             raise wire.WireError("bad_args")
-        sender = self._sender(addr, args[0])
+        sender, proven, nonce = self._sender(addr, args[0])
         key = wire.node_id(args[1])
         cursor = wire.cursor(args[2])
-        self.welcome_if_new(sender)
+        self.welcome_if_new(sender, proven=proven)
         nodes = self._contacts_reply(key, sender) if not cursor else []
-        budget = self.max_datagram - 64 - REPLY_CONTACTS_BYTES * len(nodes)
+        budget = self.max_datagram - 64 - PROOF_BYTES - REPLY_CONTACTS_BYTES * len(nodes)
         raws, next_cursor, more = self.store.page(
             key, since=cursor or 0, max_bytes=budget, now_ms=_now_ms(self.clock)
         )
-        return {"nodes": nodes, "packets": raws, "cursor": next_cursor, "more": more}
+        reply = {"nodes": nodes, "packets": raws, "cursor": next_cursor, "more": more}
+        if nonce is not None:
+            reply["proof"] = self._proof(nonce, sender.id)
+        return reply
 
     def _rpc_store_packets(self, addr: tuple, args: list[Any]) -> dict[str, Any]:
         if len(args) != 3:
             raise wire.WireError("bad_args")
-        sender = self._sender(addr, args[0])
+        sender, proven, nonce = self._sender(addr, args[0])
         key = wire.node_id(args[1])
         raws = wire.byte_list(args[2], max_items=MAX_ENVELOPES_PER_REQUEST)
-        self.welcome_if_new(sender)
+        self.welcome_if_new(sender, proven=proven)
         now = _now_ms(self.clock)
         valid: list[Envelope] = []
         duplicates: list[str] = []
@@ -742,14 +884,17 @@ class QisdProtocol(KademliaProtocol):
             accepted_ids = set(result.accepted)
             fresh = [e for e in valid if e.packet_id in accepted_ids]
             self.push_to_listeners(key, fresh, exclude=(addr[0], addr[1]))
-        return {"accepted": result.accepted, "duplicates": duplicates, "refused": refused}
+        reply = {"accepted": result.accepted, "duplicates": duplicates, "refused": refused}
+        if nonce is not None:
+            reply["proof"] = self._proof(nonce, sender.id)
+        return reply
 
     def _rpc_listen(self, addr: tuple, args: list[Any]) -> dict[str, Any]:
         if len(args) != 2:
             raise wire.WireError("bad_args")
-        sender = self._sender(addr, args[0])
+        sender, proven, nonce = self._sender(addr, args[0])
         key = wire.node_id(args[1])
-        self.welcome_if_new(sender)
+        self.welcome_if_new(sender, proven=proven)
         now = self.clock()
         listeners = self._listeners.get(key)
         if listeners is None:
@@ -764,15 +909,18 @@ class QisdProtocol(KademliaProtocol):
             if len(listeners) >= MAX_LISTENERS_PER_KEY:
                 raise wire.WireError("too_many_listeners")
         listeners[where] = (sender.id, now + self.config.listen_seconds)
-        return {"ttl": int(self.config.listen_seconds)}
+        reply: dict[str, Any] = {"ttl": int(self.config.listen_seconds)}
+        if nonce is not None:
+            reply["proof"] = self._proof(nonce, sender.id)
+        return reply
 
     def _rpc_notify(self, addr: tuple, args: list[Any]) -> dict[str, Any]:
         if len(args) != 3:
             raise wire.WireError("bad_args")
-        sender = self._sender(addr, args[0])
+        sender, proven, nonce = self._sender(addr, args[0])
         key = wire.node_id(args[1])
         raws = wire.byte_list(args[2], max_items=MAX_ENVELOPES_PER_REQUEST)
-        self.welcome_if_new(sender)
+        self.welcome_if_new(sender, proven=proven)
         if self.on_notify is None:
             return {"accepted": 0}
         now = _now_ms(self.clock)
@@ -1243,6 +1391,15 @@ class DhtNode:
         self._counters["fetches"] += 1
         self._counters["fetch_messages"] += replies.messages
         return self._merge(key, (r for raws in replies.raws.values() for r in raws))
+
+    async def fetch_table(self, key: bytes) -> pa.Table:
+        """:meth:`fetch` as one Arrow table (``RESULT_SCHEMA``: rows plus packet id, signer)."""
+        batches = [
+            with_provenance(env.batch(), env.packet_id, env.public_key)
+            for env in await self.fetch(key)
+            if env.kind == KIND_PACKET
+        ]
+        return pa.Table.from_batches(batches, schema=RESULT_SCHEMA)
 
     def _local(self, key: bytes) -> list[Envelope]:
         return [read_trusted(raw)[0] for raw in self.server.storage.raws(key)]

@@ -124,6 +124,17 @@ class QisdRoutingTable(RoutingTable):
         found = bucket.nodes.get(node_id) or bucket.replacement_nodes.get(node_id)
         return found if isinstance(found, Contact) else None
 
+    def has_room_for(self, node: Node) -> bool:
+        """True if ``node`` would enter its bucket (room, or the bucket would split).
+
+        A full bucket that would not split keeps its old, live contacts (Kademlia prefers
+        them): a newcomer there is not worth a verification ping and a head ping.
+        """
+        bucket = self.buckets[self.get_bucket_for(node)]
+        if len(bucket) < self.ksize or node.id in bucket.nodes:
+            return True
+        return bool(bucket.has_in_range(self.node) or bucket.depth() % 5 != 0)
+
     def add_contact(self, node: Node) -> None:
         """Add or refresh ``node`` (moved to its bucket's tail: live contacts stay)."""
         if node.id == self.node.id:
