@@ -1,6 +1,6 @@
 """DHT benchmark: stock kademlia, OpenDHT and qisd side by side on loopback.
 
-    .venv/bin/python bench/dht.py                       # N = 50, 200, 500 (~8 minutes)
+    .venv/bin/python bench/dht.py                       # N = 50, 200, 500 (~4 minutes)
     .venv/bin/python bench/dht.py --sizes 50 --fetches 20 --churn-fetches 5
 
 For each N and each implementation, one worker process (run one after another, so they do not
@@ -401,8 +401,8 @@ def main() -> int:
     ap.add_argument("--sizes", default="50,200,500", help="comma-separated network sizes")
     ap.add_argument("--impls", default=",".join(IMPLS), help="which implementations to run")
     ap.add_argument("--keys", type=int, default=20, help="keys published (one value each)")
-    ap.add_argument("--fetches", type=int, default=30, help="fetches before churn")
-    ap.add_argument("--churn-fetches", type=int, default=8, help="fetches with 20%% stopped")
+    ap.add_argument("--fetches", type=int, default=100, help="fetches before churn")
+    ap.add_argument("--churn-fetches", type=int, default=20, help="fetches with 20%% stopped")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--worker-timeout", type=int, default=600)
     ap.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)

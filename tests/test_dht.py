@@ -368,3 +368,25 @@ def test_bootstrap_file_format(tmp_path: Path) -> None:
     ]
     repo_file = Path(__file__).parent.parent / "bootstrap-nodes.txt"
     assert DhtNode.bootstrap_addresses_from_file(repo_file) == []
+
+
+def test_listen_registrations_expire_unless_refreshed(tmp_path: Path) -> None:
+    async def body(net: Network) -> None:
+        holder, follower = await net.add(2)
+        key = coarse_key()
+        contact = holder.protocol.router.get(holder.node_id) or type(follower.protocol.source_node)(
+            holder.node_id, *holder.address
+        )
+        assert await follower.protocol.call_listen(contact, key)
+        assert holder.protocol.listeners(key) == [follower.address]
+        lifetime = net.config.listen_seconds
+        holder.protocol.clock = lambda: fixed_clock() + lifetime - 1
+        assert await follower.protocol.call_listen(contact, key)  # refreshed in time
+        holder.protocol.clock = lambda: fixed_clock() + 2 * lifetime - 2
+        assert holder.protocol.listeners(key) == [follower.address]
+        holder.protocol.clock = lambda: fixed_clock() + 2 * lifetime
+        assert holder.protocol.listeners(key) == []
+        env = make_packets(1)[0][0]
+        assert holder.protocol.push_to_listeners(key, [env]) == 0
+
+    run(tmp_path, body)
