@@ -69,6 +69,8 @@ FOLLOWED_META = "followed_paths"
 """Store meta entry holding the followed fingerprint paths (a JSON list)."""
 MAX_EMIT_ROWS = 100_000
 """Rows one emit call may carry (bulk input is sent in chunks well below this)."""
+PUBLISH_CONCURRENCY = 8
+"""Keys published at once (each is a lookup plus stores at its k closest nodes)."""
 MAX_FOLLOWED = 1_000
 """Paths one node may follow."""
 _SUBSCRIBER_QUEUE = 1_024
@@ -163,6 +165,8 @@ class Node:
         self._callbacks: set[asyncio.Task[Any]] = set()
         self._closed = False
         self._commit_lock = asyncio.Lock()
+        self._publish_slots = asyncio.Semaphore(PUBLISH_CONCURRENCY)
+        self._backlog = 0
         self._hires: dict[str, Hire] = {}
         self._domains: set[str] = set()
         self._recommended: dict[str, tuple[str, str]] = {}
@@ -491,6 +495,7 @@ class Node:
             if wait_replicas > 0:
                 replicas.update(await self._publish_until(envelopes, wait_replicas))
             else:
+                self._backlog += len(envelopes)
                 self._publish_queue.put_nowait(envelopes)
         return EmitResult(ids, len(records), replicas)
 
@@ -563,8 +568,16 @@ class Node:
         by_key: dict[bytes, list[Envelope]] = {}
         for env in envelopes:
             by_key.setdefault(env.key, []).append(env)
+
+        async def one(group: list[Envelope]) -> Any:
+            # A bounded number of keys at a time: a bulk emit of thousands of fingerprints
+            # would otherwise fire all their lookups at once and run into every peer's
+            # per-source rate limit (then nothing gets stored anywhere).
+            async with self._publish_slots:
+                return await self.dht.publish(group)
+
         try:
-            results = await asyncio.gather(*(self.dht.publish(g) for g in by_key.values()))
+            results = await asyncio.gather(*(one(g) for g in by_key.values()))
         except Exception:
             self.counters["publish_failures"] += 1
             log.exception("publishing %d envelopes failed", len(envelopes))
@@ -579,17 +592,25 @@ class Node:
         """Publish until every packet has ``wanted`` replicas or the wait runs out.
 
         A node that just joined may not know its neighbours yet, and a replica may time out:
-        packets short of replicas are published again, backing off, for up to ten RPC timeouts.
+        packets short of replicas are published again, backing off, until a round of ten RPC
+        timeouts passes without any packet gaining a replica.
         """
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + max(5.0, 10 * self.config.dht.rpc_timeout)
+        patience = max(5.0, 10 * self.config.dht.rpc_timeout)
+        deadline = loop.time() + patience
         best: dict[str, int] = {}
         pending = envelopes
         delay = 0.1
         while True:
+            progress = False
             for pid, n in (await self._publish(pending)).items():
-                best[pid] = max(best.get(pid, 0), n)
+                if n > best.get(pid, 0):
+                    best[pid] = n
+                    progress = True
+                best.setdefault(pid, n)
             pending = [e for e in pending if best.get(e.packet_id, 0) < wanted]
+            if progress:
+                deadline = loop.time() + patience
             if not pending or loop.time() + delay > deadline:
                 return best
             await asyncio.sleep(delay)
@@ -606,6 +627,7 @@ class Node:
             try:
                 await self._publish(batch)
             finally:
+                self._backlog -= len(batch)
                 for _ in range(taken):
                     self._publish_queue.task_done()
 
@@ -957,6 +979,7 @@ class Node:
             "packets": stats["packets"],
             "local_packets": stats["local_packets"],
             "store_bytes": stats["bytes"],
+            "publish_backlog": self._backlog,
             "followed": self.followed(),
             "counters": dict(self.counters),
             "dht": dht_stats,
