@@ -13,7 +13,7 @@ messages per operation (RPCs sent by all nodes during the operation, background 
 Ratios qisd/peer are printed for the same N in the same run.
 
 Values: 1,300 random bytes for kademlia and OpenDHT; for qisd one signed outcome packet
-(an envelope of ~600 bytes) per key. Parameters: k = 20, alpha = 3 everywhere; qisd's RPC
+(an envelope of ~450 bytes) per key. Parameters: k = 20, alpha = 3 everywhere; qisd's RPC
 timeout 2 s; stock kademlia's is its fixed 5 s; OpenDHT's per-IP rate limit is disabled
 (all nodes share 127.0.0.1). OpenDHT's get is timed to completion and to its first value.
 qisd's stores live in a tmpfs directory when /dev/shm exists (the benchmark measures the
