@@ -726,20 +726,17 @@ class QisdProtocol(KademliaProtocol):
         to the key than every contact it knows, so one node, not all, hands each key off. The
         key itself is the DHT id (stock hashes it again, defect 10).
         """
-        sent = 0
+        ids = [c.long_id for c in self.router.contacts() if c.id != node.id]
+        me, newcomer, sent = self.source_node.long_id, node.long_id, 0
         for key, _count in self.store.keys():  # noqa: SIM118 (a Store, not a dict)
-            keynode = Node(key)
-            neighbors = self.router.find_neighbors(keynode, exclude=node)
-            neighbors = [n for n in neighbors if n.id != node.id]
-            if neighbors:
-                new_close = len(neighbors) < self.ksize or node.distance_to(keynode) < neighbors[
-                    -1
-                ].distance_to(keynode)
-                this_closest = self.source_node.distance_to(keynode) < neighbors[0].distance_to(
-                    keynode
-                )
-                if not (new_close and this_closest):
-                    continue
+            k = int.from_bytes(key, "big")
+            mine = me ^ k
+            # Most keys fail the first test at the first few contacts: cheap for many keys.
+            if any(i ^ k < mine for i in ids):
+                continue  # a known contact is closer to the key than this node
+            theirs = newcomer ^ k
+            if sum(1 for i in ids if i ^ k < theirs) >= self.ksize:
+                continue  # the newcomer is not among the k closest
             sent += 1
             self.spawn(self.push_key(node, key))
         return sent
