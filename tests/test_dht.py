@@ -390,3 +390,30 @@ def test_listen_registrations_expire_unless_refreshed(tmp_path: Path) -> None:
         assert holder.protocol.push_to_listeners(key, [env]) == 0
 
     run(tmp_path, body)
+
+
+def test_bootstrap_keeps_retrying_an_unreachable_peer_in_the_background(tmp_path: Path) -> None:
+    import socket
+
+    async def body(net: Network) -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+            node = net.make()
+            await node.start()
+            net.nodes.append(node)
+            upkeep = set(node._tasks)  # republish and expiry loops
+            # The peer's port answers nothing yet: bootstrap reports it and keeps trying.
+            assert await node.bootstrap([("127.0.0.1", port)]) == 0
+        assert f"127.0.0.1:{port}" in node.stats()["bootstrap_unreachable"]
+        retries = list(node._tasks - upkeep)
+        assert retries
+        peer = net.make()
+        await peer.start("127.0.0.1", port)  # the peer comes up on that address
+        net.nodes.append(peer)
+        async with asyncio.timeout(10):
+            await asyncio.gather(*retries)
+        assert node.stats()["bootstrap_unreachable"] == {}
+        assert [p["id"] for p in node.peers()] == [peer.node_id.hex()]
+
+    run(tmp_path, body, DhtConfig(rpc_timeout=0.3))
