@@ -313,14 +313,10 @@ def emit(
         raise UsageError("--format applies to --from")
     from qisd.client import check_rows, read_input
 
+    # A file is checked whole before anything is sent (all or nothing); one row from flags is
+    # checked by the daemon in the same way, which saves this process loading pyarrow.
     rows = read_input(from_, fmt) if from_ is not None else [given]
-    try:
-        total = check_rows(rows)
-    except FieldError as exc:
-        if from_ is None and exc.field in _FLAG_OF:
-            # One row from flags: name the flag the user typed, not the row.
-            raise FieldError(f"{_FLAG_OF[exc.field]} ({exc.field})", exc.value, exc.rule) from None
-        raise
+    total = check_rows(rows) if from_ is not None else 1
     if total == 0:
         raise UsageError("nothing to emit: the input has no rows")
     client = _client(data_dir)
@@ -344,6 +340,11 @@ def emit(
         result = client.emit_rows(
             rows, wait=wait, chunk_rows=chunk_rows, on_chunk=on_chunk, validate=False
         )
+    except FieldError as exc:
+        if from_ is None and exc.field in _FLAG_OF:
+            # One row from flags: name the flag the user typed, not the row.
+            raise FieldError(f"{_FLAG_OF[exc.field]} ({exc.field})", exc.value, exc.rule) from None
+        raise
     except QisdError as exc:
         committed = getattr(exc, "committed", [])
         if committed:

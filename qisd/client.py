@@ -71,6 +71,14 @@ def _raise_remote(error: Any) -> None:
     message = str(error.get("message", "error"))
     code = error.get("exit_code", 1)
     cls = getattr(errors, kind, None)
+    if cls is errors.FieldError and isinstance(error.get("field"), str):
+        row = error.get("row")
+        raise errors.FieldError(
+            error["field"],
+            error.get("value"),
+            str(error.get("rule", "")),
+            row if isinstance(row, int) else None,
+        )
     if isinstance(cls, type) and issubclass(cls, QisdError):
         exc = cls.__new__(cls)
         Exception.__init__(exc, message)
@@ -359,11 +367,13 @@ class Client:
         nothing. ``on_chunk`` is called after each commit with its packet ids. If the daemon
         goes away midway the error raised carries ``committed``: the ids stored before it.
         """
-        import pyarrow as pa
-
         if chunk_rows < 1:
             raise UsageError("chunk_rows must be at least 1")
         total = check_rows(rows) if validate else len(rows)
+        if isinstance(rows, (list, tuple)):
+            pa = None  # plain rows travel as JSON: no need to load pyarrow here
+        else:
+            import pyarrow as pa
         if total == 0:
             raise UsageError("nothing to emit: the input has no rows")
         ids: list[str] = []
@@ -371,7 +381,7 @@ class Client:
         done = 0
         try:
             while done < total:
-                if isinstance(rows, pa.Table):
+                if pa is not None and isinstance(rows, pa.Table):
                     chunk = rows.slice(done, chunk_rows)
                     result = self.emit_table(chunk, wait=wait)
                     n = chunk.num_rows

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import socket
 import struct
@@ -32,7 +33,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qisd.errors import DaemonNotRunning, QisdError, UsageError
+from qisd.errors import DaemonNotRunning, FieldError, QisdError, UsageError
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -95,7 +96,15 @@ def error_header(exc: BaseException) -> dict[str, Any]:
         kind, code, message = type(exc).__name__, exc.exit_code, str(exc)
     else:
         kind, code, message = "InternalError", 1, f"internal error ({type(exc).__name__})"
-    return {"ok": False, "error": {"type": kind, "message": message, "exit_code": code}}
+    error: dict[str, Any] = {"type": kind, "message": message, "exit_code": code}
+    if isinstance(exc, FieldError):
+        value = exc.value
+        if not (value is None or isinstance(value, (str, int, float, bool))):
+            value = repr(value)
+        if isinstance(value, float) and not math.isfinite(value):
+            value = repr(value)
+        error.update(field=exc.field, value=value, rule=exc.rule, row=exc.row)
+    return {"ok": False, "error": error}
 
 
 def table_to_ipc(table: pa.Table) -> bytes:
