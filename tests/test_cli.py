@@ -421,7 +421,7 @@ def test_emit_from_stdin_csv_and_json(daemon: Daemon) -> None:
     csv_text = (
         "domain,problem_type,metric_name,metric_value,metric_delta,confidence,"
         "intervention_type,outcome_decile,intervention_params\n"
-        'clinical.oncology,treatment_response_classification,auc,0.8,0.01,0.9,warmup,7,'
+        "clinical.oncology,treatment_response_classification,auc,0.8,0.01,0.9,warmup,7,"
         '"{""a"": 1}"\n'
         "clinical.oncology,treatment_response_classification,auc,0.8,0.02,0.9,warmup,7,\n"
     )
@@ -555,3 +555,22 @@ def test_systemd_readiness_is_notified(tmp_path: Path) -> None:
         finally:
             assert d.terminate() == 0
         assert "STOPPING=1" in listener.recv(4096).decode()
+
+
+def test_the_flight_endpoint_starts_beside_the_daemon(tmp_path: Path) -> None:
+    import pyarrow.flight as flight
+
+    d = Daemon(tmp_path / "fl", "--flight", "grpc://127.0.0.1:0")
+    try:
+        # Logged when it is serving; the readiness line comes after it.
+        uri = next(
+            m[1]
+            for line in d.lines
+            if (m := re.search(r"Arrow Flight endpoint at (\S+)", line)) is not None
+        )
+        client = flight.connect(uri)
+        (result,) = list(client.do_action(flight.Action("status", b"")))
+        assert json.loads(result.body.to_pybytes())["node_id"] == d.node_id
+        client.close()
+    finally:
+        assert d.terminate() == 0

@@ -179,7 +179,8 @@ def check(config: NodeConfig) -> NodeConfig:
     if s.per_key < 1 or s.per_signer_per_key < 1 or s.max_bytes < 1:
         raise ConfigError("store.per_key, per_signer_per_key and max_bytes must be at least 1")
     if config.flight:
-        parts = urlsplit(config.flight)
+        # The Flight endpoint also takes a bare HOST:PORT (gRPC); it checks the rest itself.
+        parts = urlsplit(config.flight if "://" in config.flight else f"grpc://{config.flight}")
         if parts.scheme not in ("grpc", "grpc+tcp", "grpc+tls") or not parts.hostname:
             raise ConfigError(f"flight {config.flight!r} must be a URI like grpc://127.0.0.1:8815")
         if not _is_loopback(parts.hostname) and not config.flight_token:
