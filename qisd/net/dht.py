@@ -833,7 +833,7 @@ class QisdProtocol(KademliaProtocol):
         key = wire.node_id(args[1])
         cursor = wire.cursor(args[2])
         self.welcome_if_new(sender, proven=proven)
-        nodes = self._contacts_reply(key, sender) if not cursor else []
+        nodes = self._contacts_reply(key, sender)
         budget = self.max_datagram - 64 - PROOF_BYTES - REPLY_CONTACTS_BYTES * len(nodes)
         raws, next_cursor, more = self.store.page(
             key, since=cursor or 0, max_bytes=budget, now_ms=_now_ms(self.clock)
