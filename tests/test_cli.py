@@ -574,3 +574,23 @@ def test_the_flight_endpoint_starts_beside_the_daemon(tmp_path: Path) -> None:
         client.close()
     finally:
         assert d.terminate() == 0
+
+
+def test_a_udp_port_in_use_is_a_one_line_error(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        qisd("init", "--data-dir", str(tmp_path / "u"))
+        done = qisd(
+            "start",
+            "--data-dir",
+            str(tmp_path / "u"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--bootstrap-file",
+            os.devnull,
+        )
+        one_line_error(done, 2, f"127.0.0.1:{port}", "in use")
+    assert not (tmp_path / "u" / "control.sock").exists()

@@ -33,7 +33,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qisd.errors import DaemonNotRunning, FieldError, QisdError, UsageError
+from qisd.errors import ConfigError, DaemonNotRunning, FieldError, QisdError, UsageError
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -182,9 +182,11 @@ class ControlServer:
         try:
             sock.bind(bind_path)
             os.chmod(bind_path, 0o600)
-        except OSError:
+        except OSError as exc:
             sock.close()
-            raise
+            raise ConfigError(
+                f"cannot create the control socket {self.path}: {exc.strerror or exc}"
+            ) from None
         finally:
             if dir_fd is not None:
                 os.close(dir_fd)
