@@ -320,7 +320,7 @@ class QisdProtocol(KademliaProtocol):
         if handler is None:
             self.counters["malformed.unknown_rpc"] += 1
             return
-        if not self.limiter.allow((addr[0], addr[1])):
+        if not self.limiter.allow(wire.source_of(addr)):
             self.counters["rate_limited"] += 1
             return
         self.counters[f"received.{name}"] += 1
@@ -850,26 +850,36 @@ class QisdProtocol(KademliaProtocol):
         key = wire.node_id(args[1])
         raws = wire.byte_list(args[2], max_items=MAX_ENVELOPES_PER_REQUEST)
         self.welcome_if_new(sender, proven=proven)
+        source = wire.source_of(addr)
         now = _now_ms(self.clock)
         valid: list[Envelope] = []
         duplicates: list[str] = []
         refused: list[list[str]] = []
         seen: set[str] = set()
+        fresh_raws: list[tuple[int, str | None, bytes]] = []
         for i, raw in enumerate(raws):
             claimed = _envelope_id(raw)
             if claimed is not None and (claimed in seen or self.store.has(key, claimed)):
                 duplicates.append(claimed)
                 continue
+            if claimed is not None:
+                seen.add(claimed)
+            fresh_raws.append((i, claimed, raw))
+        # Each envelope to verify costs its source one more token: a request's cost is
+        # weighed, so one source inside its burst cannot keep the loop busy verifying.
+        granted = self._charge(source, len(fresh_raws))
+        for i, claimed, _raw in fresh_raws[granted:]:
+            refused.append([claimed or f"#{i}", "rate limited: retry later"])
+        for i, claimed, raw in fresh_raws[:granted]:
             try:
                 env = open_envelope(raw, now_ms=now, expected_key=key)
             except PacketError as exc:
                 self.counters[f"rejected.{_counter_name(exc)}"] += 1
                 refused.append([claimed or f"#{i}", _reason(exc)])
                 continue
-            seen.add(env.packet_id)
             valid.append(env)
         # Everything was verified above; only now is anything stored (one transaction).
-        result = self.store.put(valid, now_ms=now)
+        result = self.store.put(valid, now_ms=now, origin=source)
         for pid, why in result.refused:
             self.counters[f"rejected.{why.split(':')[0].replace(' ', '_')}"] += 1
             refused.append([pid, why[:96]])
@@ -885,6 +895,14 @@ class QisdProtocol(KademliaProtocol):
         if nonce is not None:
             reply["proof"] = self._proof(nonce, sender.id)
         return reply
+
+    def _charge(self, source: str, envelopes: int) -> int:
+        """Take one token per envelope to verify from ``source``; how many it may verify."""
+        granted = self.limiter.take(source, envelopes)
+        if granted < envelopes:
+            self.counters["rate_limited"] += 1
+            self.counters["rate_limited_envelopes"] += envelopes - granted
+        return granted
 
     def _rpc_listen(self, addr: tuple, args: list[Any]) -> dict[str, Any]:
         if len(args) != 2:
@@ -922,7 +940,7 @@ class QisdProtocol(KademliaProtocol):
             return {"accepted": 0}
         now = _now_ms(self.clock)
         envs = []
-        for raw in raws:
+        for raw in raws[: self._charge(wire.source_of(addr), len(raws))]:
             try:
                 envs.append(open_envelope(raw, now_ms=now, expected_key=key))
             except PacketError as exc:

@@ -104,6 +104,34 @@ def ip_version(host: str) -> int | None:
         return None
 
 
+@functools.lru_cache(maxsize=65_536)
+def _host_source(host: str) -> tuple[str, bool]:
+    """(source label of ``host``, whether the port must be added: loopback)."""
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host, True
+    if ip.is_loopback:
+        return str(ip), True
+    if ip.version == 6:
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False)), False
+    return str(ip), False
+
+
+def source_of(addr: tuple) -> str:
+    """The source a datagram from ``addr`` counts against: rate limits and store eviction.
+
+    One host is one source whatever ports it uses: an IPv4 address, or an IPv6 address's /64
+    (a host is commonly given a whole /64). On a loopback address (127.0.0.0/8, ::1) the port
+    is part of the source, because every node of a local test network shares that address
+    (OpenDHT turns its per-IP limit off on loopback for the same reason).
+    """
+    label, with_port = _host_source(str(addr[0]))
+    return f"{label}|{addr[1]}" if with_port else label
+
+
 def node_id(value: Any) -> bytes:
     """A 160-bit node id or key, or WireError."""
     if not isinstance(value, bytes) or len(value) != NODE_ID_BYTES:
@@ -189,3 +217,16 @@ class TokenBuckets:
         while len(self._buckets) > self.max_sources:
             self._buckets.popitem(last=False)
         return ok
+
+    def take(self, source: object, most: int) -> int:
+        """Take up to ``most`` whole tokens from ``source``'s bucket; returns how many it got."""
+        if math.isinf(self.rate) or most <= 0:
+            return max(0, most)
+        now = self.clock()
+        tokens, stamp = self._buckets.pop(source, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - stamp) * self.rate)
+        got = min(most, int(tokens))
+        self._buckets[source] = (tokens - got, now)
+        while len(self._buckets) > self.max_sources:
+            self._buckets.popitem(last=False)
+        return got
