@@ -269,6 +269,52 @@ def test_late_joiner_among_the_closest_receives_a_keys_packets_once(tmp_path: Pa
     run(tmp_path, body)
 
 
+def test_publish_in_a_small_network_reaches_every_other_node_right_after_joining(
+    tmp_path: Path,
+) -> None:
+    """Six nodes, each joined through the first (what ``qisd demo`` does), k = 20: a publish
+    made as soon as the last node joined reaches all five others, from every node."""
+
+    async def body(net: Network) -> None:
+        first = (await net.add(1))[0]
+        for _ in range(5):
+            node = net.make()
+            await node.start()
+            assert await node.bootstrap([first.address]) == 1
+            net.nodes.append(node)
+        for i, author in enumerate(net.nodes):
+            envs = [p[0] for p in make_packets(1, author.identity, start=100 * i)]
+            result = await publish_from(author, envs)
+            assert result.min_replicas == 5, (i, result.replicas, result.contacted)
+
+    run(tmp_path, body)
+
+
+def test_publish_counts_each_rpc_once_across_keys(tmp_path: Path) -> None:
+    """``PublishResult.messages`` of a publish under several keys (published concurrently)
+    is the RPCs it sent, not each key's share of the node's total traffic."""
+
+    async def body(net: Network) -> None:
+        await net.add(12)
+        await net.settle()
+        author = net.nodes[4]
+        envs = [
+            p[0]
+            for k in range(3)
+            for p in make_packets(2, author.identity, start=10 * k, problem_type=f"count{k}")
+        ]
+        assert len({e.key for e in envs}) == 3
+        author.store.put(envs, now_ms=NOW, local=True)
+        sent_before = sum(author.stats()["rpcs_sent"].values())
+        result = await author.publish(envs)
+        sent = sum(author.stats()["rpcs_sent"].values()) - sent_before
+        # Every store and lookup RPC is counted; background verification pings may add a few.
+        assert result.contacted == 3 * 11
+        assert result.contacted < result.messages <= sent, (result.messages, sent)
+
+    run(tmp_path, body)
+
+
 def test_follower_is_pushed_a_packet_published_after_it_followed(tmp_path: Path) -> None:
     async def body(net: Network) -> None:
         await net.add(25)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import random
 import time
 from pathlib import Path
@@ -31,8 +30,6 @@ from qisd.core.crypto import Identity
 from qisd.core.packet import Envelope
 from qisd.net.dht import DhtNode
 from qisd.net.store import Store
-
-KNOWN_GAPS = os.environ.get("QISD_KNOWN_GAPS") == "1"
 
 
 class Gate:
@@ -255,10 +252,19 @@ def partition(
     per_side: int,
     republish_seconds: int,
     lookups: int = 0,
+    forget: bool = False,
 ) -> dict[str, Any]:
     """``lookups``: random lookups each node makes during the partition (a long partition:
-    each one that reaches across counts a failure against the contact, until it is evicted)."""
-    config = DhtConfig(ksize=8, rpc_timeout=0.5, republish_seconds=republish_seconds)
+    each one that reaches across counts a failure against the contact, until it is evicted).
+    ``forget``: then every contact across the cut still known fails until it is evicted, so
+    the halves know nothing of each other (buckets and replacement caches) when it heals."""
+    config = DhtConfig(
+        ksize=8,
+        rpc_timeout=0.5,
+        republish_seconds=republish_seconds,
+        rejoin_seconds=republish_seconds,
+    )
+    # Documented bound: rejoin_seconds + republish_seconds + lookups; the test allows slack.
     bound = 3 * republish_seconds + 10.0
 
     async def body() -> dict[str, Any]:
@@ -295,6 +301,23 @@ def partition(
                     *(n.server.crawl_nodes(random.randbytes(20)) for n in swarm.live)
                 )
             await swarm.settle()
+
+            def across(node: DhtNode, side: int) -> list[Any]:
+                router = node.protocol.router
+                known = [
+                    c
+                    for b in router.buckets
+                    for c in (*b.nodes.values(), *b.replacement_nodes.values())
+                ]
+                return [c for c in known if gate.side.get(c.port) == 1 - side]
+
+            if forget:
+                for side in (0, 1):
+                    for n in sides[side]:
+                        while lost := across(n, side):
+                            for c in lost:
+                                n.protocol.router.record_failure(c)
+                assert not any(across(n, side) for side in (0, 1) for n in sides[side])
             cross = sum(
                 1
                 for side in (0, 1)
@@ -361,11 +384,11 @@ def test_partition_heals_to_the_union_within_the_republish_bound(tmp_path: Path)
     print(f"\npartition: {figures}")
 
 
-@pytest.mark.skipif(
-    not KNOWN_GAPS, reason="known gap, reported: halves that forgot each other never rejoin"
-)
 def test_long_partition_halves_rejoin_after_forgetting_each_other(tmp_path: Path) -> None:
-    figures = partition(tmp_path, nodes=16, keys=2, per_side=2, republish_seconds=3, lookups=12)
+    figures = partition(
+        tmp_path, nodes=16, keys=2, per_side=2, republish_seconds=3, lookups=12, forget=True
+    )
+    assert figures["cross_contacts_left"] == 0
     print(f"\npartition: {figures}")
 
 

@@ -42,7 +42,6 @@ from qisd.config import DhtConfig
 from qisd.core.crypto import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Identity, dht_id_for, verify
 from qisd.core.packet import (
     KIND_PACKET,
-    MAX_FUTURE_MS,
     RESULT_SCHEMA,
     Envelope,
     open_envelope,
@@ -60,9 +59,8 @@ log = logging.getLogger(__name__)
 
 _HELLO_TAG = b"qisd/hello\x00"
 _INTRO_TAG = b"qisd/intro\x00"
-INTRO_WINDOW_MS = MAX_FUTURE_MS + 60_000
-"""A request's signed introduction is accepted this far from the receiver's clock: the packet
-clock tolerance (two nodes within +-2.5 minutes of true time) plus a minute for delivery."""
+INTRO_WINDOW_MS = 120_000
+"""A request's signed introduction is accepted this far from the receiver's clock."""
 MAX_INTRODUCED = 100_000
 STATE_VERSION = 1
 MAX_ENVELOPES_PER_REQUEST = 64
@@ -233,6 +231,7 @@ class QisdProtocol(KademliaProtocol):
             source_node,
             evict_after=config.evict_after_failures,
             check_head=self._head_alive,
+            on_evict=self._evicted,
             clock=clock,
         )
         self.limiter = wire.TokenBuckets(config.rate_limit_per_source, config.rate_burst_per_source)
@@ -713,6 +712,11 @@ class QisdProtocol(KademliaProtocol):
             return
         self._add_verified(node)
 
+    def _evicted(self, contact: Contact) -> None:
+        # A contact that comes back after eviction is handed off to again: while it was gone
+        # (a partition), its keys' packets may have changed.
+        self._handed_off.pop(contact.id, None)
+
     def _add_verified(self, node: Contact) -> None:
         self.router.add_contact(node)
         if node.id not in self._handed_off:
@@ -1083,6 +1087,10 @@ class DhtServer(Server):
 
     async def crawl_nodes(self, target: bytes) -> list[Node]:
         """The k closest live nodes to ``target`` (an iterative ``find_node``)."""
+        return (await self.crawl_nodes_counted(target))[0]
+
+    async def crawl_nodes_counted(self, target: bytes) -> tuple[list[Node], int]:
+        """:meth:`crawl_nodes`, and the RPCs the lookup sent."""
         assert self.protocol is not None
         node = Node(target)
         nearest = self.protocol.router.find_neighbors(node, self.ksize)
@@ -1094,7 +1102,8 @@ class DhtServer(Server):
             self.alpha,
             stall_after=self.protocol.stall_after,
         )
-        return await crawl.find()
+        found = await crawl.find()
+        return found, crawl.messages
 
     async def crawl_packets(self, key: bytes, since: dict[bytes, int | None] | None = None) -> Any:
         """Every packet the k closest nodes to ``key`` hold (see :class:`PacketCrawl`)."""
@@ -1222,6 +1231,7 @@ class DhtNode:
         self._follows: dict[bytes, _Follow] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._unreachable: dict[tuple[str, int], str] = {}
+        self._peer_addresses: dict[tuple[str, int], None] = {}
         self._counters: Counter[str] = Counter()
         self.address: tuple[str, int] | None = None
 
@@ -1251,6 +1261,7 @@ class DhtNode:
         self.address = (sockname[0], sockname[1])
         self._spawn(self._republish_loop())
         self._spawn(self._expire_loop())
+        self._spawn(self._rejoin_loop())
         if self.state_path is not None and read_state_contacts(self.state_path):
             self._spawn(self.bootstrap(()))
         return self.address
@@ -1325,8 +1336,13 @@ class DhtNode:
             resolved.extend(((host, port), a) for a in sorted(addrs))
         saved = read_state_contacts(self.state_path) if self.state_path is not None else []
         targets = [a for _peer, a in resolved] + [(h, p) for _i, h, p in saved]
+        for _peer, a in resolved:
+            self._peer_addresses[a] = None
         results = await asyncio.gather(*(self.server.bootstrap_node(a) for a in targets))
         reached = {n.id for n in results if n is not None}
+        for (nid, host, port), got in zip(saved, results[len(resolved) :], strict=True):
+            if got is None:  # a saved contact that did not answer: try it again later
+                self.protocol.router.remember(Contact(nid, host, port))
         ok_peers = {peer for (peer, _a), n in zip(resolved, results, strict=False) if n}
         for peer, _a in resolved:
             if peer not in ok_peers:
@@ -1364,6 +1380,40 @@ class DhtNode:
                 return True
         return False
 
+    async def rejoin(self) -> int:
+        """Re-contact bootstrap peers and former contacts missing from the routing table.
+
+        Returns how many answered; if any did, a lookup of this node's id follows, so the
+        table learns their side of the network (a healed partition becomes one network).
+        """
+        router = self.protocol.router
+        in_table = {(c.ip, c.port) for c in router.contacts()}
+        targets: dict[tuple[str, int], None] = {}
+        for c in list(router.former.values()):
+            if router.get(c.id) is None and c.ip is not None and c.port is not None:
+                targets[(c.ip, c.port)] = None
+        for address in self._peer_addresses:
+            if address not in in_table:
+                targets[address] = None
+        if not targets:
+            return 0
+        results = await asyncio.gather(*(self.server.bootstrap_node(a) for a in targets))
+        back = sum(1 for n in results if n is not None)
+        self._counters["rejoin_rounds"] += 1
+        if back:
+            self._counters["rejoined_contacts"] += back
+            await self.server.crawl_nodes(self.node_id)
+        return back
+
+    async def _rejoin_loop(self) -> None:
+        while True:
+            await asyncio.sleep(max(0.1, float(self.config.rejoin_seconds)))
+            try:
+                await self.rejoin()
+            except Exception:
+                self._counters["rejoin_errors"] += 1
+                log.debug("rejoin failed", exc_info=True)
+
     # -- publish / fetch
 
     async def publish(self, envelopes: Sequence[Envelope]) -> PublishResult:
@@ -1377,14 +1427,17 @@ class DhtNode:
         return result
 
     async def _publish_key(self, key: bytes, envs: list[Envelope], result: PublishResult) -> None:
+        # Count this key's own RPCs: keys are published concurrently, so a delta of the
+        # node's sent counters would count every other key's traffic too.
         proto = self.protocol
-        sent_before = _sent_total(proto)
-        nodes = await self.server.crawl_nodes(key)
+        nodes, lookup_messages = await self.server.crawl_nodes_counted(key)
+        result.messages += lookup_messages
         result.contacted += len(nodes)
         batches = batches_within([e.raw for e in envs], proto.max_datagram - REQUEST_OVERHEAD)
 
         async def store_at(node: Node) -> None:
             for batch in batches:
+                result.messages += 1
                 ok, reply = await proto.call_store_packets(node, key, batch)
                 if not ok:
                     return
@@ -1395,8 +1448,7 @@ class DhtNode:
                     result.refused.setdefault(pid, []).append(why)
 
         await asyncio.gather(*(store_at(n) for n in nodes))
-        proto.push_to_listeners(key, envs)
-        result.messages += _sent_total(proto) - sent_before
+        result.messages += proto.push_to_listeners(key, envs)
 
     async def fetch(self, key: bytes) -> list[Envelope]:
         """Every packet under ``key``: the k closest replicas' merged with local, verified.
@@ -1558,10 +1610,6 @@ class DhtNode:
             "bootstrap_unreachable": {f"{h}:{p}": why for (h, p), why in self._unreachable.items()},
             **dict(self._counters),
         }
-
-
-def _sent_total(proto: QisdProtocol) -> int:
-    return sum(v for k, v in proto.counters.items() if k.startswith("sent."))
 
 
 def parse_host_port(text: str, *, where: str = "") -> tuple[str, int]:

@@ -16,6 +16,7 @@ import asyncio
 import heapq
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 
 from kademlia.node import Node
@@ -24,6 +25,8 @@ from kademlia.routing import KBucket, RoutingTable
 log = logging.getLogger(__name__)
 
 ID_SPACE_MAX = 2**160 - 1
+MAX_FORMER_CONTACTS = 32
+"""Evicted contacts remembered for rejoining (the most recently evicted)."""
 
 
 class Contact(Node):
@@ -84,7 +87,10 @@ class QisdRoutingTable(RoutingTable):
     """The routing table of a qisd node.
 
     ``check_head`` is awaited to ask a full bucket's head whether it is alive (a verified
-    ping); ``evict_after`` failures in a row remove a contact.
+    ping); ``evict_after`` failures in a row remove a contact, which is then remembered in
+    ``former`` (the last :data:`MAX_FORMER_CONTACTS`) so the node can try it again later: two
+    halves of a partition that evicted each other find their way back (``DhtNode.rejoin``).
+    ``on_evict`` is called with each evicted contact.
     """
 
     def __init__(
@@ -95,9 +101,12 @@ class QisdRoutingTable(RoutingTable):
         *,
         evict_after: int = 3,
         check_head: HeadCheck | None = None,
+        on_evict: Callable[[Contact], None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.evict_after = max(1, evict_after)
+        self.on_evict = on_evict
+        self.former: OrderedDict[bytes, Contact] = OrderedDict()
         self.check_head = check_head
         self.clock = clock
         self._head_checks: dict[bytes, asyncio.Task[None]] = {}
@@ -142,6 +151,7 @@ class QisdRoutingTable(RoutingTable):
         contact = Contact.of(node)
         contact.last_seen = self.clock()
         contact.failures = 0
+        self.former.pop(contact.id, None)
         index = self.get_bucket_for(contact)
         bucket = self.buckets[index]
         if bucket.add_node(contact):
@@ -200,8 +210,21 @@ class QisdRoutingTable(RoutingTable):
         contact.failures += 1
         if contact.failures >= self.evict_after:
             bucket.remove_node(contact)
+            if self.get(contact.id) is None:  # not promoted back from the replacement cache
+                self.remember(contact)
+                if self.on_evict is not None:
+                    self.on_evict(contact)
             return True
         return False
+
+    def remember(self, contact: Contact) -> None:
+        """Keep ``contact`` among the former contacts to re-try (oldest dropped past the cap)."""
+        if contact.id == self.node.id:
+            return
+        self.former.pop(contact.id, None)
+        self.former[contact.id] = Contact(contact.id, contact.ip, contact.port)
+        while len(self.former) > MAX_FORMER_CONTACTS:
+            self.former.popitem(last=False)
 
     def remove_contact(self, node: Node) -> None:
         """Stock callers remove on one failure; qisd counts it instead (defect 5)."""
