@@ -903,8 +903,8 @@ def test_proof_of_key_possession_on_first_contact(tmp_path: Path) -> None:
         """Claims a chosen id (say, next to a key) in its ping answers and introductions."""
 
         def _rpc_ping(self, addr: tuple, args: list[Any]) -> list[bytes]:
-            _me, pub, proof = super()._rpc_ping(addr, args)
-            return [chosen, pub, proof]
+            _me, pub, *proof = super()._rpc_ping(addr, args)
+            return [chosen, pub, *proof]
 
         def _me(self, to: bytes | None) -> Any:
             value = super()._me(to)

@@ -4,10 +4,9 @@
   contacts it hands out) never gets that id into anyone's routing table: the first contact is a
   signed challenge (``ping``) that only the key's holder can answer.
 * A host that *relays* the challenge to the real node and passes its answer back (a man in the
-  middle on the path of nobody, just a second host on the network) is the harder case: the proof
-  names the challenge nonce and both ids but not the address that answered, so it stays valid when
-  forwarded. ``test_relayed_proof_does_not_move_a_nodes_id_to_another_host`` shows it; it runs only
-  with ``QISD_KNOWN_GAPS=1`` until the DHT binds the proof to the responder's address (reported).
+  middle on the path of nobody, just a second host on the network) does not get the id either:
+  the proof signs the address the real node saw the challenge come from (the relay's), and the
+  challenger accepts only a proof naming its own address.
 * ``qisd start`` refuses a key or secret file group or others can read, with a one-line message
   that names the file and the fix, before it opens any socket.
 """
@@ -29,7 +28,6 @@ from qisd.net.datadir import KEY_FILE, SECRET_FILE, init_identity
 from qisd.net.routing import Contact
 
 QISD = Path(sys.executable).with_name("qisd")
-KNOWN_GAPS = os.environ.get("QISD_KNOWN_GAPS") == "1"
 
 
 class RawPeer(asyncio.DatagramProtocol):
@@ -118,9 +116,6 @@ def test_claiming_another_nodes_id_gets_nowhere(tmp_path: Path) -> None:
     run(tmp_path, body, DhtConfig(rpc_timeout=0.5))
 
 
-@pytest.mark.skipif(
-    not KNOWN_GAPS, reason="known gap, reported: the ping proof is not bound to an address"
-)
 def test_relayed_proof_does_not_move_a_nodes_id_to_another_host(tmp_path: Path) -> None:
     """A second host that forwards challenges to the real node must not take over its id."""
 
@@ -138,6 +133,10 @@ def test_relayed_proof_does_not_move_a_nodes_id_to_another_host(tmp_path: Path) 
             f"victim's id now routes to the relaying host {where} "
             f"({peer.relayed} challenges relayed)"
         )
+        assert peer.relayed >= 1, "the target challenged the relay, which relayed it"
+        assert target.stats()["rejected"].get("proof_wrong_address", 0) >= 1
+        # The relayed introduction-free requests got the relay nowhere else either.
+        assert all((c.ip, c.port) != where for n in net.nodes for c in n.protocol.router.contacts())
 
     from qisd.config import DhtConfig
 
@@ -179,3 +178,30 @@ def test_start_refuses_key_files_others_can_read(tmp_path: Path, name: str, mode
     from qisd.net.datadir import load_identity
 
     assert load_identity(data_dir).node_id
+
+
+def test_a_node_behind_nat_learns_its_address_from_two_peers_then_binds_proofs(
+    tmp_path: Path,
+) -> None:
+    """A node that does not know the address peers see (a wildcard or private bind, NAT)
+    accepts proofs unbound until two distinct peer sources report the same address for it;
+    from then on a proof naming another address (a relay's) is refused."""
+
+    async def body(net: Network) -> None:
+        node = (await net.add(1))[0]
+        proto = node.protocol
+        assert proto.own_sources == {f"127.0.0.1|{node.address[1]}"}  # loopback bind: known
+        proto.own_sources.clear()  # as if bound to 0.0.0.0 or 10.0.0.5 behind a NAT
+        public = ["203.0.113.9", 40_001]  # documentation addresses: no traffic is sent
+        assert proto._address_ok(public, ("198.51.100.1", 8468))  # unknown yet: unbound
+        assert proto.counters["proof_unbound"] == 1 and not proto.own_sources
+        assert proto._address_ok(public, ("198.51.100.1", 9999))  # same source again
+        assert not proto.own_sources
+        assert proto._address_ok([public[0], 50_000], ("198.51.100.2", 8468))  # NAT port varies
+        assert proto.own_sources == {"203.0.113.9"}
+        assert proto._address_ok(public, ("198.51.100.3", 8468))
+        # A relay at 192.0.2.50: the real node saw the challenge come from the relay.
+        assert not proto._address_ok(["192.0.2.50", 8468], ("192.0.2.50", 8468))
+        assert node.stats()["rejected"]["proof_wrong_address"] == 1
+
+    run(tmp_path, body)

@@ -57,7 +57,12 @@ from qisd.net.routing import Contact, QisdRoutingTable
 
 log = logging.getLogger(__name__)
 
-_HELLO_TAG = b"qisd/hello\x00"
+_HELLO_TAG = b"qisd/hello/2\x00"
+"""Proofs of key possession sign the nonce, both ids and the address the challenge came from."""
+MAX_SEEN_VOTES = 256
+"""Addresses peers reported seeing this node at, remembered for confirming its own address."""
+CONFIRM_VOTES = 2
+"""Distinct peer sources that must report the same address before it counts as this node's."""
 _INTRO_TAG = b"qisd/intro\x00"
 INTRO_WINDOW_MS = 120_000
 """A request's signed introduction is accepted this far from the receiver's clock."""
@@ -71,9 +76,9 @@ MAX_PENDING_VERIFICATIONS = 256
 REQUEST_OVERHEAD = 320
 """Bytes of a store_packets/notify request besides its envelopes (name, intro, key, headers)."""
 REPLY_CONTACTS_BYTES = 40
-PROOF_BYTES = 112
-"""A reply's proof of key possession: public key and signature, packed."""
 """Upper bound of one packed contact triple (id, IPv4/IPv6 text, port) in a reply."""
+PROOF_BYTES = 176
+"""A reply's proof of key possession: public key, signature and the address seen, packed."""
 LISTEN_FANOUT = 4
 """A follower registers with this many of a key's closest holders."""
 MAX_HANDED_OFF = 100_000
@@ -91,6 +96,22 @@ def _reason(exc: BaseException) -> str:
 
 def _counter_name(exc: BaseException) -> str:
     return type(exc).__name__
+
+
+def _valid_seen(value: Any) -> bool:
+    """An address field of a proof: [host text, port]."""
+    return (
+        isinstance(value, list)
+        and len(value) == 2
+        and isinstance(value[0], str)
+        and len(value[0]) <= 64
+        and type(value[1]) is int
+        and 0 <= value[1] < 65536
+    )
+
+
+def _packed_seen(seen: list[Any]) -> bytes:
+    return msgpack.packb([seen[0], seen[1]])
 
 
 def _envelope_id(raw: bytes) -> str | None:
@@ -251,6 +272,9 @@ class QisdProtocol(KademliaProtocol):
         self.on_notify: Callable[[bytes, list[Envelope]], None] | None = None
         self.on_stored: Callable[[bytes, int], None] | None = None
         self.closed = False
+        self.own_sources: set[str] = set()
+        """Sources (``wire.source_of``) this node knows as its own address: proofs must name one."""
+        self._seen_votes: OrderedDict[str, set[str]] = OrderedDict()
         self._handlers: dict[str, Callable[[tuple, list[Any]], Any]] = {
             "ping": self._rpc_ping,
             "find_node": self._rpc_find_node,
@@ -268,6 +292,13 @@ class QisdProtocol(KademliaProtocol):
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
+        sockname = transport.get_extra_info("sockname")
+        with contextlib.suppress(TypeError, ValueError, IndexError):
+            ip = ipaddress.ip_address(self._peer_host(sockname))
+            # A wildcard or private bind says nothing of the address peers see (NAT): the node
+            # learns that from peers' proofs instead (see _address_ok).
+            if ip.is_loopback or ip.is_global:
+                self.own_sources.add(wire.source_of(sockname))
         sock = transport.get_extra_info("socket")
         if sock is not None:
             self.family = sock.family
@@ -453,24 +484,65 @@ class QisdProtocol(KademliaProtocol):
             future.add_done_callback(lambda f: self._introduce(f, to, args))
         return future, (me[3] if isinstance(me, list) else None)
 
-    def _proof(self, nonce: bytes, requester: bytes) -> list[bytes]:
-        """Our answer to an introduction: proof that we hold the key our id hashes."""
+    def _seen(self, addr: tuple) -> list[Any]:
+        """The address a request came from, as this node saw it: what a proof signs."""
+        return [self._peer_host(addr), int(addr[1])]
+
+    def _signed_hello(self, nonce: bytes, requester: bytes, seen: list[Any]) -> bytes:
         me = self.source_node.id
-        return [self.identity.public_key, self.identity.sign(_HELLO_TAG + nonce + requester + me)]
+        return self.identity.sign(_HELLO_TAG + nonce + requester + me + _packed_seen(seen))
+
+    def _proof(self, nonce: bytes, requester: bytes, addr: tuple) -> list[Any]:
+        """Our answer to an introduction: proof that we hold the key our id hashes, bound to
+        the address the request came from (a relayed request names the relay's address)."""
+        seen = self._seen(addr)
+        return [self.identity.public_key, self._signed_hello(nonce, requester, seen), seen]
+
+    def _address_ok(self, seen: Any, responder: tuple | None) -> bool:
+        """Whether a proof that names ``seen`` (where the prover saw our challenge come from)
+        was answered to us rather than to a relay.
+
+        ``seen`` must be one of this node's own sources (``wire.source_of``: the host, or host
+        and port on loopback). A node learns its address from its bind (loopback or global)
+        and from :data:`CONFIRM_VOTES` distinct peer sources reporting the same one (NAT);
+        until it knows any, it accepts the proof unbound (it cannot tell a relay apart).
+        """
+        try:
+            mine = wire.source_of((seen[0], seen[1]))
+        except (TypeError, IndexError):
+            return False
+        if mine in self.own_sources:
+            return True
+        if responder is not None:
+            voters = self._seen_votes.pop(mine, set())
+            voters.add(wire.source_of(responder))
+            self._seen_votes[mine] = voters
+            while len(self._seen_votes) > MAX_SEEN_VOTES:
+                self._seen_votes.popitem(last=False)
+            if len(voters) >= CONFIRM_VOTES:
+                self.own_sources.add(mine)
+                self.counters["own_address_confirmed"] += 1
+                return True
+        if not self.own_sources:
+            self.counters["proof_unbound"] += 1
+            return True
+        self.counters["rejected.proof_wrong_address"] += 1
+        return False
 
     def _proven(self, reply: Any, nonce: bytes | None, node: Node) -> bool:
-        """True if ``reply`` proves that ``node`` holds the key its id hashes."""
+        """True if ``reply`` proves that ``node`` holds the key its id hashes, at its address."""
         if nonce is None or not isinstance(reply, dict):
             return False
         proof = reply.get("proof")
-        if not isinstance(proof, list) or len(proof) != 2:
+        if not isinstance(proof, list) or len(proof) != 3:
             return False
-        pub, sig = proof
-        if not isinstance(pub, bytes) or not isinstance(sig, bytes):
+        pub, sig, seen = proof
+        if not isinstance(pub, bytes) or not isinstance(sig, bytes) or not _valid_seen(seen):
             return False
         if len(pub) != PUBLIC_KEY_BYTES or dht_id_for(pub) != node.id:
             return False
-        return verify(pub, sig, _HELLO_TAG + nonce + self.source_node.id + node.id)
+        signed = _HELLO_TAG + nonce + self.source_node.id + node.id + _packed_seen(seen)
+        return verify(pub, sig, signed) and self._address_ok(seen, self._address(node))
 
     def ping(
         self, address: tuple | None, nonce: bytes, *, to: bytes | None = None
@@ -529,21 +601,26 @@ class QisdProtocol(KademliaProtocol):
             return None
         if (
             not isinstance(reply, list)
-            or len(reply) != 3
-            or not all(isinstance(x, bytes) for x in reply)
+            or len(reply) != 4
+            or not all(isinstance(x, bytes) for x in reply[:3])
+            or not _valid_seen(reply[3])
         ):
             self.counters["malformed.reply_ping"] += 1
             return None
-        nid, pub, sig = reply
+        nid, pub, sig, seen = reply
         if len(pub) != PUBLIC_KEY_BYTES or len(sig) != SIGNATURE_BYTES or dht_id_for(pub) != nid:
             self.counters["rejected.id_not_key_hash"] += 1
             return None
         if expect is not None and nid != expect:
             self.counters["rejected.id_changed"] += 1
             return None
-        if not verify(pub, sig, _HELLO_TAG + nonce + self.source_node.id + nid):
+        if not verify(
+            pub, sig, _HELLO_TAG + nonce + self.source_node.id + nid + _packed_seen(seen)
+        ):
             self.counters["rejected.bad_proof"] += 1
             return None
+        if not self._address_ok(seen, address):
+            return None  # answered to someone else: a relay at ``address``
         return nid
 
     async def call_ping(self, node_to_ask: Node) -> tuple[bool, Any]:
@@ -813,9 +890,9 @@ class QisdProtocol(KademliaProtocol):
         if not isinstance(nonce, bytes) or len(nonce) != wire.NONCE_BYTES:
             raise wire.WireError("bad_args")
         self.welcome_if_new(sender, proven=proven)
-        me = self.source_node.id
-        proof = self.identity.sign(_HELLO_TAG + nonce + sender.id + me)
-        return [me, self.identity.public_key, proof]
+        seen = self._seen(addr)
+        proof = self._signed_hello(nonce, sender.id, seen)
+        return [self.source_node.id, self.identity.public_key, proof, seen]
 
     def _contacts_reply(self, target: bytes, exclude: Node) -> list[list[Any]]:
         neighbors = self.router.find_neighbors(Node(target), exclude=exclude)
@@ -829,7 +906,7 @@ class QisdProtocol(KademliaProtocol):
         self.welcome_if_new(sender, proven=proven)
         reply: dict[str, Any] = {"nodes": self._contacts_reply(target, sender)}
         if nonce is not None:
-            reply["proof"] = self._proof(nonce, sender.id)
+            reply["proof"] = self._proof(nonce, sender.id, addr)
         return reply
 
     def _rpc_find_packets(self, addr: tuple, args: list[Any]) -> dict[str, Any]:
@@ -846,7 +923,7 @@ class QisdProtocol(KademliaProtocol):
         )
         reply = {"nodes": nodes, "packets": raws, "cursor": next_cursor, "more": more}
         if nonce is not None:
-            reply["proof"] = self._proof(nonce, sender.id)
+            reply["proof"] = self._proof(nonce, sender.id, addr)
         return reply
 
     def _rpc_store_packets(self, addr: tuple, args: list[Any]) -> dict[str, Any]:
@@ -899,7 +976,7 @@ class QisdProtocol(KademliaProtocol):
             self.push_to_listeners(key, fresh, exclude=(addr[0], addr[1]))
         reply = {"accepted": result.accepted, "duplicates": duplicates, "refused": refused}
         if nonce is not None:
-            reply["proof"] = self._proof(nonce, sender.id)
+            reply["proof"] = self._proof(nonce, sender.id, addr)
         return reply
 
     def _charge(self, source: str, envelopes: int) -> int:
@@ -932,7 +1009,7 @@ class QisdProtocol(KademliaProtocol):
         listeners[where] = (sender.id, now + self.config.listen_seconds)
         reply: dict[str, Any] = {"ttl": int(self.config.listen_seconds)}
         if nonce is not None:
-            reply["proof"] = self._proof(nonce, sender.id)
+            reply["proof"] = self._proof(nonce, sender.id, addr)
         return reply
 
     def _rpc_notify(self, addr: tuple, args: list[Any]) -> dict[str, Any]:
