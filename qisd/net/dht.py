@@ -42,6 +42,7 @@ from qisd.config import DhtConfig
 from qisd.core.crypto import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Identity, dht_id_for, verify
 from qisd.core.packet import (
     KIND_PACKET,
+    MAX_FUTURE_MS,
     RESULT_SCHEMA,
     Envelope,
     open_envelope,
@@ -64,8 +65,9 @@ MAX_SEEN_VOTES = 256
 CONFIRM_VOTES = 2
 """Distinct peer sources that must report the same address before it counts as this node's."""
 _INTRO_TAG = b"qisd/intro\x00"
-INTRO_WINDOW_MS = 120_000
-"""A request's signed introduction is accepted this far from the receiver's clock."""
+INTRO_WINDOW_MS = MAX_FUTURE_MS + 60_000
+"""A request's signed introduction is accepted this far from the receiver's clock: the packet
+clock tolerance (two nodes within +-2.5 minutes of true time) plus a minute for delivery."""
 MAX_INTRODUCED = 100_000
 STATE_VERSION = 1
 MAX_ENVELOPES_PER_REQUEST = 64
