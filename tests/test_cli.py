@@ -280,6 +280,7 @@ def test_start_without_an_identity_says_run_init(tmp_path: Path) -> None:
         ("colour = 'blue'", "unknown setting 'colour'"),
         ("port = 'x'", "must be a whole number"),
         ("[dht]\nksize = 0", "dht.ksize"),
+        ("[dht]\nrejoin_seconds = 0", "rejoin_seconds"),
         ("bootstrap = ['nohost']", "HOST:PORT"),
         ("flight = 'grpc://0.0.0.0:8815'", "flight_token"),
     ],

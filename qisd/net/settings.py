@@ -173,8 +173,15 @@ def check(config: NodeConfig) -> NodeConfig:
     for name in ("ksize", "alpha", "evict_after_failures", "ttl_seconds", "republish_seconds"):
         if getattr(d, name) < 1:
             raise ConfigError(f"dht.{name} must be at least 1")
-    if d.rpc_timeout <= 0 or d.listen_seconds <= 0 or d.rate_limit_per_source <= 0:
-        raise ConfigError("dht.rpc_timeout, listen_seconds and rate_limit_per_source must be > 0")
+    if (
+        d.rpc_timeout <= 0
+        or d.listen_seconds <= 0
+        or d.rate_limit_per_source <= 0
+        or d.rejoin_seconds <= 0
+    ):
+        raise ConfigError(
+            "dht.rpc_timeout, listen_seconds, rate_limit_per_source and rejoin_seconds must be > 0"
+        )
     s = config.store
     if s.per_key < 1 or s.per_signer_per_key < 1 or s.max_bytes < 1:
         raise ConfigError("store.per_key, per_signer_per_key and max_bytes must be at least 1")
