@@ -15,6 +15,7 @@ stops at the first value and keeps one (defect 2). These subclasses replace ``_f
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 from collections.abc import Callable
@@ -42,7 +43,7 @@ class PacketReplies:
     """RPCs sent by this lookup."""
 
 
-class _Crawl(SpiderCrawl):
+class _Crawl(SpiderCrawl, abc.ABC):
     """Shared engine. ``_ask(node)`` returns (ok, contacts found, extra) for one contact."""
 
     def __init__(
@@ -75,8 +76,9 @@ class _Crawl(SpiderCrawl):
         live.sort(key=lambda n: n.long_id ^ self.node.long_id)
         return live[: self.ksize]
 
+    @abc.abstractmethod
     async def _ask(self, node: Node) -> tuple[bool, list[Node]]:
-        raise NotImplementedError
+        """Ask one contact; (it answered, the contacts it returned)."""
 
     def _suspect(self, node: Node) -> bool:
         check = getattr(self.protocol, "suspect", None)
