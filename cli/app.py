@@ -681,7 +681,7 @@ def template_list(
     rows = [
         {
             "hired": "*" if t["hired"] else "",
-            "id": t["template_id"][:16],
+            "id": t["template_id"],
             "fields": "/".join(t["fields"]),
             "levels": ",".join(str(n) for n in t["levels"]),
             "endorsers": t["endorsers"],
@@ -693,7 +693,7 @@ def template_list(
     ]
     columns = [(k, k.upper()) for k in rows[0]] if rows else []
     sys.stdout.write(_human_table(rows, columns) + "\n")
-    _err(f"qisd: {domain} routes by {result['hired'][:16]} ({result['reason']})")
+    _err(f"qisd: {domain} routes by {result['hired']} ({result['reason']})")
 
 
 @template_app.command("endorse")

@@ -201,6 +201,26 @@ def test_lock_refuses_a_second_daemon(tmp_path: Path) -> None:
     acquire_lock(tmp_path).release()
 
 
+def test_init_force_refuses_while_a_daemon_runs(tmp_path: Path) -> None:
+    # The daemon keeps signing with the key it loaded: replacing it underneath would leave
+    # the directory naming one node and the running daemon another.
+    first = init_identity(tmp_path)
+    before = (tmp_path / KEY_FILE).read_bytes()
+    proc, _ = start_holder(tmp_path)
+    try:
+        with pytest.raises(DaemonRunningError, match="another qisd daemon is running"):
+            init_identity(tmp_path, force=True)
+        assert (tmp_path / KEY_FILE).read_bytes() == before
+        assert load_identity(tmp_path).node_id == first.node_id
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        assert proc.wait(timeout=60) == 0
+        assert proc.stdout is not None
+        proc.stdout.close()
+    assert init_identity(tmp_path, force=True).node_id != first.node_id
+
+
 def test_a_killed_daemon_leaves_no_stale_lock(tmp_path: Path) -> None:
     proc, _ = start_holder(tmp_path)
     proc.send_signal(signal.SIGKILL)

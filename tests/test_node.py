@@ -280,7 +280,11 @@ def test_hiring_endorsed_templates_route_emits_and_darwinism_scores_them(
             # One signer is not enough (min 2 distinct endorsers); the author counts once.
             await a.endorse_template(tid)
             assert (await c.templates(domain))["hired"] != tid
-            await b.endorse_template(tid, domain)
+            # A prefix copied from a table works (8+ hex digits); too short a one is refused.
+            with pytest.raises(UsageError, match="not known"):
+                await b.endorse_template(tid[:6], domain)
+            endorsed = await b.endorse_template(tid[:12], domain)
+            assert endorsed["template_id"] == tid
             listing = await c.templates(domain)
             assert listing["hired"] == tid and listing["reason"] == "endorsed"
             (entry,) = [t for t in listing["templates"] if t["template_id"] == tid]

@@ -123,7 +123,8 @@ def init_identity(data_dir: str | os.PathLike[str], *, force: bool = False) -> I
     """Create the data directory and a new node identity in it; returns the identity.
 
     Refuses (IdentityError naming the file) if an identity file already exists, unless
-    ``force``: then the old key is replaced and the old node id is gone for good.
+    ``force``: then the old key is replaced and the old node id is gone for good. Refuses
+    (DaemonRunningError) while a daemon holds the directory's lock.
     """
     path = ensure_data_dir(data_dir)
     key_path, secret_path = path / KEY_FILE, path / SECRET_FILE
@@ -132,16 +133,23 @@ def init_identity(data_dir: str | os.PathLike[str], *, force: bool = False) -> I
             f"{key_path} already holds a node identity; pass --force to replace it "
             "(the old node id is lost)"
         )
-    identity = Identity.generate()
-    pem = identity.private_key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
-    try:
-        # Secret first, key last: the key file is what makes an identity exist. A crash between
-        # the two leaves a secret with no key, which nothing was ever signed with, so a rerun
-        # of init may replace it; the key itself is linked into place only if still absent.
-        _write_private(secret_path, identity.secret, replace=True)
-        _write_private(key_path, pem, replace=force)
-    except OSError as exc:
-        raise IdentityError(f"cannot write the identity in {path}: {exc.strerror or exc}") from None
+    # A running daemon keeps signing with the key it loaded: replacing the files under it
+    # would leave the directory and the daemon disagreeing about who this node is. A daemon
+    # creates the lock file before anything else, so without one no daemon can be running.
+    guard = acquire_lock(path) if (path / LOCK_FILE).exists() else contextlib.nullcontext()
+    with guard:
+        identity = Identity.generate()
+        pem = identity.private_key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
+        try:
+            # Secret first, key last: the key file is what makes an identity exist. A crash
+            # between the two leaves a secret with no key, which nothing was ever signed with,
+            # so a rerun of init may replace it; the key is linked into place only if absent.
+            _write_private(secret_path, identity.secret, replace=True)
+            _write_private(key_path, pem, replace=force)
+        except OSError as exc:
+            raise IdentityError(
+                f"cannot write the identity in {path}: {exc.strerror or exc}"
+            ) from None
     return identity
 
 

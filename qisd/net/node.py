@@ -328,13 +328,21 @@ class Node:
         return templates, endorsements
 
     def _template_doc(self, domain: str, template_id: str) -> TemplateDoc | None:
-        default = default_template_doc(domain)
-        if template_id == default.template_id:
-            return default
-        for _, doc in self._documents(domain)[0]:
-            if doc.template_id == template_id:
-                return doc
-        return None
+        """The domain's template whose id is ``template_id`` or starts with it (a prefix of at
+        least 8 hex digits, as people copy them from tables); None if none or ambiguous."""
+        candidates = [default_template_doc(domain)]
+        candidates += [doc for _, doc in self._documents(domain)[0]]
+        exact = [d for d in candidates if d.template_id == template_id]
+        if exact:
+            return exact[0]
+        if len(template_id) < 8:
+            return None
+        found = {d.template_id: d for d in candidates if d.template_id.startswith(template_id)}
+        if len(found) > 1:
+            raise UsageError(
+                f"template id prefix {template_id} matches {len(found)} templates: give more digits"
+            )
+        return next(iter(found.values()), None)
 
     async def _refresh_documents(self, domain: str) -> None:
         """Fetch the domain's template documents from the network into the store."""
@@ -402,6 +410,7 @@ class Node:
                 f"template {template_id} is not known in {where}: run qisd template list DOMAIN "
                 "first, or pass --domain"
             )
+        template_id = found.template_id
         endorsement = Endorsement(template_id=template_id, domain=found.domain, created_ms=now_ms())
         out = await self._publish_document(found.domain, endorsement.to_bytes(), KIND_ENDORSEMENT)
         return {"template_id": template_id, "domain": found.domain, **out}
