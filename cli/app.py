@@ -15,6 +15,7 @@ import csv
 import json
 import struct
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -597,20 +598,35 @@ def status(data_dir: DataDir = None, as_json: Json = False) -> None:
         return
     counters = s.get("counters", {})
     dht = s.get("dht", {})
-    rejected = {k: v for k, v in {**counters, **dht}.items() if "reject" in k and v}
+    rejected = {k: v for k, v in counters.items() if "reject" in k and v}
+    network = {
+        "rejected": sum((dht.get("rejected") or {}).values()),
+        "malformed": sum((dht.get("malformed") or {}).values()),
+        "rate limited": dht.get("rate_limited", 0),
+    }
     lines = [
         f"node      {s['node_id']}",
+        f"dht id    {s.get('dht_id') or '-'}",
         f"address   {s.get('address') or '-'}",
         f"data dir  {s['data_dir']}",
         f"uptime    {s['uptime_seconds']:.0f} s",
         f"peers     {s['peers']}",
         f"store     {s['packets']} envelopes ({s['local_packets']} emitted here) under "
         f"{s['keys']} keys, {s['store_bytes']} bytes",
-        f"emitted   {counters.get('emits', 0)} emits, {counters.get('rows_emitted', 0)} rows",
+        f"emitted   {counters.get('emits', 0)} emits, {counters.get('rows_emitted', 0)} rows; "
+        f"publish backlog {s.get('publish_backlog', 0)} envelopes",
+        f"received  {counters.get('received_packets', 0)} packets from peers",
         "rejected  "
-        + (", ".join(f"{k} {v}" for k, v in sorted(rejected.items())) if rejected else "none"),
+        + (", ".join(f"{k} {v}" for k, v in sorted(rejected.items())) if rejected else "none")
+        + " (local); network: "
+        + ", ".join(f"{k} {v}" for k, v in network.items()),
         "followed  " + (", ".join(s["followed"]) if s["followed"] else "none"),
     ]
+    for domain, hire in (s.get("templates") or {}).items():
+        lines.append(
+            f"template  {domain}: {hire['hired']} ({hire['reason']}; "
+            f"{'/'.join(hire['fields'])} at levels {','.join(str(n) for n in hire['levels'])})"
+        )
     for path, syn in (s.get("syntheses") or {}).items():
         best = syn.get("best_intervention")
         shown = f"best {best} ({_cell(syn.get('best_delta'))})" if best else syn.get("status")
@@ -626,9 +642,22 @@ def peers(data_dir: DataDir = None, as_json: Json = False) -> None:
         _print_json(table)
         return
     if table:
-        columns = [(k, k.upper().replace("_", " ")) for k in table[0]]
-        sys.stdout.write(_human_table(table, columns) + "\n")
-    _err(f"qisd: {len(table)} peers")
+        now = time.time()
+        rows = [
+            {
+                "dht_id": p["id"],
+                "host": p["host"],
+                "port": p["port"],
+                "last_seen": f"{max(0.0, now - p['last_seen']):.0f} s ago"
+                if p.get("last_seen")
+                else "never",
+                "failures": p["failures"],
+            }
+            for p in table
+        ]
+        columns = [(k, k.upper().replace("_", " ")) for k in rows[0]]
+        sys.stdout.write(_human_table(rows, columns) + "\n")
+    _err(f"qisd: {len(table)} peers (DHT ids: 160-bit hashes of each node's key)")
 
 
 # --------------------------------------------------------------------------- templates

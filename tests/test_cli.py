@@ -441,8 +441,13 @@ def test_follow_unfollow_status_and_peers(daemon: Daemon) -> None:
     assert status["node_id"] == daemon.node_id
     assert status["address"] == daemon.address
     assert status["followed"] == [PATH]
+    domain = PATH.split("/")[0]
+    assert status["templates"][domain]["reason"] == "default"  # a followed path's domain
+    assert len(status["dht_id"]) == 40
     human = daemon.cli("status")
     assert human.returncode == 0 and daemon.node_id in human.stdout
+    for shown in ("publish backlog", "received", "network: rejected", f"template  {domain}: "):
+        assert shown in human.stdout, shown
     assert daemon.cli("unfollow", PATH).returncode == 0
     one_line_error(daemon.cli("unfollow", PATH), 2, "not followed")
     peers = daemon.cli("peers", "--json")

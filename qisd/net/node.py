@@ -55,7 +55,7 @@ from qisd.core.packet import (
     validate_row,
     with_provenance,
 )
-from qisd.errors import FieldError, IdentityError, PacketError, UsageError
+from qisd.errors import FieldError, IdentityError, PacketError, QisdError, UsageError
 from qisd.net import datadir
 from qisd.net.store import Store
 
@@ -286,6 +286,17 @@ class Node:
             hire = self.hire(domain)
             self._hires[domain] = hire
         return hire.template_id, hire.template
+
+    def _current_hires(self) -> dict[str, Hire]:
+        """The hire of every domain this node knows (a pin whose document has not arrived
+        yet has no hire to show)."""
+        out: dict[str, Hire] = {}
+        for domain in self._known_domains():
+            try:
+                out[domain] = self._hires.get(domain) or self.hire(domain)
+            except QisdError:
+                continue
+        return out
 
     def hire(self, domain: str) -> Hire:
         """Run the Hiring election for ``domain`` now (UsageError for an unknown pin)."""
@@ -979,6 +990,7 @@ class Node:
         dht_stats = dict(self.dht.stats()) if self.dht is not None else {}
         return {
             "node_id": self.identity.node_id,
+            "dht_id": self.identity.dht_id.hex(),
             "version": __version__,
             "data_dir": str(self.data_dir),
             "address": f"{self.address[0]}:{self.address[1]}" if self.address else None,
@@ -1001,7 +1013,7 @@ class Node:
                     "levels": list(hire.template.levels),
                     "weights": self.darwin.weights(domain),
                 }
-                for domain, hire in sorted(self._hires.items())
+                for domain, hire in self._current_hires().items()
             },
         }
 
