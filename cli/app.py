@@ -151,6 +151,17 @@ def start(
         str | None,
         typer.Option(help="Token Flight clients must present.", envvar="QISD_FLIGHT_TOKEN"),
     ] = None,
+    flight_tls_cert: Annotated[
+        str | None,
+        typer.Option(
+            help="PEM certificate: Flight serves grpc+tls:// (with --flight-tls-key).",
+            envvar="QISD_FLIGHT_TLS_CERT",
+        ),
+    ] = None,
+    flight_tls_key: Annotated[
+        str | None,
+        typer.Option(help="PEM private key of --flight-tls-cert.", envvar="QISD_FLIGHT_TLS_KEY"),
+    ] = None,
     log_level: Annotated[
         str | None,
         typer.Option(
@@ -180,6 +191,8 @@ def start(
             "data_dir": data_dir,
             "flight": flight,
             "flight_token": flight_token,
+            "flight_tls_cert": flight_tls_cert,
+            "flight_tls_key": flight_tls_key,
             "log_level": log_level,
             "election_seconds": election_seconds,
         },

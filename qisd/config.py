@@ -71,6 +71,10 @@ class NodeConfig:
     """Arrow Flight endpoint URI ('' = off), e.g. grpc://127.0.0.1:8815."""
     flight_token: str = ""
     """Bearer token Flight clients must present; required for a non-loopback Flight address."""
+    flight_tls_cert: str = ""
+    """PEM certificate file: with ``flight_tls_key``, Flight serves grpc+tls:// ('' = plain)."""
+    flight_tls_key: str = ""
+    """PEM private key file of ``flight_tls_cert``."""
     log_level: str = "info"
     """Log level for stderr: debug, info, warning or error."""
     election_seconds: float = 30.0

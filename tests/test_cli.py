@@ -582,6 +582,49 @@ def test_the_flight_endpoint_starts_beside_the_daemon(tmp_path: Path) -> None:
         assert d.terminate() == 0
 
 
+def test_the_flight_endpoint_serves_tls_from_start_flags(tmp_path: Path) -> None:
+    import pyarrow.flight as flight
+    from test_flight import _self_signed
+
+    cert, key = _self_signed(tmp_path)
+    d = Daemon(
+        tmp_path / "tls",
+        "--flight",
+        "grpc+tls://127.0.0.1:0",
+        "--flight-tls-cert",
+        str(cert),
+        "--flight-tls-key",
+        str(key),
+    )
+    try:
+        uri = next(
+            m[1]
+            for line in d.lines
+            if (m := re.search(r"Arrow Flight endpoint at (\S+)", line)) is not None
+        )
+        assert uri.startswith("grpc+tls://")
+        client = flight.connect(uri, tls_root_certs=cert.read_bytes())
+        (result,) = list(client.do_action(flight.Action("status", b"")))
+        assert json.loads(result.body.to_pybytes())["node_id"] == d.node_id
+        client.close()
+    finally:
+        assert d.terminate() == 0
+    # Half a pair is a one-line configuration error.
+    qisd("init", "--data-dir", str(tmp_path / "half"))
+    done = qisd(
+        "start",
+        "--data-dir",
+        str(tmp_path / "half"),
+        "--port",
+        "0",
+        "--flight",
+        "grpc://127.0.0.1:0",
+        "--flight-tls-cert",
+        str(cert),
+    )
+    one_line_error(done, 2, "certificate")
+
+
 def test_a_udp_port_in_use_is_a_one_line_error(tmp_path: Path) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
         taken.bind(("127.0.0.1", 0))

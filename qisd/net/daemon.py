@@ -204,7 +204,13 @@ async def serve(config: NodeConfig, *, ready: Callable[[Node], None] | None = No
         if config.flight:
             from qisd.net.flight import start_flight
 
-            flight = await start_flight(node, config.flight, token=config.flight_token)
+            flight = await start_flight(
+                node,
+                config.flight,
+                token=config.flight_token,
+                tls_cert=config.flight_tls_cert,
+                tls_key=config.flight_tls_key,
+            )
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, stopping.set)
