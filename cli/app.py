@@ -377,7 +377,11 @@ def emit(
         _print_json(result)
     else:
         packets = len(result["packet_ids"])
-        _err(f"qisd: committed {packets} packet{'s' * (packets != 1)} ({result['rows']} rows)")
+        rows = result["rows"]
+        _err(
+            f"qisd: committed {packets} packet{'s' * (packets != 1)} "
+            f"({rows} row{'s' * (rows != 1)})"
+        )
     if short:
         worst = min(result["replicas"][p] for p in short)
         raise _ReplicasShort(
@@ -452,7 +456,7 @@ def query(
     table = _client(data_dir).query(path, local=local)
     if arrow is not None:
         _write_arrow(table, arrow)
-        _err(f"qisd: {table.num_rows} rows written to {arrow}")
+        _err(f"qisd: {table.num_rows} row{'s' * (table.num_rows != 1)} written to {arrow}")
     elif as_json:
         _print_json(_json_rows(table))
     elif as_csv:
@@ -481,7 +485,7 @@ def query(
         ]
         if rows:
             sys.stdout.write(_human_table(rows, columns) + "\n")
-        _err(f"qisd: {table.num_rows} rows under {path}")
+        _err(f"qisd: {table.num_rows} row{'s' * (table.num_rows != 1)} under {path}")
 
 
 def _write_arrow(table: Any, target: str) -> None:
