@@ -761,7 +761,7 @@ def template_endorse(
 
 @app.command()
 def demo(
-    nodes: Annotated[int, typer.Option(min=5, max=50, help="Nodes in the demo network.")] = 6,
+    nodes: Annotated[int, typer.Option(min=5, max=50, help="Nodes in the demo network.")] = 8,
     as_json: Json = False,
 ) -> None:
     """A local network on 127.0.0.1: three sites emit, a fourth finds them and synthesizes."""

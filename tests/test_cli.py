@@ -541,6 +541,7 @@ def test_demo_finds_three_sites_over_the_dht_and_cleans_up() -> None:
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
     assert summary["rows_found"] == 9 and len(summary["signers"]) == 3
+    assert summary["asker_held_before"] == 0, "the asker must find the rows, not hold them"
     assert summary["synthesis"]["status"] == "synthesized"
     assert summary["synthesis"]["best_intervention"] == "cosine_annealing"
     assert set(Path(tempfile.gettempdir()).glob("qisd-demo-*")) == before

@@ -64,7 +64,7 @@ def _rows(site: list[tuple[str, dict[str, Any], float, float, int, int]]) -> lis
     ]
 
 
-async def run_demo(nodes: int = 6, say: Callable[[str], None] = print) -> dict[str, Any]:
+async def run_demo(nodes: int = 8, say: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the demo network and return a summary (``synthesis`` is what the asker got)."""
     if not 5 <= nodes <= 50:
         raise UsageError("the demo needs between 5 and 50 nodes")
@@ -146,6 +146,7 @@ async def run_demo(nodes: int = 6, say: Callable[[str], None] = print) -> dict[s
                     for n in opened
                 ],
                 "path": PATH,
+                "asker_held_before": held[id(asker)],
                 "rows_found": table.num_rows,
                 "signers": signers,
                 "synthesis": synthesis,
@@ -157,7 +158,7 @@ async def run_demo(nodes: int = 6, say: Callable[[str], None] = print) -> dict[s
                     await node.close()
 
 
-def main(nodes: int = 6, *, quiet: bool = False) -> dict[str, Any]:
+def main(nodes: int = 8, *, quiet: bool = False) -> dict[str, Any]:
     """Run the demo on uvloop (``quiet``: print nothing, return the summary)."""
     import uvloop
 
