@@ -635,65 +635,62 @@ class QisdProtocol(KademliaProtocol):
         nid = await self.verified_ping(self._address(head), head.id)
         return nid is not None
 
-    async def call_find_node(self, node_to_ask: Node, node_to_find: Node) -> tuple[bool, Any]:
-        """``find_node``: (ok, contacts as Nodes)."""
-        future, nonce = self._introduced_request(
-            self._address(node_to_ask), "find_node", node_to_ask.id, [node_to_find.id]
-        )
+    async def _exchange(
+        self, node: Node, name: str, args: list[Any], parse: Callable[[dict[str, Any]], Any]
+    ) -> tuple[bool, Any]:
+        """Send one introduced request and parse its reply: (ok, parsed).
+
+        No reply: the contact's failure is recorded. A reply ``parse`` refuses (WireError)
+        is counted as bad and dropped. A good reply refreshes (or, proven, adds) the contact.
+        """
+        future, nonce = self._introduced_request(self._address(node), name, node.id, args)
         ok, reply = await future
         if not ok:
-            return self.handle_call_response((False, None), node_to_ask)
+            return self.handle_call_response((False, None), node)
         try:
             if not isinstance(reply, dict):
                 raise wire.WireError("shape")
-            found = [Contact(i, h, p) for i, h, p in wire.contacts(reply.get("nodes"))]
+            parsed = parse(reply)
         except wire.WireError:
-            return self._bad_reply(node_to_ask, "find_node")
-        self.welcome_if_new(node_to_ask, proven=self._proven(reply, nonce, node_to_ask))
-        return True, [n for n in found if self.reachable(n)]
+            return self._bad_reply(node, name)
+        self.welcome_if_new(node, proven=self._proven(reply, nonce, node))
+        return True, parsed
+
+    def _reachable_contacts(self, value: Any) -> list[Contact]:
+        return [
+            c for c in (Contact(i, h, p) for i, h, p in wire.contacts(value)) if self.reachable(c)
+        ]
+
+    async def call_find_node(self, node_to_ask: Node, node_to_find: Node) -> tuple[bool, Any]:
+        """``find_node``: (ok, contacts as Nodes)."""
+        return await self._exchange(
+            node_to_ask,
+            "find_node",
+            [node_to_find.id],
+            lambda reply: self._reachable_contacts(reply.get("nodes")),
+        )
 
     async def call_find_packets(
         self, node_to_ask: Node, key: bytes, cursor: int | None
     ) -> tuple[bool, Any]:
         """``find_packets``: (ok, FindPacketsReply)."""
-        future, nonce = self._introduced_request(
-            self._address(node_to_ask), "find_packets", node_to_ask.id, [key, cursor]
-        )
-        ok, reply = await future
-        if not ok:
-            return self.handle_call_response((False, None), node_to_ask)
-        try:
-            if not isinstance(reply, dict):
-                raise wire.WireError("shape")
-            nodes = [Contact(i, h, p) for i, h, p in wire.contacts(reply.get("nodes", []))]
+
+        def parse(reply: dict[str, Any]) -> FindPacketsReply:
+            nodes = self._reachable_contacts(reply.get("nodes", []))
             packets = wire.byte_list(reply.get("packets"), max_items=wire.MAX_DATAGRAM_BYTES)
             more = reply.get("more")
             if not isinstance(more, bool):
                 raise wire.WireError("shape")
-            parsed = FindPacketsReply(
-                [n for n in nodes if self.reachable(n)],
-                packets,
-                wire.cursor(reply.get("cursor")),
-                more,
-            )
-        except wire.WireError:
-            return self._bad_reply(node_to_ask, "find_packets")
-        self.welcome_if_new(node_to_ask, proven=self._proven(reply, nonce, node_to_ask))
-        return True, parsed
+            return FindPacketsReply(nodes, packets, wire.cursor(reply.get("cursor")), more)
+
+        return await self._exchange(node_to_ask, "find_packets", [key, cursor], parse)
 
     async def call_store_packets(
         self, node_to_ask: Node, key: bytes, raws: list[bytes]
     ) -> tuple[bool, Any]:
         """``store_packets``: (ok, StoreReply)."""
-        future, nonce = self._introduced_request(
-            self._address(node_to_ask), "store_packets", node_to_ask.id, [key, raws]
-        )
-        ok, reply = await future
-        if not ok:
-            return self.handle_call_response((False, None), node_to_ask)
-        try:
-            if not isinstance(reply, dict):
-                raise wire.WireError("shape")
+
+        def parse(reply: dict[str, Any]) -> StoreReply:
             accepted = reply.get("accepted")
             duplicates = reply.get("duplicates")
             refused = reply.get("refused")
@@ -708,25 +705,21 @@ class QisdProtocol(KademliaProtocol):
                 )
             ):
                 raise wire.WireError("shape")
-        except wire.WireError:
-            return self._bad_reply(node_to_ask, "store_packets")
-        self.welcome_if_new(node_to_ask, proven=self._proven(reply, nonce, node_to_ask))
-        return True, StoreReply(accepted, duplicates, [(a, b) for a, b in refused])
+            return StoreReply(accepted, duplicates, [(a, b) for a, b in refused])
+
+        return await self._exchange(node_to_ask, "store_packets", [key, raws], parse)
 
     async def call_listen(self, node_to_ask: Node, key: bytes) -> bool:
         """``listen``: True if the holder registered us."""
-        future, nonce = self._introduced_request(
-            self._address(node_to_ask), "listen", node_to_ask.id, [key]
-        )
-        ok, reply = await future
-        if not ok:
-            self.handle_call_response((False, None), node_to_ask)
-            return False
-        if not isinstance(reply, dict) or not isinstance(reply.get("ttl"), int):
-            self._bad_reply(node_to_ask, "listen")
-            return False
-        self.welcome_if_new(node_to_ask, proven=self._proven(reply, nonce, node_to_ask))
-        return True
+
+        def parse(reply: dict[str, Any]) -> int:
+            ttl = reply.get("ttl")
+            if not isinstance(ttl, int):
+                raise wire.WireError("shape")
+            return ttl
+
+        ok, _ttl = await self._exchange(node_to_ask, "listen", [key], parse)
+        return bool(ok)
 
     async def call_notify(self, address: tuple, key: bytes, raws: list[bytes]) -> bool:
         """``notify`` a listener at ``address``."""
