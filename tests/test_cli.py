@@ -25,6 +25,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import BASE_ROW
 
 from qisd.client import Client
 from qisd.net.datadir import DaemonRunningError
@@ -34,20 +35,7 @@ QISD = [str(BIN)] if BIN.exists() else [sys.executable, "-m", "qisd"]
 READY = re.compile(r"^qisd listening on (\S+):(\d+) node=([0-9a-f]{32})$")
 PATH = "clinical.oncology/treatment_response_classification"
 
-ROW: dict[str, Any] = {
-    "domain": "clinical.oncology",
-    "problem_type": "treatment_response_classification",
-    "model_architecture": "transformer-256d",
-    "training_phase": "epoch_5_of_50",
-    "metric_name": "val_auc",
-    "metric_value": 0.847,
-    "metric_delta": 0.023,
-    "confidence": 0.91,
-    "intervention_type": "learning_rate_schedule",
-    "intervention_params": {"schedule": "cosine_annealing", "T_max": 10},
-    "outcome_decile": 8,
-    "sample_count": 1240,
-}
+ROW: dict[str, Any] = BASE_ROW
 FLAGS = [
     "--domain=clinical.oncology",
     "--problem-type=treatment_response_classification",
