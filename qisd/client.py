@@ -119,10 +119,8 @@ def _read_arrow(data: bytes) -> pa.Table:
     import pyarrow as pa
 
     buf = pa.py_buffer(data)
-    try:
+    with contextlib.suppress(pa.ArrowInvalid, OSError):  # not the file format: try the stream
         return pa.ipc.open_file(buf).read_all()
-    except (pa.ArrowInvalid, OSError):
-        pass
     try:
         return pa.ipc.open_stream(buf).read_all()
     except (pa.ArrowException, OSError, ValueError) as exc:
@@ -510,11 +508,9 @@ def _wait_unlocked(lock_path: Path, timeout: float) -> bool:
     done = threading.Event()
 
     def take() -> None:
-        try:
+        with contextlib.suppress(OSError):
             fcntl.flock(fd, fcntl.LOCK_SH)  # blocks while the daemon holds LOCK_EX
             fcntl.flock(fd, fcntl.LOCK_UN)
-        except OSError:
-            pass
         done.set()
 
     thread = threading.Thread(target=take, daemon=True)

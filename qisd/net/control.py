@@ -219,7 +219,7 @@ class ControlServer:
         try:
             await self._connection(task, reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
-            pass
+            log.debug("control connection closed by its client or by shutdown")
         except Exception:  # never let one connection take the daemon down
             log.exception("control connection failed")
         finally:

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import concurrent.futures
 import contextlib
 import hmac
@@ -723,9 +724,9 @@ class QisdFlightServer(flight.FlightServerBase):
             self._end_follow(follower)
 
     def _watch_client(self, reader: flight.MetadataRecordBatchReader, follower: _Follower) -> None:
+        # Drain what the client sends until it closes (or the call ends): then stop.
         with contextlib.suppress(Exception):
-            for _ in reader:
-                pass
+            collections.deque(reader, maxlen=0)
         self._stop_follower(follower)
 
     def _stop_follower(self, follower: _Follower) -> None:
@@ -766,7 +767,7 @@ class QisdFlightServer(flight.FlightServerBase):
                 follower.tables.put(table)
                 table = await subscription.__anext__()
         except (StopAsyncIteration, asyncio.CancelledError):
-            pass
+            log.debug("following %s for a Flight client ended", follower.path)
         except Exception:
             log.exception("following %s for a Flight client failed", follower.path)
         finally:
