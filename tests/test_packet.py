@@ -494,3 +494,81 @@ def test_batched_open_agrees_with_single_open_on_good_and_hostile_input(ident: I
         else:
             assert got == want
     assert sum(isinstance(x, P.Envelope) for x in batched) == 7  # 5 good + multi + doc
+
+
+HOSTILE_ROWS = {
+    "nan confidence": {"confidence": float("nan")},
+    "confidence above 1": {"confidence": 1.5},
+    "infinite delta": {"metric_delta": float("inf")},
+    "huge value": {"metric_value": 3e9},
+    "decile 0": {"outcome_decile": 0},
+    "negative samples": {"sample_count": -5},
+    "far future": {"timestamp_utc": NOW + P.MAX_FUTURE_MS + 1},
+    "negative timestamp": {"timestamp_utc": -1},
+    "slash in name": {"metric_name": "a/b"},
+    "padded name": {"intervention_type": " warmup"},
+    "empty name": {"training_phase": ""},
+    "long name": {"metric_name": "m" * (P.MAX_NAME_CHARS + 1)},
+    "reserved domain": {"domain": "qisd.templates"},
+    "params not an object": {"intervention_params": "[1]"},
+    "params not json": {"intervention_params": "{x"},
+    "params too long": {"intervention_params": json.dumps({"k": "v" * 300})},
+    "non-ascii hash": {"raw_data_hash": "é"},
+    "hash with space": {"raw_data_hash": "a b"},
+    "other signer's node_id": {"node_id": "0" * 32},
+    "null column": {"problem_type": None},
+}
+
+
+@pytest.mark.parametrize("mutation", sorted(HOSTILE_ROWS), ids=str)
+def test_batched_open_rejects_every_hostile_row_value_like_the_single_path(
+    ident: Identity, mutation: str
+) -> None:
+    # A hostile peer signs rows that break one rule; the column-wise pass of open_envelopes
+    # must never accept what the row-by-row rules refuse, and must give the same error.
+    good = P.build_rows([BASE], ident, now_ms=NOW)[0]
+    row = dict(good, **HOSTILE_ROWS[mutation])
+    fields = ROUTES[0]
+    # The key is the hostile rows' own fingerprint, so only the broken rule can refuse them.
+    path = "/".join(str(row[f]) for f in fields)
+    hostile = P.seal(
+        ident,
+        P.KIND_PACKET,
+        key_for_path(path),
+        P.packet_body([row, row]),
+        fields=fields,
+        timestamp_ms=NOW,
+        rows=2,
+    ).raw
+    valid = [seal_one(ident, dict(BASE, metric_delta=0.01 * i), level=0).raw for i in range(5)]
+    raws = [valid[0], valid[1], hostile, valid[2], valid[3], valid[4]]
+    batched = P.open_envelopes(raws, now_ms=NOW)
+    with pytest.raises(PacketError) as info:
+        P.open_envelope(hostile, now_ms=NOW)
+    assert type(batched[2]) is type(info.value) and str(batched[2]) == str(info.value)
+    for raw, got in zip(raws, batched, strict=True):
+        if raw != hostile:
+            assert got == P.open_envelope(raw, now_ms=NOW)
+
+
+def test_batched_open_checks_each_envelopes_fingerprint_and_signer(ident: Identity) -> None:
+    good = P.build_rows([BASE], ident, now_ms=NOW)[0]
+    fields = ROUTES[0]
+    other = dict(good, problem_type="something_else")
+    key = key_for_path("/".join(str(good[f]) for f in fields))
+    mixed = P.seal(
+        ident,
+        P.KIND_PACKET,
+        key,
+        P.packet_body([good, other]),
+        fields=fields,
+        timestamp_ms=NOW,
+        rows=2,
+    ).raw
+    stranger = Identity.generate()
+    theirs = P.seal(
+        stranger, P.KIND_PACKET, key, P.packet_body([good]), fields=fields, timestamp_ms=NOW, rows=1
+    ).raw
+    got = P.open_envelopes([mixed, theirs], now_ms=NOW)
+    assert isinstance(got[0], KeyMismatchError)
+    assert isinstance(got[1], FieldError) and got[1].field == "node_id"
