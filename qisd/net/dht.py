@@ -87,6 +87,24 @@ MAX_HANDED_OFF = 100_000
 RECEIVE_BUFFER_BYTES = 4 << 20
 
 
+def _spawn_into(
+    tasks: set[asyncio.Task[Any]], counters: Counter[str], coro: Any, level: int
+) -> asyncio.Task[Any]:
+    """Run ``coro`` in the background, referenced in ``tasks`` until it ends (so it is never
+    garbage-collected mid-flight); a failure is counted as ``task_errors`` and logged."""
+    task = asyncio.ensure_future(coro)
+    tasks.add(task)
+
+    def done(task: asyncio.Task[Any]) -> None:
+        tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            counters["task_errors"] += 1
+            log.log(level, "DHT background task failed: %r", task.exception())
+
+    task.add_done_callback(done)
+    return task
+
+
 def _now_ms(clock: Callable[[], float]) -> int:
     return int(clock() * 1000)
 
@@ -738,17 +756,8 @@ class QisdProtocol(KademliaProtocol):
     # -- contacts, proof of key possession, hand-off (defects 1 and 10)
 
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
-        """Run ``coro`` in the background, kept referenced and its errors logged."""
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            self.counters["task_errors"] += 1
-            log.debug("background task failed", exc_info=task.exception())
+        """Run ``coro`` in the background, kept referenced and its errors counted."""
+        return _spawn_into(self._tasks, self.counters, coro, logging.DEBUG)
 
     def welcome_if_new(self, node: Node, *, proven: bool = False) -> None:
         """Refresh a known contact; verify an unknown one (signed ping) before adding it.
@@ -1357,16 +1366,7 @@ class DhtNode:
         await asyncio.gather(*self._tasks, *self.protocol._tasks, return_exceptions=True)
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            self._counters["task_errors"] += 1
-            log.warning("DHT background task failed: %r", task.exception())
+        return _spawn_into(self._tasks, self._counters, coro, logging.WARNING)
 
     # -- joining
 
