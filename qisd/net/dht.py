@@ -898,6 +898,14 @@ class QisdProtocol(KademliaProtocol):
         proof = self._signed_hello(nonce, sender.id, seen)
         return [self.source_node.id, self.identity.public_key, proof, seen]
 
+    def _proved(
+        self, reply: dict[str, Any], nonce: bytes | None, sender: Node, addr: tuple
+    ) -> dict[str, Any]:
+        """``reply``, with our proof of key possession when the request introduced itself."""
+        if nonce is not None:
+            reply["proof"] = self._proof(nonce, sender.id, addr)
+        return reply
+
     def _contacts_reply(self, target: bytes, exclude: Node) -> list[list[Any]]:
         neighbors = self.router.find_neighbors(Node(target), exclude=exclude)
         return [[n.id, n.ip, n.port] for n in neighbors]
@@ -909,9 +917,7 @@ class QisdProtocol(KademliaProtocol):
         target = wire.node_id(args[1])
         self.welcome_if_new(sender, proven=proven)
         reply: dict[str, Any] = {"nodes": self._contacts_reply(target, sender)}
-        if nonce is not None:
-            reply["proof"] = self._proof(nonce, sender.id, addr)
-        return reply
+        return self._proved(reply, nonce, sender, addr)
 
     def _rpc_find_packets(self, addr: tuple, args: list[Any]) -> dict[str, Any]:
         if len(args) != 3:
@@ -926,9 +932,7 @@ class QisdProtocol(KademliaProtocol):
             key, since=cursor or 0, max_bytes=budget, now_ms=_now_ms(self.clock)
         )
         reply = {"nodes": nodes, "packets": raws, "cursor": next_cursor, "more": more}
-        if nonce is not None:
-            reply["proof"] = self._proof(nonce, sender.id, addr)
-        return reply
+        return self._proved(reply, nonce, sender, addr)
 
     def _rpc_store_packets(self, addr: tuple, args: list[Any]) -> dict[str, Any]:
         if len(args) != 3:
@@ -979,9 +983,7 @@ class QisdProtocol(KademliaProtocol):
             fresh = [e for e in valid if e.packet_id in accepted_ids]
             self.push_to_listeners(key, fresh, exclude=(addr[0], addr[1]))
         reply = {"accepted": result.accepted, "duplicates": duplicates, "refused": refused}
-        if nonce is not None:
-            reply["proof"] = self._proof(nonce, sender.id, addr)
-        return reply
+        return self._proved(reply, nonce, sender, addr)
 
     def _charge(self, source: str, envelopes: int) -> int:
         """Take one token per envelope to verify from ``source``; how many it may verify."""
@@ -1012,9 +1014,7 @@ class QisdProtocol(KademliaProtocol):
                 raise wire.WireError("too_many_listeners")
         listeners[where] = (sender.id, now + self.config.listen_seconds)
         reply: dict[str, Any] = {"ttl": int(self.config.listen_seconds)}
-        if nonce is not None:
-            reply["proof"] = self._proof(nonce, sender.id, addr)
-        return reply
+        return self._proved(reply, nonce, sender, addr)
 
     def _rpc_notify(self, addr: tuple, args: list[Any]) -> dict[str, Any]:
         if len(args) != 3:
