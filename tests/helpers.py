@@ -104,6 +104,28 @@ def make_envelopes(
     return [envs[level] for envs in make_packets(n, ident, **kwargs)]
 
 
+def lone_daemon_argv(data_dir: Any, *extra: str) -> list[str]:
+    """The arguments of ``qisd start`` for a daemon alone on 127.0.0.1 (any free port, no
+    bootstrap peers), as the end-to-end tests run it; prepend the qisd executable."""
+    return [
+        "start",
+        "--data-dir",
+        str(data_dir),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--bootstrap-file",
+        os.devnull,
+        *extra,
+    ]
+
+
+def clean_env() -> dict[str, str]:
+    """This process's environment without ``QISD_*`` settings (they would override flags)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("QISD_")}
+
+
 class LineReader:
     """Read lines from a subprocess pipe with a deadline (never blocks forever, never sleeps).
 

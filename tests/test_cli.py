@@ -25,7 +25,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import BASE_ROW
+from helpers import BASE_ROW, lone_daemon_argv
 
 from qisd.client import Client
 from qisd.net.datadir import DaemonRunningError
@@ -98,19 +98,7 @@ class Daemon:
         full_env.pop("QISD_DATA_DIR", None)
         full_env.update(env or {})
         self.proc = subprocess.Popen(
-            [
-                *QISD,
-                "start",
-                "--data-dir",
-                str(data_dir),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--bootstrap-file",
-                os.devnull,
-                *extra,
-            ],
+            [*QISD, *lone_daemon_argv(data_dir, *extra)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,

@@ -10,6 +10,7 @@ import string
 import msgpack
 import pyarrow as pa
 import pytest
+from helpers import BASE_ROW
 
 from qisd.core import packet as P
 from qisd.core.crypto import Identity, node_id_for
@@ -21,18 +22,8 @@ ROUTES = [DEFAULT_TEMPLATE.fields_at(level) for level in DEFAULT_TEMPLATE.levels
 
 # The row of the article's demo (seeds/000), as a caller would hand it to `qisd emit`.
 ARTICLE_ROW = {
-    "domain": "clinical.oncology",
-    "problem_type": "treatment_response_classification",
-    "model_architecture": "transformer-256d",
-    "training_phase": "epoch_5_of_50",
-    "metric_name": "val_auc",
-    "metric_value": 0.847,
-    "metric_delta": 0.023,
-    "confidence": 0.91,
-    "intervention_type": "learning_rate_schedule",
+    **BASE_ROW,
     "intervention_params": {"schedule": "cosine_annealing", "T_max": 10, "eta_min": 1e-6},
-    "outcome_decile": 8,
-    "sample_count": 1240,
     "data_ref": "/local/oncology_data/site_a/",
 }
 

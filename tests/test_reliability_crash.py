@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import LineReader, outcome_row
+from helpers import LineReader, clean_env, lone_daemon_argv, outcome_row
 
 from qisd import Client
 from qisd.config import StoreLimits
@@ -37,23 +37,10 @@ PATH = "clinical.oncology/treatment_response_classification"
 def start_daemon(data_dir: Path) -> tuple[subprocess.Popen[bytes], LineReader]:
     """``qisd start`` on 127.0.0.1 (no bootstrap peers); returns once it printed readiness."""
     proc = subprocess.Popen(
-        [
-            str(QISD),
-            "start",
-            "--data-dir",
-            str(data_dir),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--bootstrap-file",
-            os.devnull,
-            "--log-level",
-            "warning",
-        ],
+        [str(QISD), *lone_daemon_argv(data_dir, "--log-level", "warning")],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        env={k: v for k, v in os.environ.items() if not k.startswith("QISD_")},
+        env=clean_env(),
     )
     assert proc.stderr is not None
     reader = LineReader(proc.stderr)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import clean_env, lone_daemon_argv
 from test_dht import Network, run
 
 from qisd.net import wire
@@ -151,22 +152,11 @@ def test_start_refuses_key_files_others_can_read(tmp_path: Path, name: str, mode
     init_identity(data_dir)
     os.chmod(data_dir / name, mode)
     proc = subprocess.run(
-        [
-            str(QISD),
-            "start",
-            "--data-dir",
-            str(data_dir),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--bootstrap-file",
-            os.devnull,
-        ],
+        [str(QISD), *lone_daemon_argv(data_dir)],
         capture_output=True,
         text=True,
         timeout=60,
-        env={k: v for k, v in os.environ.items() if not k.startswith("QISD_")},
+        env=clean_env(),
     )
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
