@@ -488,6 +488,57 @@ def test_a_store_from_a_newer_qisd_is_refused(tmp_path: Path) -> None:
         open_store(tmp_path)
 
 
+def _indexes(conn: sqlite3.Connection) -> dict[str, str]:
+    return dict(conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'index'"))
+
+
+def test_a_schema_1_store_is_migrated_on_open_with_its_rows(tmp_path: Path) -> None:
+    packets = make_packets(4)
+    with open_store(tmp_path) as store:
+        store.put([e for p in packets for e in p], now_ms=NOW)
+    # Turn the file back into what schema 1 wrote: full indexes, the signer index, version 1.
+    conn = sqlite3.connect(tmp_path / STORE_FILE, isolation_level=None)
+    conn.executescript(
+        "BEGIN; DROP INDEX envelopes_source; DROP INDEX envelopes_local;"
+        " CREATE INDEX envelopes_signer ON envelopes (signer, local, timestamp_ms);"
+        " CREATE INDEX envelopes_source ON envelopes (source, local, timestamp_ms);"
+        " CREATE INDEX envelopes_local ON envelopes (local, expires_ms);"
+        " PRAGMA user_version=1; COMMIT;"
+    )
+    conn.close()
+    with open_store(tmp_path) as store:
+        conn = store._conn
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        indexes = _indexes(conn)
+        assert "envelopes_signer" not in indexes
+        assert "WHERE local = 0" in indexes["envelopes_source"]
+        assert "WHERE local = 1" in indexes["envelopes_local"]
+        got = store.table(packets[0][0].key, now_ms=NOW).column("packet_id").to_pylist()
+        assert sorted(got) == sorted(p[0].packet_id for p in packets if p[0].key == packets[0][0].key)
+        assert store.put(make_envelopes(1), now_ms=NOW).accepted
+    # A new store is created at schema 2 directly, with the same indexes.
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    with open_store(fresh) as store:
+        assert _indexes(store._conn) == indexes
+
+
+def test_a_one_packet_put_writes_few_wal_bytes(tmp_path: Path) -> None:
+    # Every page a commit dirties is written whole to the WAL and fsynced before the put
+    # returns: an emit of one packet (two envelopes) must write kilobytes, not a dozen 4 KiB
+    # pages, so the page size and the indexes it touches stay small.
+    written = []
+    with open_store(tmp_path) as store:
+        conn = store._conn
+        page = conn.execute("PRAGMA page_size").fetchone()[0]
+        for packet in make_packets(60):
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the next commit starts the WAL
+            store.put(packet, now_ms=NOW, local=True)
+            written.append(conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1] * page)
+    mean = sum(written) / len(written)
+    assert mean <= 24 * 1024, f"a one-packet put writes {mean:.0f} WAL bytes on average"
+
+
 def test_missing_directory_and_closed_store(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="qisd init"):
         Store.open(tmp_path / "nope" / STORE_FILE, limits=BIG, ttl_ms=TTL)
