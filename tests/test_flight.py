@@ -230,6 +230,17 @@ def test_malformed_tickets_are_refused(client, ticket) -> None:
         get(client, ticket)
 
 
+@pytest.mark.parametrize(
+    "ticket, reason",
+    [(b"clinical.oncology", "too coarse"), (PATH.encode() + b"/transformer-256d/x", "3 fields")],
+)
+def test_a_ticket_no_key_can_answer_is_refused_with_the_reason(client, ticket, reason) -> None:
+    # Not an empty stream: no packet is ever filed under these paths (the default template
+    # files by domain/problem_type and domain/problem_type/model_architecture only).
+    with pytest.raises(flight.FlightServerError, match=reason):
+        get(client, ticket)
+
+
 # --------------------------------------------------------------------------- DoExchange
 
 

@@ -110,6 +110,33 @@ def test_emit_commits_before_returning_and_query_reads_it_back(tmp_path: Path) -
     run(main)
 
 
+def test_a_query_deeper_than_the_routable_levels_filters_on_the_further_fields(
+    tmp_path: Path,
+) -> None:
+    by_phase = {
+        "domain": "clinical.oncology",
+        "fields": ["domain", "problem_type", "model_architecture", "training_phase"],
+        "levels": [2, 3],
+    }
+
+    async def main() -> None:
+        async with network(tmp_path, 1) as (node,):
+            tid = (await node.publish_template(by_phase))["template_id"]
+        pinned = {"clinical.oncology": tid}
+        async with network(tmp_path, 1, pinned_templates=pinned) as (node,):
+            await node.emit([row(0), row(1, training_phase="epoch_9_of_50")])
+            assert (await node.query(FINE, local_only=True)).num_rows == 2
+            early = await node.query(FINE + "/epoch_5_of_50", local_only=True)
+            assert early.column("training_phase").to_pylist() == ["epoch_5_of_50"]
+            assert (await node.query(FINE + "/epoch_7_of_50")).num_rows == 0
+            with pytest.raises(UsageError, match="too coarse"):
+                await node.query("clinical.oncology")
+            with pytest.raises(UsageError, match="4 fields"):
+                await node.query(FINE + "/epoch_5_of_50/val_auc")
+
+    run(main)
+
+
 def test_emit_is_all_or_nothing_and_names_the_bad_row(tmp_path: Path) -> None:
     async def main() -> None:
         async with network(tmp_path, 1) as (node,):

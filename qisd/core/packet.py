@@ -66,6 +66,7 @@ SCHEMA = pa.schema(
 """The OutcomePacket schema, wire version 1."""
 
 COLUMNS: tuple[str, ...] = tuple(SCHEMA.names)
+_ROW_STRUCT = pa.struct(list(SCHEMA))
 
 WIRE_VERSION = 1
 KIND_PACKET = 1
@@ -388,11 +389,15 @@ def rows_from_arrow(data: pa.Table | pa.RecordBatch) -> list[dict[str, Any]]:
     Extra columns are refused by name (so a typo never silently drops data); missing optional
     columns take their defaults at validation.
     """
-    names = list(data.schema.names)
+    check_columns(data.schema.names)
+    return batch_rows(data)
+
+
+def check_columns(names: Sequence[str]) -> None:
+    """Refuse, by name, columns of tabular input that are not packet columns (or data_ref)."""
     extra = [n for n in names if n not in _FIELD_INDEX and n != "data_ref"]
     if extra:
         raise PacketError(f"columns {extra} are not in the packet schema {list(COLUMNS)}")
-    return batch_rows(data)
 
 
 def batch_rows(batch: pa.RecordBatch | pa.Table) -> list[dict[str, Any]]:
@@ -541,7 +546,9 @@ def seal(
 
 def packet_body(rows: Sequence[Mapping[str, Any]]) -> bytes:
     """The compressed IPC body for validated rows."""
-    batch = pa.RecordBatch.from_pylist(list(rows), schema=SCHEMA)
+    # One conversion of the rows as structs: a third of the cost of from_pylist, which
+    # converts column by column (an emit of one row spends more on that than on signing).
+    batch = pa.RecordBatch.from_struct_array(pa.array(list(rows), _ROW_STRUCT))
     return _deflate(batch.serialize().to_pybytes())
 
 

@@ -32,10 +32,13 @@ call by a server middleware (``authorization: Bearer <token>``, or Flight's basi
 with the token as password, which answers with the bearer header). TLS when a certificate and key
 are given (``grpc+tls://``).
 
-Threads: gRPC serves calls on its own threads; the node lives on the daemon's event loop. Every
-call reaches the node with ``asyncio.run_coroutine_threadsafe`` and waits for the result, so the
-node's state and its store are only driven from the loop (the store's blocking reads run in the
-loop's worker threads, as the node's own reads do).
+Threads: gRPC serves calls on its own threads; the node lives on the daemon's event loop. Calls
+reach the node with ``asyncio.run_coroutine_threadsafe`` and wait for the result, so the node's
+state is only driven from the loop (the store's blocking reads run in the loop's worker
+threads, as the node's own reads do). DoPut is the exception: it validates, signs and commits
+in its gRPC thread (:meth:`Node.emit_table_blocking`; the store serialises writers under its
+own lock) and hands the loop only the bookkeeping after the commit, because for a one-row put
+the two thread hops cost more than the work.
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ from qisd.core.packet import (
     with_provenance,
 )
 from qisd.errors import ConfigError, QisdError, StoreError
+from qisd.net.node import rows_matching
 
 log = logging.getLogger(__name__)
 
@@ -391,6 +395,8 @@ def _type_fits(kind: str, t: pa.DataType) -> bool:
 
 def check_put_schema(schema: pa.Schema) -> None:
     """Refuse, naming them, missing or unknown columns and columns of the wrong kind."""
+    if any(schema.equals(good) for good in _GOOD_SCHEMAS):  # the same one on every put
+        return
     names = list(schema.names)
     duplicated = sorted({n for n in names if names.count(n) > 1})
     unknown = [n for n in names if n != "node_id" and n not in _KINDS]
@@ -424,12 +430,19 @@ def check_put_schema(schema: pa.Schema) -> None:
             unknown=unknown,
             duplicated=duplicated,
         )
+    _GOOD_SCHEMAS.appendleft(schema)
+
+
+_GOOD_SCHEMAS: collections.deque[pa.Schema] = collections.deque(maxlen=8)
+"""The last schemas :func:`check_put_schema` passed (comparing is cheap; hashing is not)."""
 
 
 def _normalise_columns(table: pa.Table) -> pa.Table:
     """Drop ``node_id`` (the daemon sets it); plain values for timestamps and dictionaries."""
     if "node_id" in table.schema.names:
         table = table.drop_columns(["node_id"])
+    if not any(pa.types.is_dictionary(t) or pa.types.is_timestamp(t) for t in table.schema.types):
+        return table
     for i, f in enumerate(table.schema):
         column = table.column(i)
         if pa.types.is_dictionary(f.type):
@@ -612,7 +625,10 @@ class QisdFlightServer(flight.FlightServerBase):
         result = None
         if keep:
             try:
-                result = self._run(lambda: self.node.emit_table(table, partial=partial))
+                if self._closing:
+                    raise flight.FlightUnavailableError("the daemon is shutting down")
+                # Validated, signed and committed in this gRPC thread: the loop only hears of it.
+                result = self.node.emit_table_blocking(table, partial=partial)
             except QisdError as exc:
                 row = getattr(exc, "row", None)
                 reason = str(exc)
@@ -658,9 +674,9 @@ class QisdFlightServer(flight.FlightServerBase):
         (decoded once, then sliced without copying); a larger one is read in small steps as
         the batches are sent, so memory stays bounded whatever the key holds.
         """
-        key = key_for_path(path)
         node = self.node
         with _translated("DoGet"):
+            key, wanted = node.query_route(path)
             refused: list[Envelope] = []
             if not local:
                 refused = self._run(lambda: fetch_into_store(node, key))
@@ -680,9 +696,12 @@ class QisdFlightServer(flight.FlightServerBase):
                     batch = self._blocking(lambda: next(batches, None))
                 if batch is None:
                     break
-                yield batch
+                batch = rows_matching(batch, wanted)
+                if batch.num_rows:
+                    yield batch
             if refused:
-                yield from _provenance_table(refused).to_batches(max_chunksize=BATCH_ROWS)
+                table = rows_matching(_provenance_table(refused), wanted)
+                yield from table.to_batches(max_chunksize=BATCH_ROWS)
         finally:
             with contextlib.suppress(Exception):
                 batches.close()  # type: ignore[attr-defined]

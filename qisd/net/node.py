@@ -19,18 +19,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from qisd import __version__
 from qisd.config import NodeConfig
 from qisd.core.crypto import Identity
 from qisd.core.darwin import Darwinism, DarwinStateError
-from qisd.core.fingerprint import Template, key_for_path, normalize_path
+from qisd.core.fingerprint import Template, key_for_path, normalize_path, split_path
 from qisd.core.hiring import (
     Endorsement,
     Hire,
@@ -69,12 +71,17 @@ FOLLOWED_META = "followed_paths"
 """Store meta entry holding the followed fingerprint paths (a JSON list)."""
 MAX_EMIT_ROWS = 100_000
 """Rows one emit call may carry (bulk input is sent in chunks well below this)."""
+PUBLISH_LINGER = 0.01
+"""Seconds the publisher waits after an emit for more to publish with it."""
 PUBLISH_CONCURRENCY = 8
 """Keys published at once (each is a lookup plus stores at its k closest nodes)."""
 MAX_FOLLOWED = 1_000
 """Paths one node may follow."""
 _SUBSCRIBER_QUEUE = 1_024
 """Tables buffered per subscriber; a subscriber that falls further behind loses the oldest."""
+
+
+_Rows = TypeVar("_Rows", pa.Table, pa.RecordBatch)
 
 
 def now_ms() -> int:
@@ -113,6 +120,17 @@ class EmitResult:
             "replicas": dict(self.replicas),
             "rejected": [list(r) for r in self.rejected],
         }
+
+
+def rows_matching(data: _Rows, wanted: Mapping[str, str]) -> _Rows:
+    """The rows of a table or batch whose ``field`` equals ``value`` for every wanted pair."""
+    if not wanted or data.num_rows == 0:
+        return data
+    mask = None
+    for name, value in wanted.items():
+        equal = pc.equal(data.column(name), pa.scalar(value, pa.string()))
+        mask = equal if mask is None else pc.and_(mask, equal)
+    return data.filter(mask)
 
 
 def _table_of(envelopes: Sequence[Envelope]) -> pa.Table:
@@ -165,6 +183,9 @@ class Node:
         self._callbacks: set[asyncio.Task[Any]] = set()
         self._closed = False
         self._commit_lock = asyncio.Lock()
+        # Emits committed straight from other threads (Flight) take this instead of the loop's lock.
+        self._commit_mutex = threading.Lock()
+        self._loop = asyncio.get_running_loop()
         self._publish_slots = asyncio.Semaphore(PUBLISH_CONCURRENCY)
         self._backlog = 0
         self._hires: dict[str, Hire] = {}
@@ -486,66 +507,19 @@ class Node:
         also waits for the DHT to store them and reports the replica count per packet.
         Raises :class:`FieldError` naming the row, field, value and rule of the first bad row.
         """
-        self._check_open()
-        if isinstance(records, (str, bytes)) or not isinstance(records, Sequence):
-            raise UsageError("emit takes a sequence of row mappings")
-        if not records:
-            raise UsageError("nothing to emit: no rows given")
-        if len(records) > MAX_EMIT_ROWS:
-            raise UsageError(f"one emit carries at most {MAX_EMIT_ROWS} rows; send chunks")
         if not isinstance(wait_replicas, int) or wait_replicas < 0:
             raise UsageError("wait_replicas must be a whole number >= 0")
-        try:
-            async with self._commit_lock:
-                self._check_open()
-                groups, rows = await asyncio.to_thread(self._commit, list(records))
-        except PacketError:
-            self.counters["rejected_emits"] += 1
-            raise
-        envelopes = [env for group in groups for env in group]
-        ids = [group[0].packet_id for group in groups]
-        self.counters["emits"] += 1
-        self.counters["rows_emitted"] += len(records)
-        self._domains.update(row["domain"] for row in rows)
-        self._deliver(envelopes)
-        if self._recommended:
-            self._background(self._observe(rows, set(ids)))
-        replicas = {pid: 0 for pid in ids}
-        if self.dht is not None:
-            if wait_replicas > 0:
-                replicas.update(await self._publish_until(envelopes, wait_replicas))
-            else:
-                self._backlog += len(envelopes)
-                self._publish_queue.put_nowait(envelopes)
-        return EmitResult(ids, len(records), replicas)
-
-    def _commit(
-        self, records: list[Mapping[str, Any]]
-    ) -> tuple[list[list[Envelope]], list[dict[str, Any]]]:
-        """Validate and sign every row, then one durable put (runs in a worker thread)."""
-        now = now_ms()
-        rows = build_rows(records, self.identity, now_ms=now)
-        for i, row in enumerate(rows):
-            if row["timestamp_utc"] + self._ttl_ms <= now:
-                raise FieldError(
-                    "timestamp_utc",
-                    row["timestamp_utc"],
-                    f"is older than the packet lifetime ({self.config.dht.ttl_seconds} s)",
-                    i,
-                )
-        by_domain: dict[str, list[dict[str, Any]]] = {}
-        for row in rows:
-            by_domain.setdefault(row["domain"], []).append(row)
-        groups: list[list[Envelope]] = []
-        for domain, domain_rows in by_domain.items():
-            _, template = self.template_for(domain)
-            routes = [template.fields_at(level) for level in template.levels]
-            groups.extend(pack_rows(self.identity, domain_rows, routes))
-        result = self.store.put([e for g in groups for e in g], now_ms=now, local=True)
-        if result.refused:
-            pid, reason = result.refused[0]
-            raise PacketError(f"the store refused packet {pid}: {reason}")
-        return groups, rows
+        records = self._emit_records(records)
+        async with self._commit_lock:
+            self._check_open()
+            groups, rows = await asyncio.to_thread(self._commit, records)
+        result = self._committed(groups, rows)
+        if wait_replicas > 0 and self.dht is not None:
+            envelopes = [env for group in groups for env in group]
+            result.replicas.update(await self._publish_until(envelopes, wait_replicas))
+        else:
+            self._enqueue_publish(groups)
+        return result
 
     async def emit_table(
         self, table: pa.Table | pa.RecordBatch, *, partial: bool = False, wait_replicas: int = 0
@@ -556,12 +530,54 @@ class Node:
         ``(row_index, reason)``; without it one bad row refuses the whole table.
         """
         self._check_open()
+        good, rejected = self._table_records(table, partial)
+        if not good:
+            return EmitResult([], 0, {}, rejected)
+        result = await self.emit(good, wait_replicas=wait_replicas)
+        return EmitResult(result.packet_ids, result.rows, result.replicas, rejected)
+
+    def emit_table_blocking(
+        self, table: pa.Table | pa.RecordBatch, *, partial: bool = False
+    ) -> EmitResult:
+        """:meth:`emit_table` for a caller on another thread than the node's event loop.
+
+        The Flight server's gRPC threads call this: validating, signing and the durable commit
+        run right in the calling thread (no hop to the loop and on to a worker and back, which
+        costs more than the work for one row); only the bookkeeping after the commit
+        (subscribers, the publish queue) is handed to the loop, without waiting for it.
+        Returns once the rows are durable, like :meth:`emit`.
+        """
+        self._check_open()
+        good, rejected = self._table_records(table, partial)
+        if not good:
+            return EmitResult([], 0, {}, rejected)
+        records = self._emit_records(good)
+        with self._commit_mutex:
+            self._check_open()
+            groups, rows = self._commit(records)
+        result = self._committed_threadsafe(groups, rows)
+        return EmitResult(result.packet_ids, result.rows, result.replicas, rejected)
+
+    def _emit_records(self, records: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+        """The argument checks every emit makes before any work."""
+        self._check_open()
+        if isinstance(records, (str, bytes)) or not isinstance(records, Sequence):
+            raise UsageError("emit takes a sequence of row mappings")
+        if not records:
+            raise UsageError("nothing to emit: no rows given")
+        if len(records) > MAX_EMIT_ROWS:
+            raise UsageError(f"one emit carries at most {MAX_EMIT_ROWS} rows; send chunks")
+        return list(records)
+
+    def _table_records(
+        self, table: pa.Table | pa.RecordBatch, partial: bool
+    ) -> tuple[list[dict[str, Any]], list[tuple[int, str]]]:
+        """Rows of an Arrow table to emit, and with ``partial`` the (index, reason) left out."""
         if not isinstance(table, (pa.Table, pa.RecordBatch)):
             raise UsageError("emit_table takes a pyarrow Table or RecordBatch")
         rows = rows_from_arrow(table)
         if not partial:
-            return await self.emit(rows, wait_replicas=wait_replicas)
-        good: list[int] = []
+            return rows, []
         rejected: list[tuple[int, str]] = []
         now = now_ms()
         for i, row in enumerate(rows):
@@ -573,11 +589,74 @@ class Node:
                 rejected.append((i, str(exc)))
         self.counters["rejected_rows"] += len(rejected)
         bad = {i for i, _ in rejected}
-        good = [i for i in range(len(rows)) if i not in bad]
-        if not good:
-            return EmitResult([], 0, {}, rejected)
-        result = await self.emit([rows[i] for i in good], wait_replicas=wait_replicas)
-        return EmitResult(result.packet_ids, result.rows, result.replicas, rejected)
+        return [row for i, row in enumerate(rows) if i not in bad], rejected
+
+    def _commit(
+        self, records: list[Mapping[str, Any]]
+    ) -> tuple[list[list[Envelope]], list[dict[str, Any]]]:
+        """Validate and sign every row, then one durable put (runs off the event loop)."""
+        try:
+            now = now_ms()
+            rows = build_rows(records, self.identity, now_ms=now)
+            for i, row in enumerate(rows):
+                if row["timestamp_utc"] + self._ttl_ms <= now:
+                    raise FieldError(
+                        "timestamp_utc",
+                        row["timestamp_utc"],
+                        f"is older than the packet lifetime ({self.config.dht.ttl_seconds} s)",
+                        i,
+                    )
+            by_domain: dict[str, list[dict[str, Any]]] = {}
+            for row in rows:
+                by_domain.setdefault(row["domain"], []).append(row)
+            groups: list[list[Envelope]] = []
+            for domain, domain_rows in by_domain.items():
+                _, template = self.template_for(domain)
+                routes = [template.fields_at(level) for level in template.levels]
+                groups.extend(pack_rows(self.identity, domain_rows, routes))
+            result = self.store.put([e for g in groups for e in g], now_ms=now, local=True)
+            if result.refused:
+                pid, reason = result.refused[0]
+                raise PacketError(f"the store refused packet {pid}: {reason}")
+        except PacketError:
+            self.counters["rejected_emits"] += 1
+            raise
+        return groups, rows
+
+    def _committed(self, groups: list[list[Envelope]], rows: list[dict[str, Any]]) -> EmitResult:
+        """The bookkeeping after an emit's commit, on the loop: counters, subscribers, learning."""
+        envelopes = [env for group in groups for env in group]
+        ids = [group[0].packet_id for group in groups]
+        self.counters["emits"] += 1
+        self.counters["rows_emitted"] += len(rows)
+        self._domains.update(row["domain"] for row in rows)
+        self._deliver(envelopes)
+        if self._recommended:
+            self._background(self._observe(rows, set(ids)))
+        return EmitResult(ids, len(rows), {pid: 0 for pid in ids})
+
+    def _committed_threadsafe(
+        self, groups: list[list[Envelope]], rows: list[dict[str, Any]]
+    ) -> EmitResult:
+        """:meth:`_committed` and the publish, handed to the loop from another thread."""
+
+        def on_loop() -> None:
+            self._committed(groups, rows)
+            self._enqueue_publish(groups)
+
+        try:
+            self._loop.call_soon_threadsafe(on_loop)
+        except RuntimeError:  # the loop closed after the commit: republish covers the packets
+            log.warning("emit committed while the node was stopping; republish will send it")
+        ids = [group[0].packet_id for group in groups]
+        return EmitResult(ids, len(rows), {pid: 0 for pid in ids})
+
+    def _enqueue_publish(self, groups: list[list[Envelope]]) -> None:
+        if self.dht is None or self._closed:
+            return
+        envelopes = [env for group in groups for env in group]
+        self._backlog += len(envelopes)
+        self._publish_queue.put_nowait(envelopes)
 
     async def _publish(self, envelopes: list[Envelope]) -> dict[str, int]:
         """Publish; per packet id, the replicas of its least-replicated routable level.
@@ -641,6 +720,10 @@ class Node:
         while True:
             batch = await self._publish_queue.get()
             taken = 1
+            # Linger a moment so the emits of a burst go out together: one lookup per key per
+            # round instead of one per emit (a stream of one-row puts would otherwise pay a
+            # lookup for each). Emits are durable already; the network learns of them 10 ms on.
+            await asyncio.sleep(PUBLISH_LINGER)
             while not self._publish_queue.empty() and len(batch) < 2_048:
                 batch = batch + self._publish_queue.get_nowait()
                 taken += 1
@@ -660,8 +743,7 @@ class Node:
         local query has them) and merged with what this node already held.
         """
         self._check_open()
-        path = normalize_path(path)
-        key = key_for_path(path)
+        key, wanted = self.query_route(path)
         extra: list[Envelope] = []
         if not local_only and self.dht is not None:
             fetched = await self.dht.fetch(key)
@@ -673,7 +755,36 @@ class Node:
             missing = [e for e in extra if e.packet_id not in held]
             if missing:
                 table = pa.concat_tables([table, _table_of(missing)])
-        return table
+        return rows_matching(table, wanted)
+
+    def query_route(self, path: str) -> tuple[bytes, dict[str, str]]:
+        """Where a query for ``path`` reads: ``(key, wanted)``.
+
+        A path at a routable level of its domain's template is its own key. A deeper path is
+        read from the deepest routable level it extends, keeping the rows whose further fields
+        equal its further segments (``wanted``: field -> value), so
+        ``domain/problem/architecture/phase`` finds the rows of that phase. A path shallower
+        than every routable level names no key and is refused (UsageError), as is one with
+        more segments than the template has fields.
+        """
+        segments = split_path(path)
+        _, template = self.template_for(segments[0])
+        fields = template.fields
+        if len(segments) > len(fields):
+            raise UsageError(
+                f"fingerprint path {'/'.join(segments)!r} has {len(segments)} segments, but "
+                f"{segments[0]} is fingerprinted by {len(fields)} fields {list(fields)}"
+            )
+        levels = [level for level in template.levels if level <= len(segments)]
+        if not levels:
+            need = template.levels[0]
+            raise UsageError(
+                f"fingerprint path {'/'.join(segments)!r} is too coarse: packets of "
+                f"{segments[0]} are filed by at least {need} fields {list(fields[:need])}"
+            )
+        level = max(levels)
+        wanted = dict(zip(fields[level:], segments[level:], strict=False))
+        return key_for_path("/".join(segments[:level])), wanted
 
     async def _keep(self, envelopes: Sequence[Envelope]) -> list[Envelope]:
         """Store envelopes received from the network; returns those the store refused."""
