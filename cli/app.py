@@ -23,7 +23,7 @@ from typing import Annotated, Any
 import typer
 
 from qisd import __version__
-from qisd.errors import FieldError, QisdError, UsageError
+from qisd.errors import FieldError, PacketError, QisdError, UsageError
 
 app = typer.Typer(
     name="qisd",
@@ -332,7 +332,7 @@ def emit(
     rows = read_input(from_, fmt) if from_ is not None else [given]
     total = check_rows(rows) if from_ is not None else 1
     if total == 0:
-        raise UsageError("nothing to emit: the input has no rows")
+        raise PacketError(f"nothing to emit: {from_} has no rows")
     client = _client(data_dir)
     client.ping()  # no daemon: exit 3 before any output
     bar = None

@@ -148,6 +148,12 @@ def _read_csv(text: str) -> list[dict[str, Any]]:
     names = [h.strip() for h in header]
     if not any(names) or len(set(names)) != len(names) or "" in names:
         raise PacketError("CSV line 1 must name each column once (the packet column names)")
+    from qisd.core.packet import check_columns
+
+    try:
+        check_columns(names)
+    except PacketError as exc:
+        raise PacketError(f"CSV line 1: {exc}") from None
     rows = []
     try:
         for row in reader:
