@@ -93,15 +93,24 @@ class ArticleFlightServer(flight.FlightServerBase):
         return flight.GeneratorStream(SCHEMA, iter(combined))
 
 
+class FloorFlightServer(flight.FlightServerBase):
+    """A DoPut that reads the stream and keeps nothing: what the Flight call itself costs."""
+
+    def do_put(self, context, descriptor, reader, writer):  # noqa: ANN001
+        for _ in reader:
+            pass
+
+
 # --------------------------------------------------------------------------- server processes
 
 
-def _serve_article() -> None:
+def _serve_article(kind: str = "article") -> None:
     sys.stdout.flush()
     real_stdout = os.dup(1)
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)  # the per-deposit print goes nowhere, as fast as it can
-    server = ArticleFlightServer("grpc://127.0.0.1:0")
+    make = FloorFlightServer if kind == "floor" else ArticleFlightServer
+    server = make("grpc://127.0.0.1:0")
     os.write(real_stdout, (json.dumps({"port": server.port}) + "\n").encode())
     sys.stdin.read()
     server.shutdown()
@@ -227,6 +236,23 @@ def get_rate(location: str, ticket: bytes, expect: int) -> float:
     return rows / elapsed
 
 
+def fdatasync_us(directory: str, n: int = 300) -> float:
+    """Median microseconds of one 1 KiB append + fdatasync in ``directory`` (the disk's floor
+    for an acknowledged durable write)."""
+    path = Path(directory) / "sync-probe"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    times = []
+    try:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            os.write(fd, b"x" * 1024)
+            os.fdatasync(fd)
+            times.append(time.perf_counter() - t0)
+    finally:
+        os.close(fd)
+    return statistics.median(times) * 1e6
+
+
 def median(fn: Callable[[int], float], repeat: int) -> float:
     return statistics.median(fn(i) for i in range(repeat))
 
@@ -242,6 +268,14 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         a["batched_put_rows_per_s"] = median(
             lambda i: batched_put(location, args.batched, 0), args.repeat
         )
+    with server("floor") as location:
+        out["floor"] = {
+            "single_put_per_s": median(
+                lambda i: single_puts(location, args.single, i * args.single), args.repeat
+            )
+        }
+    with tempfile.TemporaryDirectory(prefix="qisd-bench-", dir=args.tmp) as tmp:
+        out["floor"]["fdatasync_us"] = fdatasync_us(tmp)
     with server("article") as location:
         # Its store as single-row deposits leave it: one batch per row.
         batched_put(location, rows, 0, one_row_batches=True)
@@ -290,6 +324,17 @@ def report(result: dict[str, dict[str, float]], args: argparse.Namespace) -> str
         q["single_put_per_s"],
         ">=1.0x",
     )
+    floor = result["floor"]
+    us = {
+        name: 1e6 / v["single_put_per_s"]
+        for name, v in (("article", a), ("qisd", q), ("floor", floor))
+    }
+    lines.append(
+        f"{'  us per single-row DoPut':44} {us['article']:12,.0f} {us['qisd']:12,.0f}"
+        f"   (a DoPut that keeps nothing: {us['floor']:,.0f} us; so the article's server adds "
+        f"{us['article'] - us['floor']:,.0f} us and qisd {us['qisd'] - us['floor']:,.0f} us, "
+        f"of which one fdatasync on this disk is {floor['fdatasync_us']:,.0f} us)"
+    )
     line("batched DoPut rows/s", a["batched_put_rows_per_s"], q["batched_put_rows_per_s"])
     line(
         "DoGet rows/s (warm; article: one-row batches)",
@@ -310,8 +355,8 @@ def report(result: dict[str, dict[str, float]], args: argparse.Namespace) -> str
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "serve-article":
-        return _serve_article()
+    if len(sys.argv) > 1 and sys.argv[1] in ("serve-article", "serve-floor"):
+        return _serve_article(sys.argv[1].removeprefix("serve-"))
     if len(sys.argv) > 1 and sys.argv[1] == "serve-qisd":
         return _serve_qisd(sys.argv[2])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
