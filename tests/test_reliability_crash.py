@@ -34,17 +34,21 @@ QISD = Path(sys.executable).with_name("qisd")
 PATH = "clinical.oncology/treatment_response_classification"
 
 
-def start_daemon(data_dir: Path) -> tuple[subprocess.Popen[bytes], LineReader]:
-    """``qisd start`` on 127.0.0.1 (no bootstrap peers); returns once it printed readiness."""
+def start_daemon(
+    data_dir: Path, *extra: str, seen: list[str] | None = None
+) -> tuple[subprocess.Popen[bytes], LineReader]:
+    """``qisd start`` on 127.0.0.1 (no bootstrap peers); returns once it printed readiness.
+
+    The lines printed before readiness are appended to ``seen`` when given."""
     proc = subprocess.Popen(
-        [str(QISD), *lone_daemon_argv(data_dir, "--log-level", "warning")],
+        [str(QISD), *lone_daemon_argv(data_dir, "--log-level", "warning", *extra)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         env=clean_env(),
     )
     assert proc.stderr is not None
     reader = LineReader(proc.stderr)
-    seen = []
+    seen = [] if seen is None else seen
     while True:
         line = reader.readline(timeout=30)
         assert line is not None, f"daemon exited before readiness: {seen}"
@@ -139,3 +143,53 @@ def test_crash_soak_random_sigkills_lose_nothing_committed(tmp_path: Path, qisd_
     figures = soak(tmp_path, cycles=cycles, seed=int.from_bytes(os.urandom(4), "big"))
     print(f"crash soak: {figures}")
     assert figures["committed"] > cycles
+
+
+def test_a_sigkill_under_single_row_flight_puts_loses_no_acknowledged_row(tmp_path: Path) -> None:
+    # DoPut commits in the gRPC thread and replies after the commit: a put whose stream
+    # closed cleanly (and whose reply named its packet id) survives the daemon being killed.
+    import json
+
+    import pyarrow as pa
+    import pyarrow.flight as flight
+
+    from qisd.core.packet import SCHEMA
+
+    data_dir = tmp_path / "node"
+    init_identity(data_dir)
+    seen: list[str] = []
+    flags = ("--flight", "grpc://127.0.0.1:0", "--log-level", "info")
+    proc, _reader = start_daemon(data_dir, *flags, seen=seen)
+    uri = next(line.rsplit(" ", 1)[-1] for line in seen if "Arrow Flight endpoint at" in line)
+    timer = threading.Timer(0.8, proc.send_signal, (signal.SIGKILL,))
+    acked: list[str] = []
+    failures = 0
+    descriptor = flight.FlightDescriptor.for_path(*PATH.split("/"))
+    client = flight.connect(uri)
+    try:
+        for i in range(100_000):
+            row = {name: outcome_row(i).get(name) for name in SCHEMA.names}
+            row["intervention_params"] = json.dumps(row["intervention_params"])
+            row["timestamp_utc"] = time.time_ns() // 1_000_000
+            row["node_id"], row["raw_data_hash"] = "replaced by the daemon", "5f2b1c0d9e8a7b6c"
+            batch = pa.RecordBatch.from_pylist([row], schema=SCHEMA)
+            try:
+                writer, reader = client.do_put(descriptor, SCHEMA)
+                writer.write_batch(batch)
+                writer.done_writing()
+                reply = reader.read()
+                writer.close()  # the call's status: OK only after the commit
+            except flight.FlightError:
+                failures += 1  # the kill landed on this put: nothing was promised
+                break
+            acked.extend(json.loads(reply.to_pybytes())["packet_ids"])
+            if i == 0:
+                timer.start()  # the kill lands 0.8 s into the stream of puts
+    finally:
+        timer.cancel()
+        client.close()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert len(acked) > 10, "the daemon died before a handful of puts"
+    assert failures == 1
+    check_store(data_dir, acked)

@@ -133,6 +133,13 @@ def rows_matching(data: _Rows, wanted: Mapping[str, str]) -> _Rows:
     return data.filter(mask)
 
 
+def _warm_arrow() -> None:
+    """Convert one row from Python objects, as every emit does: pyarrow's first such
+    conversion imports pandas when it is installed (~0.6 s here), which belongs to start-up,
+    not to the first emit or DoPut."""
+    pa.array([{"x": 0}], pa.struct([("x", pa.int64())]))
+
+
 def _table_of(envelopes: Sequence[Envelope]) -> pa.Table:
     """Envelopes' rows with provenance, as one ``RESULT_SCHEMA`` table (deduplicated)."""
     batches = []
@@ -221,6 +228,7 @@ class Node:
             store = await asyncio.to_thread(
                 Store.open, data_dir, limits=config.store, ttl_ms=config.dht.ttl_seconds * 1000
             )
+            await asyncio.to_thread(_warm_arrow)
         except BaseException:
             lock.release()
             raise
