@@ -513,8 +513,9 @@ def test_a_schema_1_store_is_migrated_on_open_with_its_rows(tmp_path: Path) -> N
         assert "envelopes_signer" not in indexes
         assert "WHERE local = 0" in indexes["envelopes_source"]
         assert "WHERE local = 1" in indexes["envelopes_local"]
-        got = store.table(packets[0][0].key, now_ms=NOW).column("packet_id").to_pylist()
-        assert sorted(got) == sorted(p[0].packet_id for p in packets if p[0].key == packets[0][0].key)
+        key = packets[0][0].key
+        got = store.table(key, now_ms=NOW).column("packet_id").to_pylist()
+        assert sorted(got) == sorted(p[0].packet_id for p in packets if p[0].key == key)
         assert store.put(make_envelopes(1), now_ms=NOW).accepted
     # A new store is created at schema 2 directly, with the same indexes.
     fresh = tmp_path / "fresh"

@@ -82,8 +82,10 @@ _T = TypeVar("_T")
 # drift from the rows (a crash rolls both back); quotas and eviction read them in O(1).
 # Every index costs each commit a page write (the WAL logs whole pages): an emit touches only
 # the index of local rows, a network put only the eviction index of remote rows.
-_PARTIAL_INDEXES = """CREATE INDEX envelopes_source ON envelopes (source, timestamp_ms) WHERE local = 0;
-CREATE INDEX envelopes_local ON envelopes (expires_ms) WHERE local = 1;"""
+_PARTIAL_INDEXES = """
+CREATE INDEX envelopes_source ON envelopes (source, timestamp_ms) WHERE local = 0;
+CREATE INDEX envelopes_local ON envelopes (expires_ms) WHERE local = 1;
+"""
 
 _SCHEMA_SQL = """
 CREATE TABLE envelopes (
