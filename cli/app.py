@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import struct
 import sys
 import time
@@ -63,10 +64,20 @@ Path_ = Annotated[
 ]
 
 
+def _data_dir(data_dir: str | None) -> str | None:
+    """``--data-dir`` / ``$QISD_DATA_DIR``, else the ``data_dir`` of ``$QISD_CONFIG``'s file:
+    the daemon started with that file is the one every other command must reach."""
+    if data_dir or not os.environ.get("QISD_CONFIG"):
+        return data_dir
+    from qisd.net.settings import load_config
+
+    return load_config().data_dir or None
+
+
 def _client(data_dir: str | None) -> Any:
     from qisd.client import Client
 
-    return Client(data_dir)
+    return Client(_data_dir(data_dir))
 
 
 def _print_json(value: Any) -> None:
@@ -91,7 +102,7 @@ def init(
     """Create the data directory and this node's identity (Ed25519 key, commitment secret)."""
     from qisd.net.datadir import init_identity, resolve_data_dir
 
-    path = resolve_data_dir(data_dir)
+    path = resolve_data_dir(_data_dir(data_dir))
     identity = init_identity(path, force=force)
     if as_json:
         _print_json({"node_id": identity.node_id, "data_dir": str(path)})

@@ -25,7 +25,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import BASE_ROW, lone_daemon_argv
+from helpers import BASE_ROW, LineReader, lone_daemon_argv
 
 from qisd.client import Client
 from qisd.net.datadir import DaemonRunningError
@@ -621,3 +621,37 @@ def test_a_udp_port_in_use_is_a_one_line_error(tmp_path: Path) -> None:
         )
         one_line_error(done, 2, f"127.0.0.1:{port}", "in use")
     assert not (tmp_path / "u" / "control.sock").exists()
+
+
+def test_every_command_finds_the_daemon_of_the_qisd_config_file(tmp_path: Path) -> None:
+    # A site that keeps its settings in one file sets QISD_CONFIG once; init, start, emit,
+    # status and stop must all use that file's data_dir, not the default one.
+    data_dir = tmp_path / "site"
+    config = tmp_path / "qisd.toml"
+    config.write_text(
+        f'data_dir = "{data_dir}"\nhost = "127.0.0.1"\nport = 0\n'
+        f'bootstrap_file = "{os.devnull}"\n'
+    )
+    env = {"QISD_CONFIG": str(config), "XDG_DATA_HOME": str(tmp_path / "elsewhere")}
+    assert qisd("init", env=env).returncode == 0
+    assert (data_dir / "node.key").exists()
+    full_env = {k: v for k, v in os.environ.items() if k != "QISD_DATA_DIR"} | env
+    proc = subprocess.Popen(
+        [*QISD, "start"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=full_env
+    )
+    try:
+        assert proc.stderr is not None
+        reader = LineReader(proc.stderr)
+        while not (line := reader.readline(timeout=30) or "").startswith("qisd listening on"):
+            assert line, "the daemon exited before it was ready"
+        status = qisd("status", "--json", env=env)
+        assert status.returncode == 0, status.stderr
+        assert json.loads(status.stdout)["data_dir"] == str(data_dir)
+        emitted = qisd("emit", *FLAGS, env=env)
+        assert emitted.returncode == 0, emitted.stderr
+        assert qisd("stop", env=env).returncode == 0
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
