@@ -305,6 +305,16 @@ def emit(
     wait: Annotated[
         int, typer.Option(min=0, help="Wait until N DHT replicas acknowledged each packet.")
     ] = 0,
+    wait_timeout: Annotated[
+        float | None,
+        typer.Option(
+            metavar="SECONDS",
+            min=0.001,
+            max=3600,
+            help="With --wait: give up waiting for replicas after this long (the packets "
+            "stay committed; exit 5 if short).",
+        ),
+    ] = None,
     data_dir: DataDir = None,
     as_json: Json = False,
     chunk_rows: Annotated[
@@ -336,6 +346,8 @@ def emit(
         raise UsageError("give either --from FILE or the field options, not both")
     if from_ is None and fmt is not None:
         raise UsageError("--format applies to --from")
+    if wait_timeout is not None and not wait:
+        raise UsageError("--wait-timeout applies to --wait N")
     from qisd.client import check_rows, read_input
 
     # A file is checked whole before anything is sent (all or nothing); one row from flags is
@@ -345,6 +357,8 @@ def emit(
     if total == 0:
         raise PacketError(f"nothing to emit: {from_} has no rows")
     client = _client(data_dir)
+    if wait_timeout is not None:  # the request outlives the wait it asks for
+        client.timeout = max(client.timeout, wait_timeout + 30)
     client.ping()  # no daemon: exit 3 before any output
     bar = None
     if from_ is not None and not as_json and sys.stderr.isatty() and total > chunk_rows:
@@ -363,7 +377,12 @@ def emit(
 
     try:
         result = client.emit_rows(
-            rows, wait=wait, chunk_rows=chunk_rows, on_chunk=on_chunk, validate=False
+            rows,
+            wait=wait,
+            wait_timeout=wait_timeout,
+            chunk_rows=chunk_rows,
+            on_chunk=on_chunk,
+            validate=False,
         )
     except FieldError as exc:
         if from_ is None and exc.field in _FLAG_OF:

@@ -227,6 +227,14 @@ def check_rows(rows: Sequence[Mapping[str, Any]] | pa.Table) -> int:
     return len(records)
 
 
+def _wait_args(wait: int, wait_timeout: float | None, **args: Any) -> dict[str, Any]:
+    """The arguments of an emit request ("wait_timeout" only when given)."""
+    args["wait"] = wait
+    if wait_timeout is not None:
+        args["wait_timeout"] = wait_timeout
+    return args
+
+
 def _now_ms() -> int:
     import time
 
@@ -337,30 +345,44 @@ class Client:
         """The daemon's node id and version (DaemonNotRunning if none answers)."""
         return self.call("ping")
 
-    def emit(self, records: Sequence[Mapping[str, Any]], *, wait: int = 0) -> dict[str, Any]:
+    def emit(
+        self,
+        records: Sequence[Mapping[str, Any]],
+        *,
+        wait: int = 0,
+        wait_timeout: float | None = None,
+    ) -> dict[str, Any]:
         """Emit rows in one commit; returns ``{packet_ids, rows, replicas, rejected}``.
 
         ``wait`` > 0 waits until that many DHT replicas acknowledged each packet (see
-        ``replicas`` in the result for how many did).
+        ``replicas`` in the result for how many did), for at most ``wait_timeout`` seconds
+        when given.
         """
         rows = [dict(r) for r in records]
-        return self.call("emit", {"rows": rows, "wait": wait})
+        return self.call("emit", _wait_args(wait, wait_timeout, rows=rows))
 
     def emit_table(
-        self, table: pa.Table | pa.RecordBatch, *, wait: int = 0, partial: bool = False
+        self,
+        table: pa.Table | pa.RecordBatch,
+        *,
+        wait: int = 0,
+        wait_timeout: float | None = None,
+        partial: bool = False,
     ) -> dict[str, Any]:
         """Emit the rows of an Arrow table in one commit (``partial``: keep the valid rows)."""
         import pyarrow as pa
 
         if isinstance(table, pa.RecordBatch):
             table = pa.Table.from_batches([table])
-        return self.call("emit", {"wait": wait, "partial": partial}, table_to_ipc(table))
+        args = _wait_args(wait, wait_timeout, partial=partial)
+        return self.call("emit", args, table_to_ipc(table))
 
     def emit_rows(
         self,
         rows: Sequence[Mapping[str, Any]] | pa.Table,
         *,
         wait: int = 0,
+        wait_timeout: float | None = None,
         chunk_rows: int = DEFAULT_CHUNK_ROWS,
         on_chunk: ProgressCallback | None = None,
         validate: bool = True,
@@ -387,11 +409,11 @@ class Client:
             while done < total:
                 if pa is not None and isinstance(rows, pa.Table):
                     chunk = rows.slice(done, chunk_rows)
-                    result = self.emit_table(chunk, wait=wait)
+                    result = self.emit_table(chunk, wait=wait, wait_timeout=wait_timeout)
                     n = chunk.num_rows
                 else:
                     part = rows[done : done + chunk_rows]
-                    result = self.emit(part, wait=wait)
+                    result = self.emit(part, wait=wait, wait_timeout=wait_timeout)
                     n = len(part)
                 done += n
                 ids.extend(result["packet_ids"])
@@ -410,12 +432,15 @@ class Client:
         *,
         format: str | None = None,
         wait: int = 0,
+        wait_timeout: float | None = None,
         chunk_rows: int = DEFAULT_CHUNK_ROWS,
         on_chunk: ProgressCallback | None = None,
     ) -> dict[str, Any]:
         """Emit every row of a file (``-`` for stdin); see :func:`read_input` for formats."""
         rows = read_input(source, format)
-        return self.emit_rows(rows, wait=wait, chunk_rows=chunk_rows, on_chunk=on_chunk)
+        return self.emit_rows(
+            rows, wait=wait, wait_timeout=wait_timeout, chunk_rows=chunk_rows, on_chunk=on_chunk
+        )
 
     def query(self, path: str, *, local: bool = False) -> pa.Table:
         """Every packet row under a fingerprint path, from the network and the local store."""

@@ -18,6 +18,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -309,6 +310,25 @@ def test_query_output_formats(daemon: Daemon, tmp_path: Path) -> None:
     assert human.returncode == 0 and "INTERVENTION" in human.stdout
     one_line_error(daemon.cli("query", PATH, "--json", "--csv"), 2, "choose one")
     one_line_error(daemon.cli("query", "/"), 2, "fingerprint path")
+
+
+def test_wait_for_replicas_a_lone_node_cannot_have_ends_at_the_wait_timeout(
+    daemon: Daemon,
+) -> None:
+    # No peer can store a replica; without --wait-timeout the daemon would keep trying for
+    # ten RPC timeouts. The packet is committed all the same, and exit 5 says it is short.
+    before = stored(daemon)
+    started = time.monotonic()
+    done = daemon.cli("emit", *FLAGS, "--intervention=wait_test", "--wait=2", "--wait-timeout=0.5")
+    elapsed = time.monotonic() - started
+    assert done.returncode == 5, done.stderr
+    committed, error = done.stderr.strip().splitlines()
+    assert committed == "qisd: committed 1 packet (1 row)"
+    assert error.startswith("qisd: error:") and "only 0 of the 2 replicas" in error
+    assert len(done.stdout.split()) == 1  # the committed packet id
+    assert stored(daemon) == before + 2  # one envelope per routable level
+    assert elapsed < 4.5, f"--wait-timeout 0.5 returned after {elapsed:.1f} s"
+    one_line_error(daemon.cli("emit", *FLAGS, "--wait-timeout=1"), 2, "--wait N")
 
 
 @pytest.mark.parametrize(
@@ -629,8 +649,7 @@ def test_every_command_finds_the_daemon_of_the_qisd_config_file(tmp_path: Path) 
     data_dir = tmp_path / "site"
     config = tmp_path / "qisd.toml"
     config.write_text(
-        f'data_dir = "{data_dir}"\nhost = "127.0.0.1"\nport = 0\n'
-        f'bootstrap_file = "{os.devnull}"\n'
+        f'data_dir = "{data_dir}"\nhost = "127.0.0.1"\nport = 0\nbootstrap_file = "{os.devnull}"\n'
     )
     env = {"QISD_CONFIG": str(config), "XDG_DATA_HOME": str(tmp_path / "elsewhere")}
     assert qisd("init", env=env).returncode == 0

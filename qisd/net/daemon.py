@@ -99,9 +99,12 @@ def control_handlers(
     async def emit(args: dict[str, Any], blob: bytes) -> tuple[Any, bytes]:
         wait = _int(args, "wait")
         partial = _bool(args, "partial")
+        timeout = args.get("wait_timeout")  # checked by the node
         if blob:
             table = ipc_to_table(blob)
-            result = await node.emit_table(table, partial=partial, wait_replicas=wait)
+            result = await node.emit_table(
+                table, partial=partial, wait_replicas=wait, wait_timeout=timeout
+            )
         else:
             rows = args.get("rows")
             if not isinstance(rows, list):
@@ -110,7 +113,7 @@ def control_handlers(
                 raise UsageError(f"one request carries at most {MAX_EMIT_ROWS} rows")
             if partial:
                 raise UsageError("partial emits take Arrow rows")
-            result = await node.emit(rows, wait_replicas=wait)
+            result = await node.emit(rows, wait_replicas=wait, wait_timeout=timeout)
         return result.to_dict(), b""
 
     async def query(args: dict[str, Any], blob: bytes) -> tuple[Any, bytes]:

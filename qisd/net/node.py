@@ -71,6 +71,8 @@ FOLLOWED_META = "followed_paths"
 """Store meta entry holding the followed fingerprint paths (a JSON list)."""
 MAX_EMIT_ROWS = 100_000
 """Rows one emit call may carry (bulk input is sent in chunks well below this)."""
+MAX_WAIT_SECONDS = 3600.0
+"""The longest an emit may wait for replicas (``wait_timeout``)."""
 PUBLISH_LINGER = 0.01
 """Seconds the publisher waits after an emit for more to publish with it."""
 PUBLISH_CONCURRENCY = 8
@@ -507,16 +509,26 @@ class Node:
             raise UsageError("the node is closed")
 
     async def emit(
-        self, records: Sequence[Mapping[str, Any]], *, wait_replicas: int = 0
+        self,
+        records: Sequence[Mapping[str, Any]],
+        *,
+        wait_replicas: int = 0,
+        wait_timeout: float | None = None,
     ) -> EmitResult:
         """Validate, sign, commit and publish outcome rows (all rows or none).
 
         Returns once the rows are durable in the local store; with ``wait_replicas`` > 0 it
-        also waits for the DHT to store them and reports the replica count per packet.
-        Raises :class:`FieldError` naming the row, field, value and rule of the first bad row.
+        also waits for the DHT to store them and reports the replica count per packet, for at
+        most ``wait_timeout`` seconds when given (else until the network stops making
+        progress). Raises :class:`FieldError` naming the row, field, value and rule of the
+        first bad row.
         """
         if not isinstance(wait_replicas, int) or wait_replicas < 0:
             raise UsageError("wait_replicas must be a whole number >= 0")
+        if wait_timeout is not None and not (
+            isinstance(wait_timeout, (int, float)) and 0 < wait_timeout <= MAX_WAIT_SECONDS
+        ):
+            raise UsageError(f"wait_timeout must be seconds in (0, {MAX_WAIT_SECONDS}]")
         records = self._emit_records(records)
         async with self._commit_lock:
             self._check_open()
@@ -524,13 +536,20 @@ class Node:
         result = self._committed(groups, rows)
         if wait_replicas > 0 and self.dht is not None:
             envelopes = [env for group in groups for env in group]
-            result.replicas.update(await self._publish_until(envelopes, wait_replicas))
+            result.replicas.update(
+                await self._publish_until(envelopes, wait_replicas, wait_timeout)
+            )
         else:
             self._enqueue_publish(groups)
         return result
 
     async def emit_table(
-        self, table: pa.Table | pa.RecordBatch, *, partial: bool = False, wait_replicas: int = 0
+        self,
+        table: pa.Table | pa.RecordBatch,
+        *,
+        partial: bool = False,
+        wait_replicas: int = 0,
+        wait_timeout: float | None = None,
     ) -> EmitResult:
         """Emit the rows of an Arrow table or record batch whose columns are packet columns.
 
@@ -541,7 +560,7 @@ class Node:
         good, rejected = self._table_records(table, partial)
         if not good:
             return EmitResult([], 0, {}, rejected)
-        result = await self.emit(good, wait_replicas=wait_replicas)
+        result = await self.emit(good, wait_replicas=wait_replicas, wait_timeout=wait_timeout)
         return EmitResult(result.packet_ids, result.rows, result.replicas, rejected)
 
     def emit_table_blocking(
@@ -695,22 +714,31 @@ class Node:
                 replicas[pid] = min(replicas.get(pid, n), n)
         return replicas
 
-    async def _publish_until(self, envelopes: list[Envelope], wanted: int) -> dict[str, int]:
+    async def _publish_until(
+        self, envelopes: list[Envelope], wanted: int, timeout: float | None = None
+    ) -> dict[str, int]:
         """Publish until every packet has ``wanted`` replicas or the wait runs out.
 
         A node that just joined may not know its neighbours yet, and a replica may time out:
         packets short of replicas are published again, backing off, until a round of ten RPC
-        timeouts passes without any packet gaining a replica.
+        timeouts passes without any packet gaining a replica, or ``timeout`` seconds pass
+        (then the counts of the rounds that finished are returned).
         """
         loop = asyncio.get_running_loop()
         patience = max(5.0, 10 * self.config.dht.rpc_timeout)
         deadline = loop.time() + patience
-        best: dict[str, int] = {}
+        end = loop.time() + timeout if timeout is not None else None
+        best: dict[str, int] = {pid: 0 for pid in {e.packet_id for e in envelopes}}
         pending = envelopes
         delay = 0.1
         while True:
             progress = False
-            for pid, n in (await self._publish(pending)).items():
+            try:
+                async with asyncio.timeout_at(end):
+                    published = await self._publish(pending)
+            except TimeoutError:
+                return best
+            for pid, n in published.items():
                 if n > best.get(pid, 0):
                     best[pid] = n
                     progress = True
@@ -718,6 +746,8 @@ class Node:
             pending = [e for e in pending if best.get(e.packet_id, 0) < wanted]
             if progress:
                 deadline = loop.time() + patience
+            if end is not None:
+                deadline = min(deadline, end)
             if not pending or loop.time() + delay > deadline:
                 return best
             await asyncio.sleep(delay)
