@@ -24,6 +24,7 @@ from typing import Annotated, Any
 import typer
 
 from qisd import __version__
+from qisd.config import DEFAULT_FLIGHT_URI
 from qisd.errors import FieldError, PacketError, QisdError, UsageError
 
 app = typer.Typer(
@@ -155,7 +156,9 @@ def start(
     flight: Annotated[
         str | None,
         typer.Option(
-            help="Serve Arrow Flight at this URI, e.g. grpc://127.0.0.1:8815.", envvar="QISD_FLIGHT"
+            metavar="[URI]",
+            help=f"Serve Arrow Flight at URI (given alone: {DEFAULT_FLIGHT_URI}).",
+            envvar="QISD_FLIGHT",
         ),
     ] = None,
     flight_token: Annotated[
@@ -817,8 +820,9 @@ def version() -> None:
 def main(argv: list[str] | None = None) -> None:
     """The ``qisd`` console script: run a command; any error becomes one line and an exit code."""
     command = typer.main.get_command(app)
+    args = _with_flight_default(sys.argv[1:] if argv is None else list(argv))
     try:
-        code = command.main(args=argv, prog_name="qisd", standalone_mode=False)
+        code = command.main(args=args, prog_name="qisd", standalone_mode=False)
     except QisdError as exc:
         _err(f"qisd: error: {_one_line(str(exc))}")
         raise SystemExit(exc.exit_code) from None
@@ -840,6 +844,25 @@ def main(argv: list[str] | None = None) -> None:
         sys.stderr.close()
         raise SystemExit(1) from None
     raise SystemExit(code if isinstance(code, int) else 0)
+
+
+def _with_flight_default(args: list[str]) -> list[str]:
+    """``qisd start --flight`` with no URI after it means the default URI.
+
+    The option parser only knows options that always or never take a value; ``--flight``
+    takes an optional one, so a bare ``--flight`` (last, or followed by another option) gets
+    the default filled in here.
+    """
+    if not args or args[0] != "start":
+        return args
+    out = list(args)
+    for i, arg in enumerate(out):
+        if arg == "--":
+            break
+        if arg == "--flight" and (i + 1 == len(out) or out[i + 1].startswith("-")):
+            out.insert(i + 1, DEFAULT_FLIGHT_URI)
+            break
+    return out
 
 
 def _one_line(text: str) -> str:

@@ -12,6 +12,10 @@ from dataclasses import dataclass, field
 DAY_SECONDS = 86_400
 
 
+DEFAULT_FLIGHT_URI = "grpc://127.0.0.1:8815"
+"""Where the Flight endpoint serves when asked for with no URI (loopback, Flight's usual port)."""
+
+
 @dataclass(frozen=True)
 class DhtConfig:
     """Kademlia and RPC parameters."""

@@ -674,3 +674,23 @@ def test_every_command_finds_the_daemon_of_the_qisd_config_file(tmp_path: Path) 
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["start", "--flight"], ["start", "--flight", "grpc://127.0.0.1:8815"]),
+        (
+            ["start", "--flight", "--port", "0"],
+            ["start", "--flight", "grpc://127.0.0.1:8815", "--port", "0"],
+        ),
+        (["start", "--flight", "grpc://[::1]:9000"], ["start", "--flight", "grpc://[::1]:9000"]),
+        (["start", "--flight=grpc://h:1"], ["start", "--flight=grpc://h:1"]),
+        (["emit", "--flight"], ["emit", "--flight"]),  # only start has the option
+        (["start", "--", "--flight"], ["start", "--", "--flight"]),
+    ],
+)
+def test_a_bare_flight_flag_means_the_default_uri(argv: list[str], expected: list[str]) -> None:
+    from qisd_cli.app import _with_flight_default
+
+    assert _with_flight_default(argv) == expected

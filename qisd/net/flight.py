@@ -63,6 +63,7 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 import pyarrow.flight as flight
 
+from qisd.config import DEFAULT_FLIGHT_URI
 from qisd.core.fingerprint import key_for_path, normalize_path
 from qisd.core.packet import (
     COLUMNS,
@@ -77,7 +78,7 @@ from qisd.net.node import rows_matching
 
 log = logging.getLogger(__name__)
 
-DEFAULT_URI = "grpc://127.0.0.1:8815"
+DEFAULT_URI = DEFAULT_FLIGHT_URI
 """Where ``qisd start --flight`` listens when no URI is given."""
 BATCH_ROWS = 16_384
 """Most rows in one record batch sent by DoGet or DoExchange."""
