@@ -31,7 +31,6 @@ from typing import Any, NamedTuple
 
 import msgpack
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from qisd.core._zdict import ZDICT_V1
 from qisd.core.crypto import (
@@ -794,6 +793,42 @@ def open_envelopes(
     return results
 
 
+def _name_ok(value: str) -> bool:
+    """:func:`_check_name`'s rules for a received (non-null, text) value, as a verdict."""
+    return (
+        bool(value)
+        and len(value) <= MAX_NAME_CHARS
+        and value == value.strip()
+        and not _BAD_NAME_CHARS.search(value)
+    )
+
+
+def _params_ok(value: str) -> bool:
+    """:func:`_params_text`'s rules for received (canonical) text, as a verdict."""
+    if len(value) > MAX_PARAMS_BYTES:  # characters, as _params_text counts them
+        return False
+    try:
+        return isinstance(json.loads(value), dict)
+    except Exception:  # _params_text lets only ValueError through as a FieldError: fall back
+        return False
+
+
+def _hash_ok(value: str) -> bool:
+    """The ``raw_data_hash`` rules of :func:`validate_row` for a received value, as a verdict."""
+    return (
+        len(value) <= MAX_RAW_DATA_HASH_CHARS
+        and value.isascii()
+        and not _BAD_HASH_CHARS.search(value)
+    )
+
+
+_FLOAT_BOUNDS = (
+    ("metric_delta", -MAX_METRIC_ABS, MAX_METRIC_ABS),
+    ("metric_value", -MAX_METRIC_ABS, MAX_METRIC_ABS),
+    ("confidence", 0.0, 1.0),
+)
+
+
 def _accept_columns(
     batch: pa.RecordBatch, spans: Sequence[tuple[_Frame, int]], now_ms: int
 ) -> list[Envelope | None]:
@@ -802,54 +837,53 @@ def _accept_columns(
     whose rows all pass, None where the row-by-row check must decide.
 
     Never more lenient than :func:`_check_rows` (tests and the fuzz targets compare the two);
-    where it is stricter it only costs the fallback.
+    where it is stricter it only costs the fallback. Each text rule is a pure function of one
+    value, so it is applied once per distinct value (the rows of an RPC share most of their
+    text: one fingerprint, few signers); a value that breaks a rule marks every row holding it.
     """
+    refused: list[Envelope | None] = [None] * len(spans)
     if any(c.null_count for c in batch.columns):
-        return [None] * len(spans)
-    # Numbers: whole-column checks in Arrow (finite first, so NaN cannot hide from min/max).
-    # One value out of range anywhere sends every envelope of the batch the row-by-row way.
-    latest = now_ms + MAX_FUTURE_MS
-    bounds = (
-        ("timestamp_utc", 0, latest),
-        ("metric_delta", -MAX_METRIC_ABS, MAX_METRIC_ABS),
-        ("metric_value", -MAX_METRIC_ABS, MAX_METRIC_ABS),
-        ("confidence", 0.0, 1.0),
-        ("outcome_decile", 1, 10),
-        ("sample_count", 0, _INT32_MAX),
-    )
-    for name, low, high in bounds:
-        values = batch.column(name)
-        if pa.types.is_floating(values.type) and not pc.all(pc.is_finite(values)).as_py():
-            return [None] * len(spans)
-        extremes = pc.min_max(values).as_py()
-        if not (low <= extremes["min"] and extremes["max"] <= high):
-            return [None] * len(spans)
-    strings = ("node_id", *_NAME_FIELDS, "intervention_params", "raw_data_hash")
-    col = {name: batch.column(name).to_pylist() for name in strings}
-    col["timestamp_utc"] = batch.column("timestamp_utc").to_pylist()
-    bad = bytearray(batch.num_rows)  # 1: the row breaks a rule
+        return refused
+    col = dict(zip(batch.schema.names, (c.to_pylist() for c in batch.columns), strict=True))
+    # Numbers: one value out of range anywhere sends every envelope the row-by-row way.
+    stamps = col["timestamp_utc"]
+    if min(stamps) < 0 or max(stamps) > now_ms + MAX_FUTURE_MS:
+        return refused
+    for name, low, high in _FLOAT_BOUNDS:
+        values = col[name]
+        # Finite first: min and max do not see a NaN reliably.
+        if not all(map(math.isfinite, values)) or min(values) < low or max(values) > high:
+            return refused
+    deciles, samples = col["outcome_decile"], col["sample_count"]
+    if min(deciles) < 1 or max(deciles) > 10 or min(samples) < 0 or max(samples) > _INT32_MAX:
+        return refused
+    # Text: each rule once per distinct value.
+    names: set[str] = set()
     for name in _NAME_FIELDS:
-        for j, v in enumerate(col[name]):
-            if not v or len(v) > MAX_NAME_CHARS or v != v.strip() or _BAD_NAME_CHARS.search(v):
-                bad[j] = 1
-    for j, v in enumerate(col["domain"]):
-        if v.startswith(RESERVED_DOMAIN_PREFIX):
-            bad[j] = 1
-    for j, v in enumerate(col["intervention_params"]):
-        if len(v.encode("utf-8")) > MAX_PARAMS_BYTES:
-            bad[j] = 1
-            continue
-        try:
-            if not isinstance(json.loads(v), dict):
-                bad[j] = 1
-        except ValueError:
-            bad[j] = 1
-    for j, v in enumerate(col["raw_data_hash"]):
-        if len(v) > MAX_RAW_DATA_HASH_CHARS or not v.isascii() or _BAD_HASH_CHARS.search(v):
-            bad[j] = 1
+        names.update(col[name])
+    bad_names = {v for v in names if not _name_ok(v)}
+    bad_domains = {v for v in set(col["domain"]) if v.startswith(RESERVED_DOMAIN_PREFIX)}
+    bad_params = {v for v in set(col["intervention_params"]) if not _params_ok(v)}
+    bad_hashes = {v for v in set(col["raw_data_hash"]) if not _hash_ok(v)}
+    bad: bytearray | None = None  # 1 at the rows that break a rule
+    if bad_names or bad_domains or bad_params or bad_hashes:
+        bad = bytearray(batch.num_rows)
+        marks = [(name, bad_names) for name in _NAME_FIELDS]
+        marks += [
+            ("domain", bad_domains),
+            ("intervention_params", bad_params),
+            ("raw_data_hash", bad_hashes),
+        ]
+        for name, values in marks:
+            if values:
+                for j, v in enumerate(col[name]):
+                    if v in values:
+                        bad[j] = 1
+    # Per envelope: its signer's node_id in every row, one fingerprint path, the key its hash.
     out: list[Envelope | None] = []
     signers: dict[bytes, str] = {}
-    ids, stamps = col["node_id"], col["timestamp_utc"]
+    keys: dict[str, bytes] = {}
+    ids = col["node_id"]
     start = 0
     for frame, n in spans:
         end = start + n
@@ -857,11 +891,15 @@ def _accept_columns(
         signer = signers.get(frame.public_key)
         if signer is None:
             signer = signers[frame.public_key] = node_id_for(frame.public_key)
-        if not any(bad[start:end]) and all(ids[j] == signer for j in range(start, end)):
+        if (bad is None or not any(bad[start:end])) and ids[start:end].count(signer) == n:
             fields = [col[f] for f in frame.fields]
-            paths = {"/".join(c[j] for c in fields) for j in range(start, end)}
-            if len(paths) == 1 and key_for_path(paths.pop()) == frame.key:
-                env = frame.envelope(max(stamps[start:end]), n)
+            path = "/".join([c[start] for c in fields])
+            if all("/".join([c[j] for c in fields]) == path for j in range(start + 1, end)):
+                key = keys.get(path)
+                if key is None:
+                    key = keys[path] = key_for_path(path)
+                if key == frame.key:
+                    env = frame.envelope(max(stamps[start:end]), n)
         out.append(env)
         start = end
     return out
