@@ -26,7 +26,6 @@ import re
 import struct
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import msgpack
@@ -607,9 +606,11 @@ def pack_rows(
     return out
 
 
-@dataclass(frozen=True)
-class _Frame:
-    """An envelope whose framing and signature were checked; rows not yet read."""
+class _Frame(NamedTuple):
+    """An envelope whose framing was checked (and, once :func:`_open_frame` returns it, its
+    signature and key binding); rows not yet read.
+
+    A named tuple, not a frozen dataclass: built once per received envelope, ~1 us cheaper."""
 
     raw: bytes
     kind: int
@@ -618,6 +619,8 @@ class _Frame:
     public_key: bytes
     body: bytes
     signature: bytes
+    signed: bytes
+    """The message the signature covers (:func:`_signed_message`)."""
 
     def envelope(self, timestamp_ms: int, rows: int) -> Envelope:
         return Envelope(
@@ -634,8 +637,30 @@ class _Frame:
         )
 
 
-def _open_frame(raw: bytes, expected_key: bytes | None) -> _Frame:
-    """Check framing, sizes and the signature of untrusted bytes."""
+_FRAME_FIELDS: dict[bytes, tuple[str, ...]] = {}
+"""Checked ``fields`` bytes -> column names. Only valid ones are kept, and there are at most
+1,957 (ordered selections of the 6 fingerprint fields), so hostile input cannot grow it."""
+
+
+def _frame_fields(fb: bytes) -> tuple[str, ...]:
+    """The fingerprint fields an envelope's ``fields`` bytes name, or DecodeError."""
+    fields = _FRAME_FIELDS.get(fb)
+    if fields is not None:
+        return fields
+    if len(fb) > len(FINGERPRINT_FIELDS) or len(set(fb)) != len(fb):
+        raise DecodeError("envelope names too many or repeated fingerprint fields")
+    try:
+        fields = tuple(COLUMNS[i] for i in fb)
+    except IndexError:
+        raise DecodeError("envelope names a field that is not a packet column") from None
+    if any(f not in FINGERPRINT_FIELDS for f in fields):
+        raise DecodeError("envelope names a field that is not a fingerprint field")
+    _FRAME_FIELDS[fb] = fields
+    return fields
+
+
+def _unframe(raw: bytes) -> _Frame:
+    """Check the framing and sizes of untrusted bytes; the signature is NOT checked yet."""
     if not isinstance(raw, (bytes, bytearray, memoryview)):
         raise DecodeError("an envelope is bytes")
     raw = bytes(raw)
@@ -662,36 +687,39 @@ def _open_frame(raw: bytes, expected_key: bytes | None) -> _Frame:
         raise DecodeError(f"unsupported envelope version {version!r}")
     if kind not in KINDS or isinstance(kind, bool):
         raise DecodeError(f"unknown envelope kind {kind!r}")
-    for name, value, size in (
-        ("key", key, KEY_BYTES),
-        ("public key", pub, PUBLIC_KEY_BYTES),
-        ("signature", sig, SIGNATURE_BYTES),
-    ):
-        if not isinstance(value, bytes) or len(value) != size:
-            raise DecodeError(f"envelope {name} must be {size} bytes")
+    if not isinstance(key, bytes) or len(key) != KEY_BYTES:
+        raise DecodeError(f"envelope key must be {KEY_BYTES} bytes")
+    if not isinstance(pub, bytes) or len(pub) != PUBLIC_KEY_BYTES:
+        raise DecodeError(f"envelope public key must be {PUBLIC_KEY_BYTES} bytes")
+    if not isinstance(sig, bytes) or len(sig) != SIGNATURE_BYTES:
+        raise DecodeError(f"envelope signature must be {SIGNATURE_BYTES} bytes")
     if not isinstance(fb, bytes) or not isinstance(body, bytes):
         raise DecodeError("envelope fields and body must be bytes")
-    if len(fb) > len(FINGERPRINT_FIELDS) or len(set(fb)) != len(fb):
-        raise DecodeError("envelope names too many or repeated fingerprint fields")
-    try:
-        fields = tuple(COLUMNS[i] for i in fb)
-    except IndexError:
-        raise DecodeError("envelope names a field that is not a packet column") from None
-    if any(f not in FINGERPRINT_FIELDS for f in fields):
-        raise DecodeError("envelope names a field that is not a fingerprint field")
-    if not verify(pub, sig, _signed_message(kind, key, fb, body)):
-        raise SignatureError("envelope signature does not verify")
-    if expected_key is not None and key != expected_key:
+    fields = _frame_fields(fb)
+    return _Frame(raw, kind, key, fields, pub, body, sig, _signed_message(kind, key, fb, body))
+
+
+def _admit(frame: _Frame, expected_key: bytes | None) -> None:
+    """The checks that follow a good signature: the key it was sent under, the kind's rules."""
+    if expected_key is not None and frame.key != expected_key:
         raise KeyMismatchError("envelope was sent under a different key than it was signed for")
-    if kind == KIND_PACKET:
-        if not fields or fields[0] != "domain":
+    if frame.kind == KIND_PACKET:
+        if not frame.fields or frame.fields[0] != "domain":
             raise DecodeError("a packet envelope's fingerprint starts with 'domain'")
     else:
-        if fields:
+        if frame.fields:
             raise DecodeError("a document envelope names no fingerprint fields")
-        if len(body) > MAX_DOC_BYTES:
+        if len(frame.body) > MAX_DOC_BYTES:
             raise DecodeError(f"document body exceeds {MAX_DOC_BYTES} bytes")
-    return _Frame(raw, kind, key, fields, pub, body, sig)
+
+
+def _open_frame(raw: bytes, expected_key: bytes | None) -> _Frame:
+    """Check framing, sizes, the signature and the key binding of untrusted bytes."""
+    frame = _unframe(raw)
+    if not verify(frame.public_key, frame.signature, frame.signed):
+        raise SignatureError("envelope signature does not verify")
+    _admit(frame, expected_key)
+    return frame
 
 
 def _frame_batch(frame: _Frame) -> pa.RecordBatch:
@@ -740,6 +768,10 @@ def open_envelope(
     return _check_rows(frame, batch_rows(_frame_batch(frame)), now_ms)
 
 
+_PENDING = DecodeError("pending")
+"""Placeholder in open_envelopes' results; every one is replaced before it returns."""
+
+
 def open_envelopes(
     raws: Sequence[bytes],
     *,
@@ -752,25 +784,26 @@ def open_envelopes(
     are converted from Arrow in one pass, which costs a fraction of converting each envelope's
     batch alone; that is what keeps decoding cheap next to signature verification.
     """
-    results: list[Envelope | PacketError] = []
+    results: list[Envelope | PacketError] = [_PENDING] * len(raws)
     frames: list[tuple[int, _Frame]] = []
-    # Every signature first, then every body: running the Ed25519 code back to back instead
-    # of interleaved with the Arrow and Python work keeps both hot in the CPU's caches.
     for i, raw in enumerate(raws):
         try:
-            frame = _open_frame(raw, expected_key)
+            frames.append((i, _unframe(raw)))
         except PacketError as exc:
-            results.append(exc)
-            continue
-        if frame.kind == KIND_PACKET:
-            frames.append((i, frame))
-            results.append(DecodeError("pending"))
-        else:
-            results.append(frame.envelope(0, 0))
+            results[i] = exc
+    # Every signature back to back, then every body: running the Ed25519 code in a tight loop
+    # instead of interleaved with the Python and Arrow work keeps each hot in the CPU's caches.
+    good = [verify(f.public_key, f.signature, f.signed) for _, f in frames]
     pending: list[tuple[int, _Frame, pa.RecordBatch]] = []
-    for i, frame in frames:
+    for (i, frame), signed in zip(frames, good, strict=True):
         try:
-            pending.append((i, frame, _frame_batch(frame)))
+            if not signed:
+                raise SignatureError("envelope signature does not verify")
+            _admit(frame, expected_key)
+            if frame.kind == KIND_PACKET:
+                pending.append((i, frame, _frame_batch(frame)))
+            else:
+                results[i] = frame.envelope(0, 0)
         except PacketError as exc:
             results[i] = exc
     if not pending:
