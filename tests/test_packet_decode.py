@@ -153,6 +153,8 @@ EDGE_VALID = {
     "64 two-byte characters": {"metric_name": "é" * P.MAX_NAME_CHARS},
     "inner spaces": {"intervention_type": "warm up  slowly"},
     "reserved prefix outside domain": {"problem_type": "qisd.templates"},
+    # Today's rule for received params counts characters (_params_text(canonical=True)); the
+    # caller side (build_rows) counts UTF-8 bytes. Both paths must agree on what is accepted.
     "params 248 characters, 488 bytes": {"intervention_params": '{"k":"' + "é" * 240 + '"}'},
     "params with NaN": {"intervention_params": '{"a":NaN}'},
     "params spaced": {"intervention_params": ' { "a" : 1 } '},
