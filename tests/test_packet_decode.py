@@ -99,6 +99,11 @@ TEXT_RULES = {
     "params trailing text": {"intervention_params": "{} x"},
     "params too long": {"intervention_params": json.dumps({"k": "v" * 300})},
     "params one char too long": {"intervention_params": '{"k":"' + "v" * 249 + '"}'},
+    # Received params are held to what build_rows lets a local emit sign: 256 UTF-8 bytes
+    # (not characters) and JSON values only (Python's json reads NaN and Infinity).
+    "params 248 characters, 488 bytes": {"intervention_params": '{"k":"' + "é" * 240 + '"}'},
+    "params with NaN": {"intervention_params": '{"a":NaN}'},
+    "params with -Infinity": {"intervention_params": '{"a":[1,-Infinity]}'},
     "non-ascii hash": {"raw_data_hash": "é"},
     "hash with space": {"raw_data_hash": "a b"},
     "hash with tab": {"raw_data_hash": "a\tb"},
@@ -153,10 +158,9 @@ EDGE_VALID = {
     "64 two-byte characters": {"metric_name": "é" * P.MAX_NAME_CHARS},
     "inner spaces": {"intervention_type": "warm up  slowly"},
     "reserved prefix outside domain": {"problem_type": "qisd.templates"},
-    # Today's rule for received params counts characters (_params_text(canonical=True)); the
-    # caller side (build_rows) counts UTF-8 bytes. Both paths must agree on what is accepted.
-    "params 248 characters, 488 bytes": {"intervention_params": '{"k":"' + "é" * 240 + '"}'},
-    "params with NaN": {"intervention_params": '{"a":NaN}'},
+    "params at 256 bytes, 128 of them in two-byte characters": {
+        "intervention_params": '{"k":"' + "é" * 64 + "v" * 120 + '"}'
+    },
     "params spaced": {"intervention_params": ' { "a" : 1 } '},
     "params at 256 characters": {"intervention_params": '{"k":"' + "v" * 248 + '"}'},
     "hash of 64 characters": {"raw_data_hash": "~" * P.MAX_RAW_DATA_HASH_CHARS},

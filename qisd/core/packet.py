@@ -175,6 +175,14 @@ def _to_int(field: str, value: object, row: int | None) -> int:
     return value
 
 
+class _NotFinite(ValueError):
+    """NaN or Infinity in JSON text (Python's json reads them; JSON has no such values)."""
+
+
+def _not_finite(name: str) -> Any:
+    raise _NotFinite(name)
+
+
 def _params_text(value: object, row: int | None, canonical: bool = False) -> str:
     """intervention_params as compact JSON text; ``canonical`` keeps received text as signed."""
     if value is None:
@@ -188,10 +196,22 @@ def _params_text(value: object, row: int | None, canonical: bool = False) -> str
                 row,
             )
         try:
-            parsed = json.loads(value)
+            parsed = json.loads(value, parse_constant=_not_finite)
+        except _NotFinite:
+            raise FieldError(
+                "intervention_params", value, "must hold only JSON values (no NaN)", row
+            ) from None
         except ValueError:
             raise FieldError("intervention_params", value, "must be a JSON object", row) from None
         if isinstance(parsed, dict) and canonical:
+            # Received text is kept as signed, so it is held to the same byte bound here.
+            if len(value.encode("utf-8")) > MAX_PARAMS_BYTES:
+                raise FieldError(
+                    "intervention_params",
+                    value,
+                    f"must be at most {MAX_PARAMS_BYTES} bytes as JSON",
+                    row,
+                )
             return value
     else:
         parsed = value
@@ -867,10 +887,10 @@ def _name_ok(value: str) -> bool:
 
 def _params_ok(value: str) -> bool:
     """:func:`_params_text`'s rules for received (canonical) text, as a verdict."""
-    if len(value) > MAX_PARAMS_BYTES:  # characters, as _params_text counts them
+    if len(value) > MAX_PARAMS_BYTES or len(value.encode("utf-8")) > MAX_PARAMS_BYTES:
         return False
     try:
-        return isinstance(json.loads(value), dict)
+        return isinstance(json.loads(value, parse_constant=_not_finite), dict)
     except Exception:  # _params_text lets only ValueError through as a FieldError: fall back
         return False
 
