@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -124,6 +123,12 @@ class EmitResult:
         }
 
 
+def _emitted(groups: list[list[Envelope]], rows: list[dict[str, Any]]) -> EmitResult:
+    """What a committed emit returns: one packet id per body, no replicas counted yet."""
+    ids = [group[0].packet_id for group in groups]
+    return EmitResult(ids, len(rows), {pid: 0 for pid in ids})
+
+
 def rows_matching(data: _Rows, wanted: Mapping[str, str]) -> _Rows:
     """The rows of a table or batch whose ``field`` equals ``value`` for every wanted pair."""
     if not wanted or data.num_rows == 0:
@@ -192,8 +197,6 @@ class Node:
         self._callbacks: set[asyncio.Task[Any]] = set()
         self._closed = False
         self._commit_lock = asyncio.Lock()
-        # Emits committed straight from other threads (Flight) take this instead of the loop's lock.
-        self._commit_mutex = threading.Lock()
         self._loop = asyncio.get_running_loop()
         self._publish_slots = asyncio.Semaphore(PUBLISH_CONCURRENCY)
         self._backlog = 0
@@ -578,10 +581,9 @@ class Node:
         good, rejected = self._table_records(table, partial)
         if not good:
             return EmitResult([], 0, {}, rejected)
-        records = self._emit_records(good)
-        with self._commit_mutex:
-            self._check_open()
-            groups, rows = self._commit(records)
+        # No lock beyond the store's: sealing may run beside other emits, the put serialises,
+        # and a put racing close() fails with "the store is closed" (nothing acknowledged).
+        groups, rows = self._commit(self._emit_records(good))
         result = self._committed_threadsafe(groups, rows)
         return EmitResult(result.packet_ids, result.rows, result.replicas, rejected)
 
@@ -652,15 +654,14 @@ class Node:
 
     def _committed(self, groups: list[list[Envelope]], rows: list[dict[str, Any]]) -> EmitResult:
         """The bookkeeping after an emit's commit, on the loop: counters, subscribers, learning."""
-        envelopes = [env for group in groups for env in group]
-        ids = [group[0].packet_id for group in groups]
+        result = _emitted(groups, rows)
         self.counters["emits"] += 1
         self.counters["rows_emitted"] += len(rows)
         self._domains.update(row["domain"] for row in rows)
-        self._deliver(envelopes)
+        self._deliver([env for group in groups for env in group])
         if self._recommended:
-            self._background(self._observe(rows, set(ids)))
-        return EmitResult(ids, len(rows), {pid: 0 for pid in ids})
+            self._background(self._observe(rows, set(result.packet_ids)))
+        return result
 
     def _committed_threadsafe(
         self, groups: list[list[Envelope]], rows: list[dict[str, Any]]
@@ -675,8 +676,7 @@ class Node:
             self._loop.call_soon_threadsafe(on_loop)
         except RuntimeError:  # the loop closed after the commit: republish covers the packets
             log.warning("emit committed while the node was stopping; republish will send it")
-        ids = [group[0].packet_id for group in groups]
-        return EmitResult(ids, len(rows), {pid: 0 for pid in ids})
+        return _emitted(groups, rows)
 
     def _enqueue_publish(self, groups: list[list[Envelope]]) -> None:
         if self.dht is None or self._closed:
