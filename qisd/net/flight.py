@@ -78,8 +78,6 @@ from qisd.net.node import rows_matching
 
 log = logging.getLogger(__name__)
 
-DEFAULT_URI = DEFAULT_FLIGHT_URI
-"""Where ``qisd start --flight`` listens when no URI is given."""
 BATCH_ROWS = 16_384
 """Most rows in one record batch sent by DoGet or DoExchange."""
 WHOLE_KEY_PACKETS = 1_024
@@ -172,7 +170,7 @@ def parse_uri(uri: str, *, tls: bool) -> _Address:
     Raises :class:`ConfigError` for anything else. ``tls`` (a certificate was given) turns
     ``grpc``/``grpc+tcp`` into ``grpc+tls``; ``grpc+tls`` without a certificate is refused.
     """
-    text = (uri or DEFAULT_URI).strip()
+    text = (uri or DEFAULT_FLIGHT_URI).strip()
     if "://" not in text:
         text = "grpc://" + text
     try:
