@@ -1172,35 +1172,28 @@ class DhtServer(Server):
 
     async def crawl_nodes_counted(self, target: bytes) -> tuple[list[Node], int]:
         """:meth:`crawl_nodes`, and the RPCs the lookup sent."""
-        assert self.protocol is not None
-        node = Node(target)
-        nearest = self.protocol.router.find_neighbors(node, self.ksize)
-        crawl = NodeCrawl(
-            self.protocol,
-            node,
-            nearest,
-            self.ksize,
-            self.alpha,
-            stall_after=self.protocol.stall_after,
-        )
+        crawl = self._crawl(NodeCrawl, target)
         found = await crawl.find()
         return found, crawl.messages
 
     async def crawl_packets(self, key: bytes, since: dict[bytes, int | None] | None = None) -> Any:
         """Every packet the k closest nodes to ``key`` hold (see :class:`PacketCrawl`)."""
+        return await self._crawl(PacketCrawl, key, since=since).find()
+
+    def _crawl(self, kind: Any, target: bytes, **extra: Any) -> Any:
+        """A lookup of ``kind`` toward ``target``, started from this node's nearest contacts."""
         assert self.protocol is not None
-        node = Node(key)
+        node = Node(target)
         nearest = self.protocol.router.find_neighbors(node, self.ksize)
-        crawl = PacketCrawl(
+        return kind(
             self.protocol,
             node,
             nearest,
             self.ksize,
             self.alpha,
             stall_after=self.protocol.stall_after,
-            since=since,
+            **extra,
         )
-        return await crawl.find()
 
     async def bootstrap(self, addrs: Sequence[tuple[str, int]]) -> list[Node]:
         """Verified pings to ``addrs`` (IP addresses), then a lookup of this node's own id."""
