@@ -219,12 +219,13 @@ def check_rows(rows: Sequence[Mapping[str, Any]] | pa.Table) -> int:
     import pyarrow as pa
 
     from qisd.core.crypto import Identity
-    from qisd.core.packet import build_rows, rows_from_arrow
+    from qisd.core.packet import build_rows, build_table_rows
 
-    records = rows_from_arrow(rows) if isinstance(rows, pa.Table) else list(rows)
     # A throwaway identity: the rules do not depend on whose key signs.
-    build_rows(records, Identity.generate(), now_ms=_now_ms())
-    return len(records)
+    identity, now = Identity.generate(), _now_ms()
+    if isinstance(rows, pa.Table):
+        return len(build_table_rows(rows, identity, now_ms=now)[0])
+    return len(build_rows(list(rows), identity, now_ms=now))
 
 
 def _wait_args(wait: int, wait_timeout: float | None, **args: Any) -> dict[str, Any]:

@@ -101,4 +101,4 @@ DEFAULT_TEMPLATE = Template(("domain", "problem_type", "model_architecture"), (2
 
 def path_of(row: Mapping[str, object], fields: Sequence[str]) -> str:
     """Join the values of ``fields`` in ``row`` with ``/``."""
-    return "/".join(str(row[f]) for f in fields)
+    return "/".join([str(row[f]) for f in fields])

@@ -70,6 +70,7 @@ from qisd.core.packet import (
     RESULT_SCHEMA,
     SCHEMA,
     Envelope,
+    is_text_type,
     read_trusted,
     with_provenance,
 )
@@ -386,7 +387,7 @@ def _type_fits(kind: str, t: pa.DataType) -> bool:
     if pa.types.is_dictionary(t):
         t = t.value_type
     if kind == _STRING:
-        return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+        return is_text_type(t)
     if kind == _FLOAT:
         return pa.types.is_floating(t) or pa.types.is_integer(t) or pa.types.is_decimal(t)
     return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_timestamp(t)

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -49,11 +49,10 @@ from qisd.core.packet import (
     RESULT_SCHEMA,
     Envelope,
     build_rows,
+    build_table_rows,
     pack_rows,
     read_trusted,
-    rows_from_arrow,
     seal,
-    validate_row,
     with_provenance,
 )
 from qisd.errors import FieldError, IdentityError, PacketError, QisdError, UsageError
@@ -121,6 +120,19 @@ class EmitResult:
             "replicas": dict(self.replicas),
             "rejected": [list(r) for r in self.rejected],
         }
+
+
+_Build = Callable[[int], tuple[list[dict[str, Any]], list[tuple[int, str]]]]
+"""Validates an emit's rows at a time (ms): the good rows, and the (index, reason) left out."""
+
+
+def _check_wait(wait_replicas: int, wait_timeout: float | None) -> None:
+    if not isinstance(wait_replicas, int) or wait_replicas < 0:
+        raise UsageError("wait_replicas must be a whole number >= 0")
+    if wait_timeout is not None and not (
+        isinstance(wait_timeout, (int, float)) and 0 < wait_timeout <= MAX_WAIT_SECONDS
+    ):
+        raise UsageError(f"wait_timeout must be seconds in (0, {MAX_WAIT_SECONDS}]")
 
 
 def _emitted(groups: list[list[Envelope]], rows: list[dict[str, Any]]) -> EmitResult:
@@ -526,25 +538,13 @@ class Node:
         progress). Raises :class:`FieldError` naming the row, field, value and rule of the
         first bad row.
         """
-        if not isinstance(wait_replicas, int) or wait_replicas < 0:
-            raise UsageError("wait_replicas must be a whole number >= 0")
-        if wait_timeout is not None and not (
-            isinstance(wait_timeout, (int, float)) and 0 < wait_timeout <= MAX_WAIT_SECONDS
-        ):
-            raise UsageError(f"wait_timeout must be seconds in (0, {MAX_WAIT_SECONDS}]")
+        _check_wait(wait_replicas, wait_timeout)
         records = self._emit_records(records)
-        async with self._commit_lock:
-            self._check_open()
-            groups, rows = await asyncio.to_thread(self._commit, records)
-        result = self._committed(groups, rows)
-        if wait_replicas > 0 and self.dht is not None:
-            envelopes = [env for group in groups for env in group]
-            result.replicas.update(
-                await self._publish_until(envelopes, wait_replicas, wait_timeout)
-            )
-        else:
-            self._enqueue_publish(groups)
-        return result
+        return await self._emit(
+            lambda now: (build_rows(records, self.identity, now_ms=now), []),
+            wait_replicas,
+            wait_timeout,
+        )
 
     async def emit_table(
         self,
@@ -559,12 +559,8 @@ class Node:
         With ``partial`` valid rows are emitted and the others returned in ``rejected`` as
         ``(row_index, reason)``; without it one bad row refuses the whole table.
         """
-        self._check_open()
-        good, rejected = self._table_records(table, partial)
-        if not good:
-            return EmitResult([], 0, {}, rejected)
-        result = await self.emit(good, wait_replicas=wait_replicas, wait_timeout=wait_timeout)
-        return EmitResult(result.packet_ids, result.rows, result.replicas, rejected)
+        _check_wait(wait_replicas, wait_timeout)
+        return await self._emit(self._table_builder(table, partial), wait_replicas, wait_timeout)
 
     def emit_table_blocking(
         self, table: pa.Table | pa.RecordBatch, *, partial: bool = False
@@ -577,18 +573,35 @@ class Node:
         (subscribers, the publish queue) is handed to the loop, without waiting for it.
         Returns once the rows are durable, like :meth:`emit`.
         """
-        self._check_open()
-        good, rejected = self._table_records(table, partial)
-        if not good:
-            return EmitResult([], 0, {}, rejected)
         # No lock beyond the store's: sealing may run beside other emits, the put serialises,
         # and a put racing close() fails with "the store is closed" (nothing acknowledged).
-        groups, rows = self._commit(self._emit_records(good))
+        self._check_open()
+        groups, rows, rejected = self._commit(self._table_builder(table, partial))
+        if not rows:
+            return EmitResult([], 0, {}, rejected)
         result = self._committed_threadsafe(groups, rows)
         return EmitResult(result.packet_ids, result.rows, result.replicas, rejected)
 
+    async def _emit(
+        self, build: _Build, wait_replicas: int, wait_timeout: float | None
+    ) -> EmitResult:
+        async with self._commit_lock:
+            self._check_open()
+            groups, rows, rejected = await asyncio.to_thread(self._commit, build)
+        if not rows:
+            return EmitResult([], 0, {}, rejected)
+        result = self._committed(groups, rows)
+        if wait_replicas > 0 and self.dht is not None:
+            envelopes = [env for group in groups for env in group]
+            result.replicas.update(
+                await self._publish_until(envelopes, wait_replicas, wait_timeout)
+            )
+        else:
+            self._enqueue_publish(groups)
+        return EmitResult(result.packet_ids, result.rows, result.replicas, rejected)
+
     def _emit_records(self, records: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-        """The argument checks every emit makes before any work."""
+        """The argument checks every emit of rows makes before any work."""
         self._check_open()
         if isinstance(records, (str, bytes)) or not isinstance(records, Sequence):
             raise UsageError("emit takes a sequence of row mappings")
@@ -598,35 +611,35 @@ class Node:
             raise UsageError(f"one emit carries at most {MAX_EMIT_ROWS} rows; send chunks")
         return list(records)
 
-    def _table_records(
-        self, table: pa.Table | pa.RecordBatch, partial: bool
-    ) -> tuple[list[dict[str, Any]], list[tuple[int, str]]]:
-        """Rows of an Arrow table to emit, and with ``partial`` the (index, reason) left out."""
+    def _table_builder(self, table: pa.Table | pa.RecordBatch, partial: bool) -> _Build:
+        """What :meth:`_commit` runs to validate an Arrow table's rows (with ``partial``, the
+        rows left out are counted and returned beside the good ones)."""
+        self._check_open()
         if not isinstance(table, (pa.Table, pa.RecordBatch)):
             raise UsageError("emit_table takes a pyarrow Table or RecordBatch")
-        rows = rows_from_arrow(table)
-        if not partial:
-            return rows, []
-        rejected: list[tuple[int, str]] = []
-        now = now_ms()
-        for i, row in enumerate(rows):
-            try:
-                validate_row(row, node_id=self.identity.node_id, now_ms=now, row=i)
-                if row.get("data_ref") is not None and not isinstance(row["data_ref"], str):
-                    raise FieldError("data_ref", row["data_ref"], "must be text", i)
-            except PacketError as exc:
-                rejected.append((i, str(exc)))
-        self.counters["rejected_rows"] += len(rejected)
-        bad = {i for i, _ in rejected}
-        return [row for i, row in enumerate(rows) if i not in bad], rejected
+        if table.num_rows > MAX_EMIT_ROWS:
+            raise UsageError(f"one emit carries at most {MAX_EMIT_ROWS} rows; send chunks")
+
+        def build(now: int) -> tuple[list[dict[str, Any]], list[tuple[int, str]]]:
+            rows, rejected = build_table_rows(table, self.identity, now_ms=now, partial=partial)
+            self.counters["rejected_rows"] += len(rejected)
+            return rows, rejected
+
+        return build
 
     def _commit(
-        self, records: list[Mapping[str, Any]]
-    ) -> tuple[list[list[Envelope]], list[dict[str, Any]]]:
-        """Validate and sign every row, then one durable put (runs off the event loop)."""
+        self, build: _Build
+    ) -> tuple[list[list[Envelope]], list[dict[str, Any]], list[tuple[int, str]]]:
+        """Validate (``build``) and sign the rows, then one durable put (runs off the loop).
+
+        Returns the envelopes per body, the rows, and the rows a partial build left out;
+        no rows at all commits nothing.
+        """
         try:
             now = now_ms()
-            rows = build_rows(records, self.identity, now_ms=now)
+            rows, rejected = build(now)
+            if not rows:
+                return [], [], rejected
             for i, row in enumerate(rows):
                 if row["timestamp_utc"] + self._ttl_ms <= now:
                     raise FieldError(
@@ -650,7 +663,7 @@ class Node:
         except PacketError:
             self.counters["rejected_emits"] += 1
             raise
-        return groups, rows
+        return groups, rows, rejected
 
     def _committed(self, groups: list[list[Envelope]], rows: list[dict[str, Any]]) -> EmitResult:
         """The bookkeeping after an emit's commit, on the loop: counters, subscribers, learning."""

@@ -1,0 +1,165 @@
+"""The emit side's column-wise pass against the row-by-row rules it shortcuts.
+
+An Arrow table handed to the daemon (Flight DoPut, ``emit_table``, ``emit --from x.arrow``)
+is validated by ``build_rows_from_columns``, which returns the rows or None; on None the
+caller runs ``build_rows(rows_from_arrow(table))``, the reference, which names the first bad
+row. These tests hold the pass to: never return rows for a table the reference refuses, and
+return exactly the reference's rows for tables it accepts (so a pass that declined everything,
+or normalised a value differently, fails here).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pyarrow as pa
+import pytest
+from helpers import BASE_ROW, NOW
+from test_packet_decode import EDGE_VALID, NUMBER_RULES, TEXT_RULES
+
+from qisd.core import packet as P
+from qisd.core.crypto import Identity
+from qisd.errors import PacketError
+
+# What a caller writes: params as JSON text (Arrow has no dict column here), no node_id.
+CALLER_ROW = dict(BASE_ROW, intervention_params=json.dumps(BASE_ROW["intervention_params"]))
+
+
+@pytest.fixture(scope="module")
+def ident() -> Identity:
+    return Identity.generate()
+
+
+def _row(i: int, **overrides: Any) -> dict[str, Any]:
+    return {**CALLER_ROW, "metric_delta": 0.001 * i, **overrides}
+
+
+def _table_of(rows: list[dict[str, Any]]) -> pa.Table:
+    """Rows as a caller's table: every key any row has is a column (nulls where absent)."""
+    names = list(dict.fromkeys(k for r in rows for k in r))
+    return pa.table({n: [r.get(n) for r in rows] for n in names})
+
+
+def _both(table: pa.Table, ident: Identity) -> tuple[object, object]:
+    """(column-wise answer, reference answer) for the same table."""
+    fast = P.build_rows_from_columns(table, ident, now_ms=NOW)
+    try:
+        slow: object = P.build_rows(P.rows_from_arrow(table), ident, now_ms=NOW)
+    except PacketError as exc:
+        slow = exc
+    return fast, slow
+
+
+# The decode tests' rules, less the one a local emit does not have (node_id is replaced).
+REFUSED = {
+    **NUMBER_RULES,
+    **{k: v for k, v in TEXT_RULES.items() if "node_id" not in v},
+    "null confidence": {"confidence": None},
+    "null metric_value": {"metric_value": None},
+    "null decile": {"outcome_decile": None},
+    "null domain": {"domain": None},
+    "null metric_name": {"metric_name": None},
+}
+
+
+@pytest.mark.parametrize("mutation", sorted(REFUSED), ids=str)
+def test_column_pass_never_returns_rows_the_row_rules_refuse(
+    ident: Identity, mutation: str
+) -> None:
+    for rows in (
+        [_row(1), _row(2, **REFUSED[mutation]), _row(3)],
+        [_row(1, **REFUSED[mutation])],
+    ):
+        fast, slow = _both(_table_of(rows), ident)
+        assert isinstance(slow, PacketError), "the reference refuses the broken row"
+        assert fast is None, f"column pass returned rows the row rules refuse ({mutation})"
+
+
+CALLER_EDGES = {
+    **EDGE_VALID,
+    "params re-spaced to compact JSON": {"intervention_params": '{ "b" : [1, 2],  "a": "x" }'},
+    "null params": {"intervention_params": None},
+    "null optional names": {"model_architecture": None, "training_phase": None},
+    "null samples, hash and timestamp": {
+        "sample_count": None,
+        "raw_data_hash": None,
+        "timestamp_utc": None,
+    },
+    "a node_id of the caller's": {"node_id": "not-mine"},
+    "delta not exact in float32": {"metric_delta": 0.1, "metric_value": 1 / 3},
+}
+
+
+@pytest.mark.parametrize("case", sorted(CALLER_EDGES), ids=str)
+def test_column_pass_returns_the_row_rules_rows(ident: Identity, case: str) -> None:
+    rows = [_row(1), _row(2, **CALLER_EDGES[case]), _row(3)]
+    fast, slow = _both(_table_of(rows), ident)
+    assert isinstance(slow, list), slow
+    assert fast == slow
+    assert [list(r) for r in fast] == [list(r) for r in slow], "same keys in the same order"
+
+
+def _table(columns: dict[str, pa.Array]) -> pa.Table:
+    return pa.table(columns)
+
+
+def test_column_pass_reads_the_column_kinds_pipelines_send(ident: Identity) -> None:
+    """float32 metrics, small and unsigned integers, large strings, whole-number metrics,
+    missing optional columns and a data_ref column: all the reference's rows, no fallback."""
+    n = 4
+    table = _table(
+        {
+            "domain": pa.array([CALLER_ROW["domain"]] * n, pa.large_string()),
+            "problem_type": pa.array([CALLER_ROW["problem_type"]] * n),
+            "metric_name": pa.array(["val_auc"] * n),
+            "metric_delta": pa.array([0.1, -0.2, 0.3, 0.25], pa.float32()),
+            "metric_value": pa.array([1, 2, 3, 4], pa.int16()),
+            "confidence": pa.array([0.5, 0.9, 1.0, 0.0], pa.float64()),
+            "intervention_type": pa.array(["lr"] * n),
+            "outcome_decile": pa.array([1, 5, 10, 3], pa.uint8()),
+            "sample_count": pa.array([None, 7, 0, 2**31 - 1], pa.int64()),
+            "data_ref": pa.array(["s3://bucket/a", None, "", "s3://bucket/a"]),
+            "raw_data_hash": pa.array(["abc", "def", None, "ghi"]),
+        }
+    )
+    fast, slow = _both(table, ident)
+    assert isinstance(slow, list)
+    assert fast == slow
+    assert fast[0]["raw_data_hash"] == ident.commit("s3://bucket/a") == fast[3]["raw_data_hash"]
+    assert fast[1]["raw_data_hash"] == "def" and fast[2]["raw_data_hash"] == ""
+    assert fast[0]["model_architecture"] == "unspecified"
+    assert fast[0]["timestamp_utc"] == NOW and fast[0]["sample_count"] == 0
+
+
+@pytest.mark.parametrize(
+    ("name", "column", "reference_reads_it"),
+    [
+        ("timestamp_utc", pa.array([float(NOW), float(NOW)]), True),
+        ("outcome_decile", pa.array(["8", "9"]), True),
+        ("domain", pa.array(["clinical.oncology"] * 2).dictionary_encode(), True),
+        ("metric_value", pa.array([True, False]), False),  # booleans are not numbers here
+    ],
+    ids=["whole floats as timestamps", "numbers as text", "dictionary text", "bool metric"],
+)
+def test_column_pass_leaves_other_column_kinds_to_the_row_rules(
+    ident: Identity, name: str, column: pa.Array, reference_reads_it: bool
+) -> None:
+    table = _table_of([_row(1), _row(2)])
+    if name in table.schema.names:
+        table = table.set_column(table.schema.get_field_index(name), name, column)
+    else:
+        table = table.append_column(name, column)
+    fast, slow = _both(table, ident)
+    assert fast is None
+    assert isinstance(slow, list) == reference_reads_it
+
+
+def test_column_pass_refuses_unknown_columns_by_name(ident: Identity) -> None:
+    table = _table_of([_row(1, metric_nmae="typo")])
+    with pytest.raises(PacketError, match="metric_nmae"):
+        P.build_rows_from_columns(table, ident, now_ms=NOW)
+
+
+def test_column_pass_of_no_rows_is_no_rows(ident: Identity) -> None:
+    assert P.build_rows_from_columns(_table_of([_row(1)]).slice(0, 0), ident, now_ms=NOW) == []
