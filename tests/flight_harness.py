@@ -32,7 +32,12 @@ WAIT = 30.0
 
 
 def node_config(
-    data_dir: Path, *, bootstrap: Sequence[str] = (), init: bool = True, **dht: Any
+    data_dir: Path,
+    *,
+    bootstrap: Sequence[str] = (),
+    init: bool = True,
+    pinned_templates: dict[str, str] | None = None,
+    **dht: Any,
 ) -> NodeConfig:
     """A config for a node on 127.0.0.1, port 0, bootstrapping only from ``bootstrap``."""
     if init:
@@ -46,6 +51,7 @@ def node_config(
         bootstrap=tuple(bootstrap),
         bootstrap_file=str(empty),
         dht=DhtConfig(**({"rpc_timeout": 1.0} | dht)),
+        pinned_templates=dict(pinned_templates or {}),
     )
 
 
@@ -64,8 +70,11 @@ class Daemon:
         init: bool = True,
         tls_cert: str = "",
         tls_key: str = "",
+        pinned_templates: dict[str, str] | None = None,
     ) -> None:
-        self.config = node_config(data_dir, bootstrap=bootstrap, init=init)
+        self.config = node_config(
+            data_dir, bootstrap=bootstrap, init=init, pinned_templates=pinned_templates
+        )
         self._tls = (tls_cert, tls_key)
         self._network = network
         self._flight = flight

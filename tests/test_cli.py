@@ -451,6 +451,59 @@ def test_follow_unfollow_status_and_peers(daemon: Daemon) -> None:
     assert peers.returncode == 0 and json.loads(peers.stdout) == []
 
 
+def test_watch_and_follow_of_a_deeper_path_and_of_a_too_coarse_one(tmp_path: Path) -> None:
+    # A template that files by three of its four fields: a path naming the training phase is
+    # deeper than every key, and its watch must print that phase's rows only.
+    by_phase = {
+        "domain": "clinical.oncology",
+        "fields": ["domain", "problem_type", "model_architecture", "training_phase"],
+        "levels": [2, 3],
+    }
+    first = Daemon(tmp_path / "node")
+    try:
+        published = first.cli(
+            "template", "publish", "-", "--json", input=json.dumps(by_phase).encode()
+        )
+        assert published.returncode == 0, published.stderr
+        tid = json.loads(published.stdout)["template_id"]
+    finally:
+        assert first.terminate() == 0
+    pinned = {"QISD_PINNED_TEMPLATES": f"clinical.oncology={tid}"}
+    d = Daemon(tmp_path / "node", env=pinned)
+    early = PATH + "/transformer-256d/epoch_5_of_50"
+    watch = subprocess.Popen(
+        [*QISD, "watch", early, "--count", "1", "--json", "--data-dir", str(d.data_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        ready = LineReader(watch.stderr).readline(timeout=30)
+        assert ready is not None and ready.startswith("qisd: watching"), ready
+        other = d.cli("emit", *FLAGS, "--training-phase=epoch_9_of_50", "--json")
+        assert other.returncode == 0, other.stderr
+        mine = d.cli("emit", *FLAGS, "--training-phase=epoch_5_of_50", "--json")
+        assert mine.returncode == 0, mine.stderr
+        line = LineReader(watch.stdout).readline(timeout=30)
+        assert line is not None
+        printed = json.loads(line)
+        assert printed["packet_id"] == json.loads(mine.stdout)["packet_ids"][0]
+        assert printed["training_phase"] == "epoch_5_of_50"
+        assert watch.wait(30) == 0
+
+        followed = d.cli("follow", early, "--json")
+        assert followed.returncode == 0 and json.loads(followed.stdout)["followed"] == [early]
+        # No key answers the domain alone: refused like a query of it, not silently empty.
+        one_line_error(d.cli("watch", "clinical.oncology"), 2, "too coarse", "problem_type")
+        one_line_error(d.cli("follow", "clinical.oncology"), 2, "too coarse", "problem_type")
+        status = json.loads(d.cli("status", "--json").stdout)
+        assert status["followed"] == [early]
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+            watch.wait()
+        assert d.terminate() == 0
+
+
 def test_a_second_daemon_on_one_data_directory_is_refused(daemon: Daemon) -> None:
     done = daemon.cli("start", "--port", "0", "--bootstrap-file", os.devnull)
     one_line_error(done, DaemonRunningError.exit_code, "another qisd daemon", str(daemon.proc.pid))

@@ -30,6 +30,13 @@ DESCRIPTOR = flight.FlightDescriptor.for_path(
     "clinical.oncology", "treatment_response_classification"
 )
 OPTIONS = flight.FlightCallOptions(timeout=WAIT)
+BY_PHASE = {
+    "domain": "clinical.oncology",
+    "fields": ["domain", "problem_type", "model_architecture", "training_phase"],
+    "levels": [2, 3],
+}
+"""A template with a field it does not file by: a 4-segment path is deeper than every key."""
+EARLY = FINE + "/epoch_5_of_50"
 
 
 def now_ms() -> int:
@@ -70,6 +77,16 @@ def daemon(tmp_path: Path):
 def client(daemon: Daemon):
     with flight.connect(daemon.location) as c:
         yield c
+
+
+@pytest.fixture
+def phase_daemon(tmp_path: Path):
+    """A daemon with ``BY_PHASE`` pinned for clinical.oncology."""
+    with Daemon(tmp_path / "node", flight=False) as d:
+        tid = d.run(lambda: d.node.publish_template(BY_PHASE))["template_id"]
+    pinned = {"clinical.oncology": tid}
+    with Daemon(tmp_path / "node", init=False, pinned_templates=pinned) as d:
+        yield d
 
 
 # --------------------------------------------------------------------------- DoPut / DoGet
@@ -275,6 +292,38 @@ def test_exchange_keeps_a_path_followed_before_it(daemon, client) -> None:
     assert daemon.run(lambda: _followed(daemon)) == [PATH]
 
 
+def test_exchange_follower_of_a_deeper_path_receives_only_its_rows(phase_daemon) -> None:
+    descriptor = flight.FlightDescriptor.for_path(*EARLY.split("/"))
+    with flight.connect(phase_daemon.location) as client:
+        writer, reader = client.do_exchange(descriptor, OPTIONS)
+        first = reader.read_chunk()
+        assert json.loads(first.app_metadata.to_pybytes()) == {"following": EARLY}
+        # Filed under the key the follower listens on, but of another phase: not sent.
+        put(client, outcome_table(1, now_ms=now_ms(), training_phase="epoch_9_of_50"))
+        phases = ["epoch_5_of_50", "epoch_9_of_50"]
+        reply = put(client, outcome_table(2, now_ms=now_ms(), training_phase=phases))
+        chunk = reader.read_chunk()
+        assert chunk.data.column("training_phase").to_pylist() == ["epoch_5_of_50"]
+        assert chunk.data.column("packet_id").to_pylist() == reply["packet_ids"]
+        listed = [json.loads(i.app_metadata) for i in client.list_flights(b"", OPTIONS)]
+        assert {"path": EARLY, "packets": 0, "followed": True} in listed
+        writer.done_writing()
+        with pytest.raises(StopIteration):
+            reader.read_chunk()
+        writer.close()
+    assert phase_daemon.run(lambda: _followed(phase_daemon)) == []
+
+
+def test_exchange_of_a_path_no_key_answers_is_refused(daemon, client) -> None:
+    descriptor = flight.FlightDescriptor.for_path("clinical.oncology")
+    writer, reader = client.do_exchange(descriptor, OPTIONS)
+    with pytest.raises(flight.FlightServerError, match="too coarse"):
+        reader.read_chunk()
+    with pytest.raises(flight.FlightServerError, match="too coarse"):
+        writer.close()  # closing reports the call's status again
+    assert daemon.run(lambda: _followed(daemon)) == []
+
+
 # --------------------------------------------------------------------------- flights
 
 
@@ -335,6 +384,7 @@ def test_actions_status_synthesize_follow_unfollow(daemon, client) -> None:
         ("launch", b"", "unknown action"),
         ("synthesize", b"", "fingerprint path"),
         ("follow", b"{not json", "not valid JSON"),
+        ("follow", b"clinical.oncology", "too coarse"),
         ("unfollow", b"never/followed", "is not followed"),
     ],
 )

@@ -92,6 +92,28 @@ async def network(tmp_path: Path, n: int, **extra: Any) -> AsyncIterator[list[No
             await node.close()
 
 
+BY_PHASE = {
+    "domain": "clinical.oncology",
+    "fields": ["domain", "problem_type", "model_architecture", "training_phase"],
+    "levels": [2, 3],
+}
+"""A template with a field it does not file by: a 4-segment path is deeper than every key."""
+EARLY = FINE + "/epoch_5_of_50"
+LATE = FINE + "/epoch_9_of_50"
+
+
+@contextlib.asynccontextmanager
+async def phase_network(tmp_path: Path, n: int, **extra: Any) -> AsyncIterator[list[Node]]:
+    """``network`` whose nodes all have ``BY_PHASE`` pinned for clinical.oncology."""
+    async with network(tmp_path, n) as nodes:
+        tid = (await nodes[0].publish_template(BY_PHASE))["template_id"]
+        for node in nodes[1:]:
+            await node.templates("clinical.oncology")  # a pin needs its document in the store
+    pinned = {"clinical.oncology": tid}
+    async with network(tmp_path, n, pinned_templates=pinned, **extra) as nodes:
+        yield nodes
+
+
 def test_emit_commits_before_returning_and_query_reads_it_back(tmp_path: Path) -> None:
     async def main() -> None:
         async with network(tmp_path, 1) as (node,):
@@ -113,20 +135,11 @@ def test_emit_commits_before_returning_and_query_reads_it_back(tmp_path: Path) -
 def test_a_query_deeper_than_the_routable_levels_filters_on_the_further_fields(
     tmp_path: Path,
 ) -> None:
-    by_phase = {
-        "domain": "clinical.oncology",
-        "fields": ["domain", "problem_type", "model_architecture", "training_phase"],
-        "levels": [2, 3],
-    }
-
     async def main() -> None:
-        async with network(tmp_path, 1) as (node,):
-            tid = (await node.publish_template(by_phase))["template_id"]
-        pinned = {"clinical.oncology": tid}
-        async with network(tmp_path, 1, pinned_templates=pinned) as (node,):
+        async with phase_network(tmp_path, 1) as (node,):
             await node.emit([row(0), row(1, training_phase="epoch_9_of_50")])
             assert (await node.query(FINE, local_only=True)).num_rows == 2
-            early = await node.query(FINE + "/epoch_5_of_50", local_only=True)
+            early = await node.query(EARLY, local_only=True)
             assert early.column("training_phase").to_pylist() == ["epoch_5_of_50"]
             assert (await node.query(FINE + "/epoch_7_of_50")).num_rows == 0
             with pytest.raises(UsageError, match="too coarse"):
@@ -207,6 +220,76 @@ def test_subscribers_get_local_emits_and_network_pushes(tmp_path: Path) -> None:
             await stream.aclose()
             await local.aclose()
             assert not follower._subscribers and not emitter._subscribers
+
+    run(main)
+
+
+def test_a_subscriber_to_a_deeper_path_gets_only_its_own_rows(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with phase_network(tmp_path, 1) as (node,):
+            early, late = node.subscribe(EARLY), node.subscribe(LATE)
+            early_first = asyncio.ensure_future(anext(early))
+            late_first = asyncio.ensure_future(anext(late))
+            # Filed under the same key, matching neither path: delivered to neither.
+            await node.emit([row(0, training_phase="epoch_7_of_50")])
+            # One packet with a row for each path: each subscriber gets its own row only.
+            both = await node.emit([row(1), row(2, training_phase="epoch_9_of_50")])
+            assert len(both.packet_ids) == 1
+            async with asyncio.timeout(10):  # a local emit is handed over as it commits
+                got = await early_first
+            assert got.column("training_phase").to_pylist() == ["epoch_5_of_50"]
+            assert got.column("packet_id").to_pylist() == both.packet_ids
+            got = await late_first
+            assert got.column("training_phase").to_pylist() == ["epoch_9_of_50"]
+            await late.aclose()
+            # Nothing else was queued for the early subscriber in between.
+            only = await node.emit([row(3)])
+            assert (await anext(early)).column("packet_id").to_pylist() == only.packet_ids
+            # Both listened where their packets are filed: the deepest routable level.
+            assert early.key == late.key == node.query_route(FINE)[0]
+            await early.aclose()
+            assert not node._subscribers
+
+            # A path no key answers is refused, as a query of it is, not silently empty.
+            with pytest.raises(UsageError, match="too coarse"):
+                node.subscribe("clinical.oncology")
+            with pytest.raises(UsageError, match="too coarse"):
+                await node.follow("clinical.oncology")
+            with pytest.raises(UsageError, match="4 fields"):
+                await node.follow(EARLY + "/val_auc")
+            assert node.followed() == []
+
+    run(main)
+
+
+def test_followers_of_deeper_paths_sharing_a_key_each_keep_their_own(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with phase_network(tmp_path, 2, election_seconds=3600) as (seed, node):
+            await node.follow(EARLY)
+            await node.follow(LATE)
+            key = node.query_route(LATE)[0]
+            assert key == node.query_route(EARLY)[0] and key in node._listening
+            await node.unfollow(EARLY)
+            # LATE reads the same key: unfollowing EARLY must not stop listening on it.
+            assert node.followed() == [LATE] and key in node._listening
+            stream = node.subscribe(LATE)
+            waiting = asyncio.ensure_future(anext(stream))
+            await seed.emit(
+                [row(0, intervention_type="warmup"), row(1, training_phase="epoch_9_of_50")],
+                wait_replicas=1,
+            )
+            got = await waiting  # from the network
+            assert got.column("training_phase").to_pylist() == ["epoch_9_of_50"]
+            await stream.aclose()
+            assert key in node._listening  # still followed
+            # The followed path's synthesis is of its own rows, not of the whole key.
+            while node._syntheses.get(LATE, {}).get("packets_analyzed") != 1:
+                node._elected.clear()
+                await node._elected.wait()
+            synthesis = node.status()["syntheses"][LATE]
+            assert [i["intervention"] for i in synthesis["interventions"]] == [
+                "learning_rate_schedule"
+            ]
 
     run(main)
 

@@ -91,9 +91,13 @@ def now_ms() -> int:
 
 @dataclass
 class _Subscription:
-    """The local subscribers of one key and the packets already handed to them."""
+    """The local subscribers of one key and the packets already handed to them.
 
-    queues: set[asyncio.Queue[pa.Table]] = field(default_factory=set)
+    Subscribers of different paths may share a key (``domain/problem/architecture/phase`` reads
+    ``domain/problem/architecture``): each queue maps to the row filter of its path.
+    """
+
+    queues: dict[asyncio.Queue[pa.Table], dict[str, str]] = field(default_factory=dict)
     delivered: set[str] = field(default_factory=set)
 
 
@@ -283,8 +287,12 @@ class Node:
                 log.info("joined the network: %d contacts reached", joined)
             else:
                 log.warning("no bootstrap peer answered yet; retrying in the background")
+        routes = self._follow_routes()
         for path in self._followed:
-            await self._listen(key_for_path(path))
+            if path not in routes:
+                log.warning("followed path %s names no key under its template; not listening", path)
+        for key in {key for key, _ in routes.values()}:
+            await self._listen(key)
 
     async def close(self) -> None:
         """Stop background work, stop the DHT (saving routing state), close the store."""
@@ -883,16 +891,22 @@ class Node:
         return list(self._followed)
 
     async def follow(self, path: str) -> None:
-        """Follow a path: persist it, register with its holders for pushes, catch it up."""
+        """Follow a path: persist it, register with its holders for pushes, catch it up.
+
+        The path is routed as a query is (:meth:`query_route`): a path deeper than the routable
+        levels listens on the deepest one it extends and its synthesis keeps only its own rows;
+        a path no key answers is refused (UsageError).
+        """
         self._check_open()
         path = normalize_path(path)
+        key, _ = self.query_route(path)  # a path no key answers is refused, as by query
         if path in self._followed:
             return
         if len(self._followed) >= MAX_FOLLOWED:
             raise UsageError(f"this node already follows {MAX_FOLLOWED} paths")
         self._followed.append(path)
         await asyncio.to_thread(self.store.set_meta, FOLLOWED_META, self._followed)
-        await self._listen(key_for_path(path))
+        await self._listen(key)
         self._dirty.set()
 
     async def unfollow(self, path: str) -> None:
@@ -905,8 +919,27 @@ class Node:
         await asyncio.to_thread(self.store.set_meta, FOLLOWED_META, self._followed)
         self._syntheses.pop(path, None)
         self._digests.pop(path, None)
-        key = key_for_path(path)
-        if not self._subscribers.get(key):
+        try:
+            key, _ = self.query_route(path)
+        except QisdError:
+            return  # a path its template no longer routes was listened on nowhere
+        self._release(key)
+
+    def _follow_routes(self) -> dict[str, tuple[bytes, dict[str, str]]]:
+        """Each followed path's :meth:`query_route`: the key it listens on and its row filter.
+
+        A path persisted earlier that its domain's template no longer routes is left out
+        (it stays listed and can be unfollowed).
+        """
+        routes: dict[str, tuple[bytes, dict[str, str]]] = {}
+        for path in self._followed:
+            with contextlib.suppress(QisdError):
+                routes[path] = self.query_route(path)
+        return routes
+
+    def _release(self, key: bytes) -> None:
+        """Stop listening on ``key`` unless a followed path or a subscriber still reads it."""
+        if key not in self._subscribers and key not in self._followed_keys():
             self._unlisten(key)
 
     async def _listen(self, key: bytes) -> None:
@@ -953,7 +986,7 @@ class Node:
             self._deliver_table(key, table)
 
     def _followed_keys(self) -> set[bytes]:
-        return {key_for_path(p) for p in self._followed}
+        return {key for key, _ in self._follow_routes().values()}
 
     def _deliver(self, envelopes: Sequence[Envelope]) -> None:
         """Hand envelopes to the subscribers of their keys (each packet once per key)."""
@@ -978,11 +1011,14 @@ class Node:
         if len(fresh) < len(ids):
             table = table.take(pa.array(fresh, pa.int64()))
         sub.delivered.update(ids[i] for i in fresh)
-        for q in sub.queues:
+        for q, wanted in sub.queues.items():
+            rows = rows_matching(table, wanted)
+            if rows.num_rows == 0:
+                continue
             if q.full():
                 with contextlib.suppress(asyncio.QueueEmpty):
                     q.get_nowait()
-            q.put_nowait(table)
+            q.put_nowait(rows)
 
     def subscribe(self, path: str) -> Subscription:
         """New packets of a path as they arrive (local emits and network pushes).
@@ -991,27 +1027,30 @@ class Node:
         part of a ``RESULT_SCHEMA`` table (``async for table in node.subscribe(path)``).
         Closing it (``await sub.aclose()`` or leaving the ``async for``) unsubscribes; it
         ends when the node closes. The path's holders are asked to push (listen) meanwhile.
+        The path is routed as :meth:`query_route` routes a query: a path deeper than the
+        routable levels listens on the deepest one it extends and gets only its own rows; a
+        path no key answers is refused (UsageError).
         """
         self._check_open()
         path = normalize_path(path)
-        key = key_for_path(path)
+        key, wanted = self.query_route(path)
         entry = self._subscribers.get(key)
         if entry is None:
             # What is stored now is not new; read synchronously so nothing slips in between.
             held = self.store.table(key, now_ms=now_ms()).column("packet_id").to_pylist()
             entry = self._subscribers[key] = _Subscription(delivered=set(held))
-        sub = Subscription(self, path, key, entry)
+        sub = Subscription(self, path, key, wanted, entry)
         if self.dht is not None and key not in self._listening:
             self._background(self._listen(key))
         return sub
 
     def _unsubscribe(self, sub: Subscription) -> None:
         entry = sub._entry
-        entry.queues.discard(sub._queue)
+        entry.queues.pop(sub._queue, None)
         if not entry.queues and self._subscribers.get(sub.key) is entry:
             del self._subscribers[sub.key]
-            if sub.path not in self._followed and not self._closed:
-                self._unlisten(sub.key)
+            if not self._closed:
+                self._release(sub.key)
 
     # ------------------------------------------------------------------ elections
 
@@ -1114,22 +1153,25 @@ class Node:
                         raise
                     except Exception:
                         log.exception("refreshing the templates of %s failed", domain)
-            for path in list(self._followed):
+            for path, route in self._follow_routes().items():
                 try:
-                    await self._refresh(path, fetch=not pushed)
+                    await self._refresh(path, route, fetch=not pushed)
                 except asyncio.CancelledError:
                     raise
                 except Exception:
                     log.exception("refreshing followed path %s failed", path)
             self._elected.set()
 
-    async def _refresh(self, path: str, *, fetch: bool) -> None:
-        key = key_for_path(path)
+    async def _refresh(
+        self, path: str, route: tuple[bytes, dict[str, str]], *, fetch: bool
+    ) -> None:
+        key, wanted = route
         if fetch and self.dht is not None:
             fetched = await self.dht.fetch(key)
             if fetched:
                 await self._keep(fetched)
         table = await asyncio.to_thread(self.store.table, key, now_ms=now_ms())
+        table = rows_matching(table, wanted)
         ids = table.column("packet_id").to_pylist()
         digest = (len(ids), ids[-1] if ids else "")
         if self._digests.get(path) == digest and path in self._syntheses:
@@ -1185,16 +1227,23 @@ _CLOSED: Any = object()
 
 
 class Subscription:
-    """An async iterator of new packets of one path; made by :meth:`Node.subscribe`."""
+    """An async iterator of new packets of one path; made by :meth:`Node.subscribe`.
 
-    def __init__(self, node: Node, path: str, key: bytes, entry: _Subscription) -> None:
+    ``key`` is the key it listens on and ``wanted`` the fields its rows must equal (empty for a
+    path at a routable level), both from :meth:`Node.query_route`.
+    """
+
+    def __init__(
+        self, node: Node, path: str, key: bytes, wanted: dict[str, str], entry: _Subscription
+    ) -> None:
         self.node = node
         self.path = path
         self.key = key
+        self.wanted = wanted
         self._entry = entry
         self._queue: asyncio.Queue[pa.Table] = asyncio.Queue(_SUBSCRIBER_QUEUE)
         self._closed = False
-        entry.queues.add(self._queue)
+        entry.queues[self._queue] = wanted
 
     def __aiter__(self) -> Subscription:
         return self
