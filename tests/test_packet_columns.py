@@ -163,3 +163,20 @@ def test_column_pass_refuses_unknown_columns_by_name(ident: Identity) -> None:
 
 def test_column_pass_of_no_rows_is_no_rows(ident: Identity) -> None:
     assert P.build_rows_from_columns(_table_of([_row(1)]).slice(0, 0), ident, now_ms=NOW) == []
+
+
+@pytest.mark.parametrize("n", [1, 3, 4, 9])
+def test_build_table_rows_gives_the_row_rules_answer_at_any_size(ident: Identity, n: int) -> None:
+    good = _table_of([_row(i) for i in range(n)])
+    assert P.build_table_rows(good, ident, now_ms=NOW) == (
+        P.build_rows(P.rows_from_arrow(good), ident, now_ms=NOW),
+        [],
+    )
+    rows = [_row(i) for i in range(n)]
+    rows[n // 2] = _row(n // 2, confidence=1.5)
+    bad = _table_of(rows)
+    with pytest.raises(PacketError, match=rf"row {n // 2}\b.*confidence"):
+        P.build_table_rows(bad, ident, now_ms=NOW)
+    kept, rejected = P.build_table_rows(bad, ident, now_ms=NOW, partial=True)
+    assert len(kept) == n - 1
+    assert [i for i, _ in rejected] == [n // 2] and "confidence" in rejected[0][1]
