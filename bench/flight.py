@@ -12,6 +12,9 @@ Each server runs in its own process (the client in this one), on 127.0.0.1, port
   ``RecordBatchStream(schema, iterator)`` raises TypeError in pyarrow).
 * **qisd**: a real Node (data directory on disk, SQLite with fsync per commit, a lone DHT node)
   with :func:`qisd.net.flight.start_flight`; every row is validated, signed and stored durably.
+* **floor**: a DoPut that reads the stream and keeps nothing (what the Flight call costs), and
+  **durable floor**: read, one signature, one O_DSYNC write, a reply (the ceiling for any
+  server that acknowledges only durable puts). Both take part in the single-row rounds only.
 
 Measured, median of ``--repeat`` runs:
 
@@ -307,7 +310,7 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
             "article": stack.enter_context(server("article")),
             "qisd": stack.enter_context(server("qisd", str(Path(tmp) / "puts"))),
         }
-        # Single-row puts: the three servers in turn within each round, so a slow spell of
+        # Single-row puts: the servers in turn within each round, so a slow spell of
         # this shared machine hits all of them; the ratio is the median of per-round ratios.
         rounds = []
         for i in range(args.repeat):
