@@ -8,6 +8,7 @@ need one; waits read its readiness line with a deadline and never sleep.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -78,6 +79,25 @@ def one_line_error(proc: subprocess.CompletedProcess[str], code: int, *needles: 
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
     return lines[0]
+
+
+@contextlib.contextmanager
+def watching(path: str, data_dir: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """``qisd watch PATH --count 1 --json`` running once it says the daemon registered the
+    subscription; killed on the way out if it has not ended by then."""
+    watch = subprocess.Popen(
+        [*QISD, "watch", path, "--count", "1", "--json", "--data-dir", str(data_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        ready = LineReader(watch.stderr).readline(timeout=30)
+        assert ready is not None and ready.startswith("qisd: watching"), ready
+        yield watch
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+            watch.wait()
 
 
 class Daemon:
@@ -471,24 +491,18 @@ def test_watch_and_follow_of_a_deeper_path_and_of_a_too_coarse_one(tmp_path: Pat
     pinned = {"QISD_PINNED_TEMPLATES": f"clinical.oncology={tid}"}
     d = Daemon(tmp_path / "node", env=pinned)
     early = PATH + "/transformer-256d/epoch_5_of_50"
-    watch = subprocess.Popen(
-        [*QISD, "watch", early, "--count", "1", "--json", "--data-dir", str(d.data_dir)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
     try:
-        ready = LineReader(watch.stderr).readline(timeout=30)
-        assert ready is not None and ready.startswith("qisd: watching"), ready
-        other = d.cli("emit", *FLAGS, "--training-phase=epoch_9_of_50", "--json")
-        assert other.returncode == 0, other.stderr
-        mine = d.cli("emit", *FLAGS, "--training-phase=epoch_5_of_50", "--json")
-        assert mine.returncode == 0, mine.stderr
-        line = LineReader(watch.stdout).readline(timeout=30)
-        assert line is not None
-        printed = json.loads(line)
-        assert printed["packet_id"] == json.loads(mine.stdout)["packet_ids"][0]
-        assert printed["training_phase"] == "epoch_5_of_50"
-        assert watch.wait(30) == 0
+        with watching(early, d.data_dir) as watch:
+            other = d.cli("emit", *FLAGS, "--training-phase=epoch_9_of_50", "--json")
+            assert other.returncode == 0, other.stderr
+            mine = d.cli("emit", *FLAGS, "--training-phase=epoch_5_of_50", "--json")
+            assert mine.returncode == 0, mine.stderr
+            line = LineReader(watch.stdout).readline(timeout=30)
+            assert line is not None
+            printed = json.loads(line)
+            assert printed["packet_id"] == json.loads(mine.stdout)["packet_ids"][0]
+            assert printed["training_phase"] == "epoch_5_of_50"
+            assert watch.wait(30) == 0
 
         followed = d.cli("follow", early, "--json")
         assert followed.returncode == 0 and json.loads(followed.stdout)["followed"] == [early]
@@ -498,9 +512,6 @@ def test_watch_and_follow_of_a_deeper_path_and_of_a_too_coarse_one(tmp_path: Pat
         status = json.loads(d.cli("status", "--json").stdout)
         assert status["followed"] == [early]
     finally:
-        if watch.poll() is None:
-            watch.kill()
-            watch.wait()
         assert d.terminate() == 0
 
 

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from helpers import LineReader
-from test_cli import FLAGS, QISD, Daemon, one_line_error, qisd
+from test_cli import FLAGS, QISD, Daemon, one_line_error, qisd, watching
 
 PATH = "clinical.oncology/treatment_response_classification"
 # Short RPC timeouts: a dead peer costs a second, not the default two.
@@ -158,15 +158,7 @@ def test_a_follower_is_pushed_packets_without_querying(five: list[Daemon]) -> No
     d2, d4 = five[1], five[3]
     path = "clinical.oncology/followed_problem"
     assert d4.cli("follow", path).returncode == 0
-    watch = subprocess.Popen(
-        [*QISD, "watch", path, "--count", "1", "--json", "--data-dir", str(d4.data_dir)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        # The CLI says "watching" once the daemon has registered the subscription.
-        ready = LineReader(watch.stderr).readline(timeout=30)
-        assert ready is not None and ready.startswith("qisd: watching"), ready
+    with watching(path, d4.data_dir) as watch:
         done = d2.cli("emit", *FLAGS, "--problem-type=followed_problem", "--wait=1", "--json")
         assert done.returncode == 0, done.stderr
         (pid,) = json.loads(done.stdout)["packet_ids"]
@@ -175,10 +167,6 @@ def test_a_follower_is_pushed_packets_without_querying(five: list[Daemon]) -> No
         pushed = json.loads(line)
         assert pushed["packet_id"] == pid and pushed["node_id"] == d2.node_id
         assert watch.wait(30) == 0
-    finally:
-        if watch.poll() is None:
-            watch.kill()
-            watch.wait()
     # Stored on the follower by the push: a local read has it, with no network query made.
     local = query_json(d4, path, "--local")
     assert [r["packet_id"] for r in local] == [pid]

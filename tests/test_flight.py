@@ -306,7 +306,10 @@ def test_exchange_follower_of_a_deeper_path_receives_only_its_rows(phase_daemon)
         assert chunk.data.column("training_phase").to_pylist() == ["epoch_5_of_50"]
         assert chunk.data.column("packet_id").to_pylist() == reply["packet_ids"]
         listed = [json.loads(i.app_metadata) for i in client.list_flights(b"", OPTIONS)]
-        assert {"path": EARLY, "packets": 0, "followed": True} in listed
+        # Counted as its packets with a row of its own phase: one, of the two under the key.
+        assert {"path": EARLY, "packets": 1, "followed": True} in listed
+        early_info = client.get_flight_info(descriptor, OPTIONS)
+        assert json.loads(early_info.app_metadata)["packets"] == 1
         writer.done_writing()
         with pytest.raises(StopIteration):
             reader.read_chunk()

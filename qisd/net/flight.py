@@ -64,7 +64,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 
 from qisd.config import DEFAULT_FLIGHT_URI
-from qisd.core.fingerprint import key_for_path, normalize_path
+from qisd.core.fingerprint import normalize_path
 from qisd.core.packet import (
     COLUMNS,
     RESULT_SCHEMA,
@@ -837,6 +837,22 @@ class QisdFlightServer(flight.FlightServerBase):
             self._paths[key] = path
         return path
 
+    def _packets_at(self, path: str, now: int) -> int:
+        """Packets the store holds for ``path``: those under its own key, or for a path deeper
+        than its template's routable levels, the routed key's packets with a row on the path
+        (read in bounded steps); 0 for a path no key answers."""
+        node = self.node
+        try:
+            key, wanted = node.query_route(path)
+        except QisdError:
+            return 0
+        if not wanted:
+            return dict(node.store.keys()).get(key, 0)
+        ids: set[str] = set()
+        for batch in node.store.batches(key, now_ms=now, max_rows=STORE_STEP_ROWS):
+            ids.update(rows_matching(batch, wanted).column("packet_id").to_pylist())
+        return len(ids)
+
     def _flights(self, prefix: str) -> list[tuple[str, int, bool]]:
         """``(path, packets, followed)`` of every known or followed path starting ``prefix``."""
         now = _now_ms()
@@ -849,7 +865,8 @@ class QisdFlightServer(flight.FlightServerBase):
             if path is not None:
                 found[path] = packets
         for path in followed:
-            found.setdefault(path, 0)
+            if path not in found:
+                found[path] = self._packets_at(path, now)
         return [
             (path, found[path], path in followed)
             for path in sorted(found)
@@ -888,12 +905,10 @@ class QisdFlightServer(flight.FlightServerBase):
         self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor
     ) -> flight.FlightInfo:
         path = _descriptor_request(descriptor).path
-        key = key_for_path(path)
         node = self.node
 
         def count() -> tuple[int, bool]:
-            packets = dict(node.store.keys()).get(key, 0)
-            return packets, path in node.followed()
+            return self._packets_at(path, _now_ms()), path in node.followed()
 
         with _translated("GetFlightInfo"):
             packets, followed = self._blocking(count)
