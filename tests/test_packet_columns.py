@@ -16,6 +16,8 @@ from typing import Any
 import pyarrow as pa
 import pytest
 from helpers import BASE_ROW, NOW
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_packet_decode import EDGE_VALID, NUMBER_RULES, TEXT_RULES
 
 from qisd.core import packet as P
@@ -55,6 +57,8 @@ def _both(table: pa.Table, ident: Identity) -> tuple[object, object]:
 REFUSED = {
     **NUMBER_RULES,
     **{k: v for k, v in TEXT_RULES.items() if "node_id" not in v},
+    "samples past int32": {"sample_count": 2**31},
+    "timestamp before 1970": {"timestamp_utc": -5},
     "null confidence": {"confidence": None},
     "null metric_value": {"metric_value": None},
     "null decile": {"outcome_decile": None},
@@ -180,3 +184,70 @@ def test_build_table_rows_gives_the_row_rules_answer_at_any_size(ident: Identity
     kept, rejected = P.build_table_rows(bad, ident, now_ms=NOW, partial=True)
     assert len(kept) == n - 1
     assert [i for i, _ in rejected] == [n // 2] and "confidence" in rejected[0][1]
+
+
+# Values each column may take in a generated table: valid ones, values at and past each limit,
+# and the kinds only the row rules read; None is a null.
+_TEXT_VALUES = [
+    "clinical.oncology",
+    "qisd.templates",
+    "a/b",
+    " padded",
+    "",
+    "é" * P.MAX_NAME_CHARS,
+    "m" * (P.MAX_NAME_CHARS + 1),
+    "x\u3000",
+    None,
+]
+_COLUMN_VALUES: dict[str, list[Any]] = {
+    "domain": _TEXT_VALUES,
+    "problem_type": _TEXT_VALUES,
+    "model_architecture": _TEXT_VALUES,
+    "training_phase": _TEXT_VALUES,
+    "metric_name": _TEXT_VALUES,
+    "intervention_type": _TEXT_VALUES,
+    "metric_delta": [0.1, -0.2, 1e9, -1e9, 1e9 + 1, float("nan"), float("inf"), 3, None],
+    "metric_value": [0.847, 0.0, -0.0, 1 / 3, 2e9, float("-inf"), 7, None],
+    "confidence": [0.0, 1.0, 0.5, 1.0000001, -0.0, -1e-9, float("nan"), 1, None],
+    "intervention_params": ['{"a": 1}', "{}", "[1]", '{"a":NaN}', "{x", " {} ", None],
+    "outcome_decile": [1, 10, 0, 11, 5, None],
+    "sample_count": [0, 2**31 - 1, 2**31, -1, None],
+    "timestamp_utc": [NOW, 0, -1, NOW + P.MAX_FUTURE_MS, NOW + P.MAX_FUTURE_MS + 1, None],
+    "raw_data_hash": ["abc", "", "a b", "é", "~" * 64, "a" * 65, None],
+    "data_ref": ["/site/a", "", None],
+    "node_id": ["anything", None],
+}
+
+
+@settings(max_examples=600, deadline=None)
+@given(data=st.data())
+def test_column_pass_on_generated_tables_matches_the_row_rules(data: Any) -> None:
+    """Random tables of 1-6 rows over random column subsets: the pass returns exactly the
+    reference's rows, or None where the reference refuses (or reads a kind it does not)."""
+    ident = _IDENT
+    required = ["domain", "problem_type", "metric_name", "metric_delta", "metric_value"]
+    required += ["confidence", "intervention_type", "outcome_decile"]
+    optional = sorted(set(_COLUMN_VALUES) - set(required))
+    names = required + data.draw(st.lists(st.sampled_from(optional), unique=True))
+    n = data.draw(st.integers(1, 6))
+    good = dict(CALLER_ROW, timestamp_utc=NOW, raw_data_hash="abc", data_ref="/site/a")
+    good["node_id"] = "anything"
+    # One or two columns drawn from the hostile values, the rest valid: one rule decides.
+    drawn = data.draw(st.lists(st.sampled_from(names), min_size=1, max_size=2, unique=True))
+    columns = {name: [good[name]] * n for name in names}
+    for name in drawn:
+        columns[name] = data.draw(
+            st.lists(st.sampled_from(_COLUMN_VALUES[name]), min_size=n, max_size=n)
+        )
+    try:
+        table = pa.table(columns)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return  # mixed Python kinds Arrow cannot hold in one column
+    fast, slow = _both(table, ident)
+    if isinstance(slow, PacketError):
+        assert fast is None, (columns, slow)
+    elif fast is not None:
+        assert fast == slow, columns
+
+
+_IDENT = Identity.generate()
