@@ -294,6 +294,44 @@ def test_followers_of_deeper_paths_sharing_a_key_each_keep_their_own(tmp_path: P
     run(main)
 
 
+def test_a_followed_path_moves_to_the_key_a_newly_hired_template_routes_it_to(
+    tmp_path: Path,
+) -> None:
+    domain = "clinical.oncology"
+    # Files by domain/problem only: FINE becomes deeper than every key it routes by.
+    coarse = {
+        "domain": domain,
+        "fields": ["domain", "problem_type", "model_architecture"],
+        "levels": [2],
+    }
+
+    async def main() -> None:
+        async with network(tmp_path, 3, election_seconds=3600) as (a, b, c):
+            await c.follow(FINE)
+            old, before = c.query_route(FINE)
+            assert before == {} and old in c._listening  # a key of its own under the default
+            tid = (await a.publish_template(coarse))["template_id"]
+            await a.endorse_template(tid)
+            await b.endorse_template(tid, domain)
+            assert (await c.templates(domain))["hired"] == tid
+            new, wanted = c.query_route(FINE)
+            assert new == c.query_route(PATH)[0] != old
+            assert wanted == {"model_architecture": "transformer-256d"}
+            # The next pass of the election loop listens where the path now lives and lets
+            # the old key go (nothing else reads it).
+            c._elected.clear()
+            c._dirty.set()
+            await c._elected.wait()
+            assert new in c._listening and old not in c._listening
+            # And a packet filed there is pushed to c, whose synthesis of the path takes it.
+            await a.emit([row(0, intervention_type="warmup")], wait_replicas=2)
+            while c._syntheses.get(FINE, {}).get("packets_analyzed") != 1:
+                c._elected.clear()
+                await c._elected.wait()
+
+    run(main)
+
+
 def test_follows_persist_across_restarts_and_feed_the_election_loop(tmp_path: Path) -> None:
     async def main() -> None:
         async with network(tmp_path, 2, election_seconds=3600) as (seed, node):

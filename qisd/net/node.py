@@ -287,12 +287,10 @@ class Node:
                 log.info("joined the network: %d contacts reached", joined)
             else:
                 log.warning("no bootstrap peer answered yet; retrying in the background")
-        routes = self._follow_routes()
+        routes = await self._listen_to_follows()
         for path in self._followed:
             if path not in routes:
                 log.warning("followed path %s names no key under its template; not listening", path)
-        for key in {key for key, _ in routes.values()}:
-            await self._listen(key)
 
     async def close(self) -> None:
         """Stop background work, stop the DHT (saving routing state), close the store."""
@@ -937,6 +935,18 @@ class Node:
                 routes[path] = self.query_route(path)
         return routes
 
+    async def _listen_to_follows(self) -> dict[str, tuple[bytes, dict[str, str]]]:
+        """Listen on the key each followed path routes to now, and stop listening on keys
+        that no followed path and no subscriber reads any more: a newly hired template may
+        route a followed path to another key. Returns :meth:`_follow_routes`."""
+        routes = self._follow_routes()
+        keys = {key for key, _ in routes.values()}
+        for key in keys - self._listening:
+            await self._listen(key)
+        for key in self._listening - keys - set(self._subscribers):
+            self._unlisten(key)
+        return routes
+
     def _release(self, key: bytes) -> None:
         """Stop listening on ``key`` unless a followed path or a subscriber still reads it."""
         if key not in self._subscribers and key not in self._followed_keys():
@@ -1153,7 +1163,7 @@ class Node:
                         raise
                     except Exception:
                         log.exception("refreshing the templates of %s failed", domain)
-            for path, route in self._follow_routes().items():
+            for path, route in (await self._listen_to_follows()).items():
                 try:
                     await self._refresh(path, route, fetch=not pushed)
                 except asyncio.CancelledError:
