@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -181,6 +182,17 @@ def test_emit_table_partial_keeps_valid_rows_and_reports_rejections(tmp_path: Pa
             assert [i for i, _ in result.rejected] == [1, 3]
             assert "outcome_decile" in result.rejected[0][1]
             assert (await node.query(PATH, local_only=True)).num_rows == 2
+            # A row past the packet lifetime is left out like a bad one, by its own row number
+            # (not by its place among the rows that passed).
+            now = int(time.time() * 1000)
+            rows = [row(4, confidence=2.0), row(5, timestamp_utc=1_000), row(6)]
+            rows = [{"timestamp_utc": now, **r, "intervention_params": "{}"} for r in rows]
+            table = pa.Table.from_pylist(rows)
+            result = await node.emit_table(table, partial=True)
+            assert result.rows == 1
+            assert [i for i, _ in result.rejected] == [0, 1]
+            assert result.rejected[1][1].startswith("row 1: timestamp_utc=1000")
+            assert "older than the packet lifetime" in result.rejected[1][1]
 
     run(main)
 
@@ -328,6 +340,34 @@ def test_a_followed_path_moves_to_the_key_a_newly_hired_template_routes_it_to(
             while c._syntheses.get(FINE, {}).get("packets_analyzed") != 1:
                 c._elected.clear()
                 await c._elected.wait()
+
+    run(main)
+
+
+def test_a_follow_made_while_the_election_loop_registers_keeps_its_key(tmp_path: Path) -> None:
+    one, two = PATH + "_one", PATH + "_two"
+
+    async def main() -> None:
+        async with network(tmp_path, 1, election_seconds=3600) as (node,):
+            first, second = node.query_route(one)[0], node.query_route(two)[0]
+            entered, gate = asyncio.Event(), asyncio.Event()
+            real = node.dht.follow
+
+            async def slow_follow(key: bytes, callback: Any) -> None:
+                if key == first:  # a registration that takes a while (a slow crawl)
+                    entered.set()
+                    await gate.wait()
+                await real(key, callback)
+
+            node.dht.follow = slow_follow  # type: ignore[method-assign]
+            node._followed.append(one)  # followed, not yet registered (as after a re-hire)
+            registering = asyncio.ensure_future(node._listen_to_follows())
+            await entered.wait()
+            await node.follow(two)  # while the pass is registering the first key
+            assert second in node._listening
+            gate.set()
+            await registering
+            assert {first, second} <= node._listening
 
     run(main)
 

@@ -422,7 +422,13 @@ _ROW_ORDER = (
 
 def is_text_type(t: pa.DataType) -> bool:
     """Whether an Arrow column of type ``t`` holds text (any of Arrow's string layouts)."""
-    return bool(pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t))
+    return bool(pa.types.is_string(t) or pa.types.is_large_string(t) or _is_string_view(t))
+
+
+def _is_string_view(t: pa.DataType) -> bool:
+    # string_view arrived in pyarrow 16; older releases (pyproject allows >= 14) have none.
+    test = getattr(pa.types, "is_string_view", None)
+    return bool(test is not None and test(t))
 
 
 def build_rows_from_columns(

@@ -837,17 +837,22 @@ class QisdFlightServer(flight.FlightServerBase):
             self._paths[key] = path
         return path
 
-    def _packets_at(self, path: str, now: int) -> int:
+    def _packets_at(self, path: str, now: int, held: dict[bytes, int] | None = None) -> int:
         """Packets the store holds for ``path``: those under its own key, or for a path deeper
         than its template's routable levels, the routed key's packets with a row on the path
-        (read in bounded steps); 0 for a path no key answers."""
+        (read in bounded steps); 0 for a path no key answers. ``held`` is the store's
+        ``keys()`` when the caller has read it already."""
         node = self.node
         try:
             key, wanted = node.query_route(path)
         except QisdError:
             return 0
+        if held is None:
+            held = dict(node.store.keys())
+        if key not in held:
+            return 0
         if not wanted:
-            return dict(node.store.keys()).get(key, 0)
+            return held[key]
         ids: set[str] = set()
         for batch in node.store.batches(key, now_ms=now, max_rows=STORE_STEP_ROWS):
             ids.update(rows_matching(batch, wanted).column("packet_id").to_pylist())
@@ -859,14 +864,14 @@ class QisdFlightServer(flight.FlightServerBase):
         node = self.node
         followed = node.followed()
         found: dict[str, int] = {}
-        held = node.store.keys()  # [(key, packets)]
-        for key, packets in held:
+        held = dict(node.store.keys())
+        for key, packets in held.items():
             path = self._path_of_key(key, now)
             if path is not None:
                 found[path] = packets
         for path in followed:
             if path not in found:
-                found[path] = self._packets_at(path, now)
+                found[path] = self._packets_at(path, now, held)
         return [
             (path, found[path], path in followed)
             for path in sorted(found)

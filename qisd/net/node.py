@@ -204,6 +204,9 @@ class Node:
         self._followed: list[str] = []
         self._subscribers: dict[bytes, _Subscription] = {}
         self._listening: set[bytes] = set()
+        # The keys the followed paths route to, as of the last follow, unfollow or election
+        # pass (checked on every store a peer makes here: not recomputed each time).
+        self._follow_keys: set[bytes] = set()
         self._syntheses: dict[str, dict[str, Any]] = {}
         self._digests: dict[str, tuple[int, str]] = {}
         self._dirty = asyncio.Event()
@@ -257,6 +260,7 @@ class Node:
         try:
             node._followed = node._load_followed()
             node.darwin = node._load_darwin()
+            node._follow_routes()
             if network:
                 await node._start_network()
             node._tasks.append(asyncio.create_task(node._publisher(), name="qisd-publisher"))
@@ -628,10 +632,33 @@ class Node:
 
         def build(now: int) -> tuple[list[dict[str, Any]], list[tuple[int, str]]]:
             rows, rejected = build_table_rows(table, self.identity, now_ms=now, partial=partial)
+            if partial:
+                # Rows past the packet lifetime are left out too, named by their table row.
+                left_out = {i for i, _ in rejected}
+                kept = [i for i in range(table.num_rows) if i not in left_out]
+                fresh = []
+                for i, row in zip(kept, rows, strict=True):
+                    stale = self._past_lifetime(row, i, now)
+                    if stale is None:
+                        fresh.append(row)
+                    else:
+                        rejected.append((i, str(stale)))
+                rows, rejected = fresh, sorted(rejected)
             self.counters["rejected_rows"] += len(rejected)
             return rows, rejected
 
         return build
+
+    def _past_lifetime(self, row: Mapping[str, Any], i: int, now: int) -> FieldError | None:
+        """The error for a row that would expire before it is stored, else None."""
+        if row["timestamp_utc"] + self._ttl_ms > now:
+            return None
+        return FieldError(
+            "timestamp_utc",
+            row["timestamp_utc"],
+            f"is older than the packet lifetime ({self.config.dht.ttl_seconds} s)",
+            i,
+        )
 
     def _commit(
         self, build: _Build
@@ -647,13 +674,9 @@ class Node:
             if not rows:
                 return [], [], rejected
             for i, row in enumerate(rows):
-                if row["timestamp_utc"] + self._ttl_ms <= now:
-                    raise FieldError(
-                        "timestamp_utc",
-                        row["timestamp_utc"],
-                        f"is older than the packet lifetime ({self.config.dht.ttl_seconds} s)",
-                        i,
-                    )
+                stale = self._past_lifetime(row, i, now)
+                if stale is not None:
+                    raise stale
             by_domain: dict[str, list[dict[str, Any]]] = {}
             for row in rows:
                 by_domain.setdefault(row["domain"], []).append(row)
@@ -897,12 +920,13 @@ class Node:
         """
         self._check_open()
         path = normalize_path(path)
-        key, _ = self.query_route(path)  # a path no key answers is refused, as by query
         if path in self._followed:
             return
+        key, _ = self.query_route(path)  # a path no key answers is refused, as by query
         if len(self._followed) >= MAX_FOLLOWED:
             raise UsageError(f"this node already follows {MAX_FOLLOWED} paths")
         self._followed.append(path)
+        self._follow_keys.add(key)
         await asyncio.to_thread(self.store.set_meta, FOLLOWED_META, self._followed)
         await self._listen(key)
         self._dirty.set()
@@ -917,6 +941,7 @@ class Node:
         await asyncio.to_thread(self.store.set_meta, FOLLOWED_META, self._followed)
         self._syntheses.pop(path, None)
         self._digests.pop(path, None)
+        self._follow_routes()
         try:
             key, _ = self.query_route(path)
         except QisdError:
@@ -924,7 +949,8 @@ class Node:
         self._release(key)
 
     def _follow_routes(self) -> dict[str, tuple[bytes, dict[str, str]]]:
-        """Each followed path's :meth:`query_route`: the key it listens on and its row filter.
+        """Each followed path's :meth:`query_route`: the key it listens on and its row filter
+        (and ``_follow_keys`` brought up to date).
 
         A path persisted earlier that its domain's template no longer routes is left out
         (it stays listed and can be unfollowed).
@@ -933,23 +959,24 @@ class Node:
         for path in self._followed:
             with contextlib.suppress(QisdError):
                 routes[path] = self.query_route(path)
+        self._follow_keys = {key for key, _ in routes.values()}
         return routes
 
     async def _listen_to_follows(self) -> dict[str, tuple[bytes, dict[str, str]]]:
         """Listen on the key each followed path routes to now, and stop listening on keys
         that no followed path and no subscriber reads any more: a newly hired template may
         route a followed path to another key. Returns :meth:`_follow_routes`."""
-        routes = self._follow_routes()
-        keys = {key for key, _ in routes.values()}
-        for key in keys - self._listening:
+        for key in {key for key, _ in self._follow_routes().values()} - self._listening:
             await self._listen(key)
-        for key in self._listening - keys - set(self._subscribers):
+        # Routed again after the awaits: a follow made meanwhile must keep its key.
+        routes = self._follow_routes()
+        for key in self._listening - self._follow_keys - set(self._subscribers):
             self._unlisten(key)
         return routes
 
     def _release(self, key: bytes) -> None:
         """Stop listening on ``key`` unless a followed path or a subscriber still reads it."""
-        if key not in self._subscribers and key not in self._followed_keys():
+        if key not in self._subscribers and key not in self._follow_keys:
             self._unlisten(key)
 
     async def _listen(self, key: bytes) -> None:
@@ -989,14 +1016,11 @@ class Node:
         """A peer stored packets here (this node is one of the key's replicas)."""
         if self._closed:
             return
-        if key in self._followed_keys():
+        if key in self._follow_keys:
             self._dirty.set()
         if key in self._subscribers:
             table = self.store.table(key, now_ms=now_ms())
             self._deliver_table(key, table)
-
-    def _followed_keys(self) -> set[bytes]:
-        return {key for key, _ in self._follow_routes().values()}
 
     def _deliver(self, envelopes: Sequence[Envelope]) -> None:
         """Hand envelopes to the subscribers of their keys (each packet once per key)."""
