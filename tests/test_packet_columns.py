@@ -257,3 +257,19 @@ def test_column_pass_on_generated_tables_matches_the_row_rules(data: Any) -> Non
 
 
 _IDENT = Identity.generate()
+
+
+def test_column_pass_holds_rows_to_the_packet_lifetime(ident: Identity) -> None:
+    day = 86_400_000
+    rows = [_row(i, timestamp_utc=NOW - day + 1) for i in range(5)]
+    fresh = _table_of(rows)
+    want = P.build_rows(P.rows_from_arrow(fresh), ident, now_ms=NOW, lifetime_ms=day)
+    assert _exactly(P.build_rows_from_columns(fresh, ident, now_ms=NOW, lifetime_ms=day)) == (
+        _exactly(want)
+    )
+    rows[3] = _row(3, timestamp_utc=NOW - day)  # expires as it is stored
+    stale = _table_of(rows)
+    assert P.build_rows_from_columns(stale, ident, now_ms=NOW, lifetime_ms=day) is None
+    kept, rejected = P.build_table_rows(stale, ident, now_ms=NOW, partial=True, lifetime_ms=day)
+    assert len(kept) == 4 and [i for i, _ in rejected] == [3]
+    assert "older than the packet lifetime (86400 s)" in rejected[0][1]

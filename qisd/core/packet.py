@@ -239,13 +239,16 @@ def validate_row(
     row: int | None = None,
     data_ref_commitment: str | None = None,
     strict_node_id: bool = False,
+    lifetime_ms: int | None = None,
 ) -> dict[str, Any]:
     """Check one outcome row and return it normalised to the schema's Python types.
 
     ``node_id`` is the signer's id: it replaces whatever the caller put there, unless
     ``strict_node_id`` (a received packet), where a different value is an error.
     ``data_ref_commitment`` (the keyed commitment of a caller's data reference) replaces
-    ``raw_data_hash``. Raises :class:`FieldError` naming the field, the value and the rule.
+    ``raw_data_hash``. With ``lifetime_ms`` a timestamp that old or older is refused (it would
+    expire before it is stored). Raises :class:`FieldError` naming the field, the value and the
+    rule.
     """
     # A received row's keys are the schema's own; only caller input can carry others.
     unknown = (
@@ -271,6 +274,10 @@ def validate_row(
             ts,
             f"must be at most {MAX_FUTURE_MS // 60000} minutes in the future",
             row,
+        )
+    if lifetime_ms is not None and ts + lifetime_ms <= now_ms:
+        raise FieldError(
+            "timestamp_utc", ts, f"is older than the packet lifetime ({lifetime_ms // 1000} s)", row
         )
     out["timestamp_utc"] = ts
 
@@ -343,7 +350,12 @@ def validate_row(
 
 
 def build_row(
-    record: Mapping[str, Any], identity: Identity, *, now_ms: int, row: int | None = None
+    record: Mapping[str, Any],
+    identity: Identity,
+    *,
+    now_ms: int,
+    row: int | None = None,
+    lifetime_ms: int | None = None,
 ) -> dict[str, Any]:
     """One caller row validated for signing by ``identity`` (see :func:`build_rows`)."""
     if not isinstance(record, Mapping):
@@ -358,6 +370,7 @@ def build_row(
         now_ms=now_ms,
         row=row,
         data_ref_commitment=commitment,
+        lifetime_ms=lifetime_ms,
     )
 
 
@@ -366,20 +379,30 @@ def build_rows(
     identity: Identity,
     *,
     now_ms: int,
+    lifetime_ms: int | None = None,
 ) -> list[dict[str, Any]]:
     """Validate caller rows for signing by ``identity``.
 
     ``node_id`` is always the identity's; a row's ``data_ref`` (a local reference that never
-    leaves the machine) becomes the keyed commitment in ``raw_data_hash``.
+    leaves the machine) becomes the keyed commitment in ``raw_data_hash``; with
+    ``lifetime_ms`` a row that would expire before it is stored is refused.
     """
-    return [build_row(r, identity, now_ms=now_ms, row=i) for i, r in enumerate(records)]
+    return [
+        build_row(r, identity, now_ms=now_ms, row=i, lifetime_ms=lifetime_ms)
+        for i, r in enumerate(records)
+    ]
 
 
 _COLUMN_PASS_MIN_ROWS = 4
 
 
 def build_table_rows(
-    data: pa.Table | pa.RecordBatch, identity: Identity, *, now_ms: int, partial: bool = False
+    data: pa.Table | pa.RecordBatch,
+    identity: Identity,
+    *,
+    now_ms: int,
+    partial: bool = False,
+    lifetime_ms: int | None = None,
 ) -> tuple[list[dict[str, Any]], list[tuple[int, str]]]:
     """The rows of an Arrow table validated for signing, and with ``partial`` the
     ``(row_index, reason)`` of each row left out; without it the first bad row raises.
@@ -389,17 +412,17 @@ def build_table_rows(
     pass has a fixed cost (~0.1 ms) that only pays from about four rows on.
     """
     if data.num_rows >= _COLUMN_PASS_MIN_ROWS:
-        rows = build_rows_from_columns(data, identity, now_ms=now_ms)
+        rows = build_rows_from_columns(data, identity, now_ms=now_ms, lifetime_ms=lifetime_ms)
         if rows is not None:
             return rows, []
     records = rows_from_arrow(data)
     if not partial:
-        return build_rows(records, identity, now_ms=now_ms), []
+        return build_rows(records, identity, now_ms=now_ms, lifetime_ms=lifetime_ms), []
     good: list[dict[str, Any]] = []
     rejected: list[tuple[int, str]] = []
     for i, record in enumerate(records):
         try:
-            good.append(build_row(record, identity, now_ms=now_ms, row=i))
+            good.append(build_row(record, identity, now_ms=now_ms, row=i, lifetime_ms=lifetime_ms))
         except PacketError as exc:
             rejected.append((i, str(exc)))
     return good, rejected
@@ -432,7 +455,11 @@ def _is_string_view(t: pa.DataType) -> bool:
 
 
 def build_rows_from_columns(
-    data: pa.Table | pa.RecordBatch, identity: Identity, *, now_ms: int
+    data: pa.Table | pa.RecordBatch,
+    identity: Identity,
+    *,
+    now_ms: int,
+    lifetime_ms: int | None = None,
 ) -> list[dict[str, Any]] | None:
     """:func:`build_rows` of ``rows_from_arrow(data)`` checked column by column, or None when
     a value breaks a rule or a column is of a kind only the row-by-row rules read (strings
@@ -462,10 +489,23 @@ def build_rows_from_columns(
         return values
 
     out: dict[str, list[Any]] = {"node_id": [identity.node_id] * n}
-    stamps = column("timestamp_utc", pa.types.is_integer, now_ms)
-    if stamps is None or min(stamps) < 0 or max(stamps) > now_ms + MAX_FUTURE_MS:
+    integers = (("timestamp_utc", now_ms), ("outcome_decile", None), ("sample_count", 0))
+    for name, default in integers:
+        whole = column(name, pa.types.is_integer, default)
+        if whole is None:
+            return None
+        out[name] = whole
+    for name, _, _ in _FLOAT_BOUNDS:
+        floats = column(name, _is_number_type, None)
+        if floats is None:
+            return None
+        out[name] = [float(v) for v in floats]
+    if not _numbers_ok(out, now_ms, 0 if lifetime_ms is None else now_ms - lifetime_ms + 1):
         return None
-    out["timestamp_utc"] = stamps
+    rounding = struct.Struct(f"<{n}f")
+    for name, _, _ in _FLOAT_BOUNDS:
+        # Rounded to float32 as the schema stores it (C's double-to-float cast, as _float32).
+        out[name] = list(rounding.unpack(rounding.pack(*out[name])))
     for name in _NAME_FIELDS:
         names = column(name, is_text_type, _OPTIONAL_NAMES.get(name))
         if names is None or not all(_name_ok(v) for v in set(names)):
@@ -473,16 +513,6 @@ def build_rows_from_columns(
         out[name] = names
     if any(v.startswith(RESERVED_DOMAIN_PREFIX) for v in set(out["domain"])):
         return None
-    rounding = struct.Struct(f"<{n}f")
-    for name, low, high in _FLOAT_BOUNDS:
-        numbers = column(name, _is_number_type, None)
-        if numbers is None:
-            return None
-        numbers = [float(v) for v in numbers]
-        if not all(map(math.isfinite, numbers)) or min(numbers) < low or max(numbers) > high:
-            return None
-        # Rounded to float32 as the schema stores it (C's double-to-float cast, as _float32).
-        out[name] = list(rounding.unpack(rounding.pack(*numbers)))
     params = column("intervention_params", is_text_type, "{}")
     if params is None:
         return None
@@ -493,14 +523,6 @@ def build_rows_from_columns(
         except PacketError:
             return None
     out["intervention_params"] = [canonical[v] for v in params]
-    deciles = column("outcome_decile", pa.types.is_integer, None)
-    if deciles is None or min(deciles) < 1 or max(deciles) > 10:
-        return None
-    out["outcome_decile"] = deciles
-    samples = column("sample_count", pa.types.is_integer, 0)
-    if samples is None or min(samples) < 0 or max(samples) > _INT32_MAX:
-        return None
-    out["sample_count"] = samples
     hashes = column("raw_data_hash", is_text_type, "")
     if hashes is None or not all(_hash_ok(v) for v in set(hashes)):
         return None
@@ -1059,6 +1081,24 @@ _FLOAT_BOUNDS = (
 )
 
 
+def _numbers_ok(col: Mapping[str, Sequence[Any]], now_ms: int, oldest_ms: int) -> bool:
+    """:func:`validate_row`'s number rules over whole columns (both column passes): every
+    timestamp in ``[oldest_ms, now_ms + MAX_FUTURE_MS]``, metrics and confidence finite and in
+    bounds, deciles in 1..10, sample counts in 0..int32."""
+    stamps = col["timestamp_utc"]
+    if min(stamps) < oldest_ms or max(stamps) > now_ms + MAX_FUTURE_MS:
+        return False
+    for name, low, high in _FLOAT_BOUNDS:
+        values = col[name]
+        # Finite first: min and max do not see a NaN reliably.
+        if not all(map(math.isfinite, values)) or min(values) < low or max(values) > high:
+            return False
+    deciles, samples = col["outcome_decile"], col["sample_count"]
+    return bool(
+        1 <= min(deciles) <= max(deciles) <= 10 and 0 <= min(samples) <= max(samples) <= _INT32_MAX
+    )
+
+
 def _accept_columns(
     batch: pa.RecordBatch, spans: Sequence[tuple[_Frame, int]], now_ms: int
 ) -> list[Envelope | None]:
@@ -1076,17 +1116,9 @@ def _accept_columns(
         return refused
     col = dict(zip(batch.schema.names, (c.to_pylist() for c in batch.columns), strict=True))
     # Numbers: one value out of range anywhere sends every envelope the row-by-row way.
+    if not _numbers_ok(col, now_ms, 0):
+        return refused
     stamps = col["timestamp_utc"]
-    if min(stamps) < 0 or max(stamps) > now_ms + MAX_FUTURE_MS:
-        return refused
-    for name, low, high in _FLOAT_BOUNDS:
-        values = col[name]
-        # Finite first: min and max do not see a NaN reliably.
-        if not all(map(math.isfinite, values)) or min(values) < low or max(values) > high:
-            return refused
-    deciles, samples = col["outcome_decile"], col["sample_count"]
-    if min(deciles) < 1 or max(deciles) > 10 or min(samples) < 0 or max(samples) > _INT32_MAX:
-        return refused
     # Text: each rule once per distinct value.
     names: set[str] = set()
     for name in _NAME_FIELDS:

@@ -55,7 +55,7 @@ from qisd.core.packet import (
     seal,
     with_provenance,
 )
-from qisd.errors import FieldError, IdentityError, PacketError, QisdError, UsageError
+from qisd.errors import IdentityError, PacketError, QisdError, UsageError
 from qisd.net import datadir
 from qisd.net.store import Store
 
@@ -551,7 +551,10 @@ class Node:
         _check_wait(wait_replicas, wait_timeout)
         records = self._emit_records(records)
         return await self._emit(
-            lambda now: (build_rows(records, self.identity, now_ms=now), []),
+            lambda now: (
+                build_rows(records, self.identity, now_ms=now, lifetime_ms=self._ttl_ms),
+                [],
+            ),
             wait_replicas,
             wait_timeout,
         )
@@ -631,34 +634,13 @@ class Node:
             raise UsageError(f"one emit carries at most {MAX_EMIT_ROWS} rows; send chunks")
 
         def build(now: int) -> tuple[list[dict[str, Any]], list[tuple[int, str]]]:
-            rows, rejected = build_table_rows(table, self.identity, now_ms=now, partial=partial)
-            if partial:
-                # Rows past the packet lifetime are left out too, named by their table row.
-                left_out = {i for i, _ in rejected}
-                kept = [i for i in range(table.num_rows) if i not in left_out]
-                fresh = []
-                for i, row in zip(kept, rows, strict=True):
-                    stale = self._past_lifetime(row, i, now)
-                    if stale is None:
-                        fresh.append(row)
-                    else:
-                        rejected.append((i, str(stale)))
-                rows, rejected = fresh, sorted(rejected)
+            rows, rejected = build_table_rows(
+                table, self.identity, now_ms=now, partial=partial, lifetime_ms=self._ttl_ms
+            )
             self.counters["rejected_rows"] += len(rejected)
             return rows, rejected
 
         return build
-
-    def _past_lifetime(self, row: Mapping[str, Any], i: int, now: int) -> FieldError | None:
-        """The error for a row that would expire before it is stored, else None."""
-        if row["timestamp_utc"] + self._ttl_ms > now:
-            return None
-        return FieldError(
-            "timestamp_utc",
-            row["timestamp_utc"],
-            f"is older than the packet lifetime ({self.config.dht.ttl_seconds} s)",
-            i,
-        )
 
     def _commit(
         self, build: _Build
@@ -673,10 +655,6 @@ class Node:
             rows, rejected = build(now)
             if not rows:
                 return [], [], rejected
-            for i, row in enumerate(rows):
-                stale = self._past_lifetime(row, i, now)
-                if stale is not None:
-                    raise stale
             by_domain: dict[str, list[dict[str, Any]]] = {}
             for row in rows:
                 by_domain.setdefault(row["domain"], []).append(row)
@@ -1263,8 +1241,8 @@ _CLOSED: Any = object()
 class Subscription:
     """An async iterator of new packets of one path; made by :meth:`Node.subscribe`.
 
-    ``key`` is the key it listens on and ``wanted`` the fields its rows must equal (empty for a
-    path at a routable level), both from :meth:`Node.query_route`.
+    ``key`` is the key it listens on, and ``wanted`` (kept with its queue in the key's
+    ``_Subscription``) the fields its rows must equal, both from :meth:`Node.query_route`.
     """
 
     def __init__(
@@ -1273,7 +1251,6 @@ class Subscription:
         self.node = node
         self.path = path
         self.key = key
-        self.wanted = wanted
         self._entry = entry
         self._queue: asyncio.Queue[pa.Table] = asyncio.Queue(_SUBSCRIBER_QUEUE)
         self._closed = False
