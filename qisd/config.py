@@ -43,6 +43,9 @@ class DhtConfig:
     """Token bucket size: requests one source may send in a burst."""
     max_datagram_bytes: int = 8_192
     """No request or reply is larger; replies are paged to fit."""
+    upkeep_seconds: float = 5.0
+    """How often stale contacts are pinged and a round of replica anti-entropy runs (a few
+    dozen keys reconciled with one random co-holder each)."""
 
 
 @dataclass(frozen=True)
