@@ -32,7 +32,7 @@ class DhtConfig:
     """A packet expires this long after its timestamp, on every node that holds it."""
     republish_seconds: int = 3_600
     """How often a node re-stores its own unexpired packets at the current k closest nodes."""
-    rejoin_seconds: float = 60.0
+    rejoin_seconds: float = 15.0
     """How often a node re-contacts its bootstrap peers and its most recently evicted contacts
     that are missing from its routing table, so halves of a healed partition find each other."""
     listen_seconds: int = 300

@@ -143,6 +143,12 @@ class _Crawl(SpiderCrawl, abc.ABC):
         self._answered.sort(key=lambda n: n.long_id ^ self.node.long_id)
         return self._answered[: self.ksize]
 
+    @property
+    def expected(self) -> int:
+        """How many of the k closest contacts this lookup heard of, answered or not: what a
+        read of the key should have reached (a dead or silent one among them counts)."""
+        return min(self.ksize, len(self._candidates))
+
 
 def _consume(task: asyncio.Task[Any]) -> None:
     with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -1356,6 +1356,7 @@ class QisdProtocol(KademliaProtocol):
             packets.append(raw)
             used += len(raw) + 5
         self.counters["served_packets"] += len(packets)
+        self.counters["served_bytes"] += sum(len(p) for p in packets)
         reply = {"packets": packets, "missing": missing}
         return self._proved(reply, nonce, sender, addr)
 
@@ -1483,6 +1484,13 @@ class DhtServer(Server):
         crawl = self._crawl(NodeCrawl, target, meter=meter)
         found = await crawl.find()
         return found, crawl.messages
+
+    async def crawl_replicas(self, key: bytes, meter: list[int]) -> tuple[list[Node], int]:
+        """The k closest live nodes to ``key``, and how many of the k closest the lookup
+        heard of, live or not (what a read should reach)."""
+        crawl = self._crawl(NodeCrawl, key, meter=meter)
+        found = await crawl.find()
+        return found, crawl.expected
 
     async def crawl_packets(self, key: bytes, since: dict[bytes, int | None] | None = None) -> Any:
         """Every packet the k closest nodes to ``key`` hold (see :class:`PacketCrawl`)."""
@@ -1849,9 +1857,9 @@ class DhtNode:
         gave), downloads each envelope it lacks once, verifies every one, tells each replica
         what it lacks, and never waits on a caching store.
         """
-        meter = [0, 0]
-        nodes, _ = await self.server.crawl_nodes_counted(key, meter)
-        result = await self.protocol.sync.fetch(key, nodes, meter)
+        lookup = [0, 0]
+        nodes, expected = await self.server.crawl_replicas(key, lookup)
+        result = await self.protocol.sync.fetch(key, nodes, expected, lookup)
         self._counters["fetches"] += 1
         self._counters["fetch_messages"] += result.messages
         self._counters["fetch_bytes_received"] += result.bytes_received
@@ -1940,9 +1948,9 @@ class DhtNode:
         """Catch up by reconciliation (only what this node lacks moves), then (re-)register
         with the closest holders."""
         proto = self.protocol
-        meter = [0, 0]
-        nodes, _ = await self.server.crawl_nodes_counted(key, meter)
-        report = await proto.sync.fetch(key, nodes, meter)
+        lookup = [0, 0]
+        nodes, expected = await self.server.crawl_replicas(key, lookup)
+        report = await proto.sync.fetch(key, nodes, expected, lookup)
         envs = self._local(key) if first else []
         self._deliver(follow, [*envs, *report.envelopes])
         holders = nodes[: max(LISTEN_FANOUT, self.config.alpha)]

@@ -29,6 +29,7 @@ import pyarrow.compute as pc
 
 from qisd import __version__
 from qisd.config import NodeConfig
+from qisd.core import completeness
 from qisd.core.crypto import Identity
 from qisd.core.darwin import Darwinism, DarwinStateError
 from qisd.core.fingerprint import Template, key_for_path, normalize_path, split_path
@@ -413,10 +414,7 @@ class Node:
 
     async def _refresh_documents(self, domain: str) -> None:
         """Fetch the domain's template documents from the network into the store."""
-        if self.dht is not None:
-            fetched = await self.dht.fetch(templates_key(domain))
-            if fetched:
-                await self._keep(fetched)
+        await self.fetch_into_store(templates_key(domain))
         self._hires.pop(domain, None)
 
     async def _publish_document(self, domain: str, body: bytes, kind: int) -> dict[str, Any]:
@@ -803,17 +801,28 @@ class Node:
         self._check_open()
         key, wanted = self.query_route(path)
         extra: list[Envelope] = []
-        if not local_only and self.dht is not None:
-            fetched = await self.dht.fetch(key)
-            if fetched:
-                extra = await self._keep(fetched)
+        report = None
+        if not local_only:
+            extra, report = await self.fetch_into_store(key)
         table = await asyncio.to_thread(self.store.table, key, now_ms=now_ms())
         if extra:
             held = set(table.column("packet_id").to_pylist())
             missing = [e for e in extra if e.packet_id not in held]
             if missing:
                 table = pa.concat_tables([table, _table_of(missing)])
-        return rows_matching(table, wanted)
+        return completeness.attach_table(rows_matching(table, wanted), report)
+
+    async def fetch_into_store(self, key: bytes) -> tuple[list[Envelope], dict[str, Any] | None]:
+        """Read ``key`` from the network into the local store (only what it lacks moves).
+
+        Returns the fetched envelopes the store refused (a quota), so a reader can still see
+        them, and the read's report (:mod:`qisd.core.completeness`; None without a network).
+        """
+        if self.dht is None:
+            return [], None
+        fetched = await self.dht.fetch_report(key)
+        refused = await self._keep(fetched.envelopes) if fetched.envelopes else []
+        return refused, fetched.report()
 
     def query_route(self, path: str) -> tuple[bytes, dict[str, str]]:
         """Where a query for ``path`` reads: ``(key, wanted)``.
@@ -1069,7 +1078,11 @@ class Node:
     async def synthesize(self, path: str, *, local_only: bool = False) -> dict[str, Any]:
         """The synthesis of a fingerprint path's packets (network and local)."""
         table = await self.query(path, local_only=local_only)
-        return self._synthesize(normalize_path(path), table)
+        result = self._synthesize(normalize_path(path), table)
+        report = completeness.read(table.schema)
+        if report is not None:
+            result["read"] = report
+        return result
 
     def _synthesize(self, path: str, table: pa.Table) -> dict[str, Any]:
         from qisd.core.synthesis import synthesize
@@ -1178,10 +1191,8 @@ class Node:
         self, path: str, route: tuple[bytes, dict[str, str]], *, fetch: bool
     ) -> None:
         key, wanted = route
-        if fetch and self.dht is not None:
-            fetched = await self.dht.fetch(key)
-            if fetched:
-                await self._keep(fetched)
+        if fetch:
+            await self.fetch_into_store(key)
         table = await asyncio.to_thread(self.store.table, key, now_ms=now_ms())
         table = rows_matching(table, wanted)
         ids = table.column("packet_id").to_pylist()

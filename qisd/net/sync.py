@@ -74,6 +74,8 @@ class FetchResult:
     """Ids some replica listed that no replica served (expired or evicted meanwhile, or lies)."""
     bytes_received: int = 0
     """Datagram bytes of every reply this fetch received (lookup, summaries, envelopes)."""
+    lookup_bytes: int = 0
+    """Of those, the lookup's (``find_node`` replies): a cost that does not grow with the key."""
     messages: int = 0
     """Requests this fetch sent."""
     downloaded: int = 0
@@ -216,6 +218,7 @@ class ReplicaSync:
         for batch in batches_within(list(raws), budget):
             pending = batch
             for attempt in range(MAX_BUSY_RETRIES + 1):
+                self.counters["pushed_bytes"] += sum(len(r) for r in pending)
                 ok, reply = await self.protocol.call_store_packets(
                     node, key, pending, priority=priority, meter=meter
                 )
@@ -238,13 +241,18 @@ class ReplicaSync:
 
     # -- fetch
 
-    async def fetch(self, key: bytes, nodes: Sequence[Node], meter: list[int]) -> FetchResult:
-        """Read ``key`` from its closest replicas ``nodes`` by reconciliation (module doc)."""
+    async def fetch(
+        self, key: bytes, nodes: Sequence[Node], expected: int, lookup: list[int]
+    ) -> FetchResult:
+        """Read ``key`` from its closest live replicas ``nodes`` by reconciliation (see the
+        module docstring); ``expected`` is how many of the k closest the lookup heard of and
+        ``lookup`` its meter ([bytes received, requests sent])."""
         proto = self.protocol
         local = proto.items(key)
         got: dict[str, Envelope] = {}
         replicas = [_Replica(n) for n in nodes]
-        result = FetchResult([], replicas_expected=len(replicas))
+        result = FetchResult([], replicas_expected=max(expected, len(replicas)))
+        meter = [0, 0]
         claimed: dict[bytes, list[_Replica]] = {}
 
         async def reconcile_all(wave: list[_Replica], mine: reconcile.ItemSet) -> None:
@@ -321,7 +329,9 @@ class ReplicaSync:
                 self.counters["entry_corrections"] += 1
                 proto.spawn(self._correct(replica.node, key, lacking, got))
         result.envelopes = sorted(got.values(), key=lambda e: (e.timestamp_ms, e.packet_id))
-        result.bytes_received, result.messages = meter[0], meter[1]
+        result.lookup_bytes = lookup[0]
+        result.bytes_received = lookup[0] + meter[0]
+        result.messages = lookup[1] + meter[1]
         return result
 
     def _verified(self, key: bytes, raws: Sequence[bytes]) -> list[Envelope]:
