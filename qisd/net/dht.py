@@ -309,7 +309,7 @@ class QisdProtocol(KademliaProtocol):
         self.max_datagram = min(config.max_datagram_bytes, wire.MAX_DATAGRAM_BYTES)
         self.counters: Counter[str] = Counter()
         self.tokens = wire.AddressTokens()
-        self.pacer = Pacer()
+        self.pacer = Pacer(target_rtt=config.rpc_timeout / 4)
         self.busy_limiter = wire.TokenBuckets(BUSY_REPLIES_PER_SECOND, int(BUSY_REPLIES_PER_SECOND))
         self._validated: OrderedDict[tuple, float] = OrderedDict()
         self._peer_tokens: OrderedDict[tuple, bytes] = OrderedDict()
@@ -800,8 +800,10 @@ class QisdProtocol(KademliaProtocol):
         where = (address[0], address[1])
         for _attempt in range(2):
             async with self.pacer.slot(where, priority):
+                sent = time.monotonic()
                 future, nonce = self._introduced_request(address, name, node.id, args, meter)
                 ok, reply = await future
+                rtt = time.monotonic() - sent
             if not ok:
                 return self.handle_call_response((False, None), node)
             if not isinstance(reply, dict):
@@ -816,7 +818,7 @@ class QisdProtocol(KademliaProtocol):
             if reply.get("validate") is True and "token" in reply:
                 self.counters["validation_requests_received"] += 1
                 continue
-            self.pacer.answered(where)
+            self.pacer.answered(where, rtt)
             try:
                 parsed = parse(reply)
             except wire.WireError:

@@ -54,6 +54,8 @@ GET_CHUNK = 20
 """Ids asked for in one ``get_packets`` request: about what one reply can carry."""
 GETS_IN_FLIGHT = 8
 """``get_packets`` requests one download keeps in flight to one replica."""
+PUSH_BATCHES = 64
+"""store_packets batches of one push handed to the pacer at once."""
 FIRST_WAVE = 2
 """Replicas a fetch reconciles with first; the others are reconciled against what these gave,
 so a fresh reader learns the key's ids from two replicas, not from all k."""
@@ -215,9 +217,15 @@ class ReplicaSync:
         that gets no answer."""
         replies: list[Any] = []
         budget = self.protocol.max_datagram - REQUEST_OVERHEAD
-        for batch in batches_within(list(raws), budget):
+        batches = batches_within(list(raws), budget)
+        answering = True
+
+        async def one(batch: list[bytes]) -> None:
+            nonlocal answering
             pending = batch
             for attempt in range(MAX_BUSY_RETRIES + 1):
+                if not answering:
+                    return
                 self.counters["pushed_bytes"] += sum(len(r) for r in pending)
                 ok, reply = await self.protocol.call_store_packets(
                     node, key, pending, priority=priority, meter=meter
@@ -225,10 +233,11 @@ class ReplicaSync:
                 if not ok:
                     if reply is BUSY:
                         continue
-                    return replies
+                    answering = False
+                    return
                 if not reply.limited or attempt == MAX_BUSY_RETRIES:
                     replies.append(reply)
-                    break
+                    return
                 limited = {pid for pid, why in reply.refused if why == RATE_LIMITED}
                 refused = [(p, w) for p, w in reply.refused if w != RATE_LIMITED]
                 replies.append(type(reply)(reply.accepted, reply.duplicates, refused))
@@ -237,6 +246,13 @@ class ReplicaSync:
                 self.protocol.pacer.busy(
                     (node.ip, node.port), reply.retry_after or 1 / self.protocol.limiter.rate
                 )
+
+        # Batches go out together: the destination's pacing window decides how many are in
+        # flight; a batch the peer does not answer stops the rest (its failure is counted).
+        for start in range(0, len(batches), PUSH_BATCHES):
+            await asyncio.gather(*(one(b) for b in batches[start : start + PUSH_BATCHES]))
+            if not answering:
+                break
         return replies
 
     # -- fetch
