@@ -684,6 +684,10 @@ def status(data_dir: DataDir = None, as_json: Json = False) -> None:
         f"emitted   {counters.get('emits', 0)} emits, {counters.get('rows_emitted', 0)} rows; "
         f"publish backlog {s.get('publish_backlog', 0)} envelopes",
         f"received  {counters.get('received_packets', 0)} packets from peers",
+        f"traffic   {dht.get('bytes_sent', 0)} bytes sent, {dht.get('bytes_received', 0)} "
+        f"received; busy replies {dht.get('busy_sent', 0)} sent, {dht.get('busy_received', 0)} "
+        f"received; sync backlog {dht.get('sync_backlog', 0)} keys, send queue "
+        f"{dht.get('send_queue', 0)} requests",
         "rejected  "
         + (", ".join(f"{k} {v}" for k, v in sorted(rejected.items())) if rejected else "none")
         + " (local); network: "

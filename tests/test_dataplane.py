@@ -313,3 +313,35 @@ def test_a_busy_reply_holds_a_destination_back_for_a_bounded_time(tmp_path: Path
         assert ok and loop.time() - t0 <= MAX_BUSY_SECONDS + 1
 
     run(tmp_path, body)
+
+
+# --------------------------------------------------------------------------- liveness
+
+
+def test_a_dead_contact_is_checked_then_no_longer_handed_out_and_evicted(tmp_path: Path) -> None:
+    """A contact not heard from for the liveness bound is pinged by upkeep; once it fails it
+    is left out of find_node replies, and after evict_after failures it is gone."""
+    from qisd.net.dht import LIVENESS_SECONDS
+
+    config = DhtConfig(rpc_timeout=0.3, evict_after_failures=2)
+
+    async def body(net: Network) -> None:
+        await net.add(8)
+        await net.settle()
+        dead = net.nodes[-1]
+        net.kill(dead)
+        knowing = [n for n in net.nodes if n.protocol.router.get(dead.node_id) is not None]
+        assert knowing
+        for node in knowing:
+            node.protocol.router.get(dead.node_id).last_seen -= LIVENESS_SECONDS + 1
+        for _tick in range(config.evict_after_failures):
+            for node in knowing:
+                node.upkeep()
+            await net.settle()
+            for node in net.nodes:
+                req = _Request(("127.0.0.1", 9), 1_000, validated=True)
+                reply = node.protocol._rpc_find_node(req, [os.urandom(20), dead.node_id])
+                assert dead.node_id not in [c[0] for c in reply["nodes"]]
+        assert all(n.protocol.router.get(dead.node_id) is None for n in knowing)
+
+    run(tmp_path, body, config)

@@ -2022,7 +2022,7 @@ class DhtNode:
                 others = [h for h in holders if not proto.suspect(h.id)]
                 if others and proto.sync.enqueue(key, self._rng.choice(others)):
                     queued += 1
-        self._counters["anti_entropy_queued"] += queued
+        proto.counters["anti_entropy_queued"] += queued
         return min(len(stale), LIVENESS_PINGS), queued
 
     async def _republish_loop(self) -> None:
@@ -2072,6 +2072,20 @@ class DhtNode:
             "bytes_sent": counters.get("bytes_sent", 0),
             "bytes_received": counters.get("bytes_received", 0),
             "sync_backlog": self.protocol.sync.backlog() if running else 0,
+            "sync": {
+                name: counters.get(name, 0)
+                for name in (
+                    "hand_off_keys",
+                    "anti_entropy_queued",
+                    "syncs",
+                    "syncs_agreed",
+                    "syncs_failed",
+                    "sync_pulled",
+                    "sync_pushed",
+                    "entry_corrections",
+                    "served_packets",
+                )
+            },
             "send_queue": self.protocol.pacer.queued() if running else 0,
             "peer_queues": self.protocol.pacer.stats() if running else {},
             "stored_packets": counters.get("stored_packets", 0),
