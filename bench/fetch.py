@@ -12,8 +12,9 @@ share the 2 cores) builds an N-node network on 127.0.0.1 and places M values at 
   nodes, as a converged network holds them. Then a node that holds none of them and is no
   replica of the key reads it (*fresh*), a node holding 99 % reads it (*missing 1 %*), and the
   fresh node reads it again (*repeat*). Periodic upkeep is held off (``upkeep_seconds``) so
-  the reader's socket counts the read; hand-offs the holders start to a newcomer still count. With ``--baseline`` the read before reconciliation
-  (every page from every replica, ``DhtNode.fetch_full``) runs beside it. Bytes are the datagram
+  the reader's socket counts the read; hand-offs the holders start to a newcomer still count.
+  With ``--baseline`` the read before reconciliation (every page from every replica,
+  ``DhtNode.fetch_full``) runs beside it. Bytes are the datagram
   bytes the reader's socket received; messages the requests it sent.
 * **OpenDHT**: M values of the same sizes ``put`` at one key from random nodes, then a fresh
   runner's ``get`` to completion. Bytes are what the reader's runner received, from the kernel:

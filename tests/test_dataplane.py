@@ -345,3 +345,38 @@ def test_a_dead_contact_is_checked_then_no_longer_handed_out_and_evicted(tmp_pat
         assert all(n.protocol.router.get(dead.node_id) is None for n in knowing)
 
     run(tmp_path, body, config)
+
+
+# --------------------------------------------------------------------------- lying replicas
+
+
+def test_a_replica_that_lists_ids_it_does_not_serve_is_dropped_from_the_read(
+    tmp_path: Path,
+) -> None:
+    """A replica claims 500 packets that do not exist: the reader asks it for them once, drops
+    it, still reads every real packet from the others, and calls the read complete."""
+    from qisd.core import reconcile
+
+    envs = make_envelopes(60)
+
+    async def body(net: Network) -> None:
+        await net.add(12)
+        holders = seed_key(net, envs, net.config.ksize)
+        liar = holders[0].protocol
+        fake = [(1, os.urandom(16)) for _ in range(500)]
+        real_items = liar.items
+
+        def lying_items(key: bytes) -> reconcile.ItemSet:
+            return reconcile.ItemSet([*real_items(key).items, *fake])
+
+        liar.items = lying_items  # type: ignore[method-assign]
+        reader = await fresh_reader(net, envs[0].key)
+        report = await reader.fetch_report(envs[0].key)
+        assert {e.packet_id for e in report.envelopes} == {e.packet_id for e in envs}
+        assert report.complete and report.missing == 0
+        assert report.replicas_answered == report.replicas_expected - 1
+        assert reader.protocol.counters["sync_listed_not_served"] >= 1
+        sent = reader.protocol.counters["sent.get_packets"]
+        assert sent <= 60 / 20 * 2 + 8 + 2, "the liar's claims cost a few requests, not 25"
+
+    run(tmp_path, body, DhtConfig(ksize=5))

@@ -114,6 +114,8 @@ ANTI_ENTROPY_KEYS = 32
 LIVENESS_PINGS = 16
 """Stale contacts pinged per upkeep tick."""
 MAX_CACHED_ITEM_SETS = 256
+REPUBLISH_KEYS = 32
+"""Keys a republish works on at once."""
 
 
 @dataclass(frozen=True)
@@ -1974,11 +1976,18 @@ class DhtNode:
     async def republish(self) -> int:
         """Re-store this node's own unexpired packets at the current k closest; returns count.
 
-        Background work: it waits behind fresh emits and lookups at every destination.
+        Background work: it waits behind fresh emits and lookups at every destination, and goes
+        through the keys :data:`REPUBLISH_KEYS` at a time (a node with 25,000 keys never starts
+        25,000 lookups at once).
         """
         own = self.store.own_envelopes(now_ms=_now_ms(self.clock))
-        if own:
-            await self.publish(own, priority=BACKGROUND)
+        by_key: dict[bytes, list[Envelope]] = {}
+        for env in own:
+            by_key.setdefault(env.key, []).append(env)
+        keys = list(by_key)
+        for start in range(0, len(keys), REPUBLISH_KEYS):
+            chunk = [e for k in keys[start : start + REPUBLISH_KEYS] for e in by_key[k]]
+            await self.publish(chunk, priority=BACKGROUND)
         return len(own)
 
     async def _upkeep_loop(self) -> None:

@@ -196,6 +196,9 @@ class ReplicaSync:
                 asked = set(chunk)
                 raws.extend(got)
                 missing.update(pid for pid in lacks if pid in asked)
+                if lacks:
+                    healthy = False  # it listed what it does not hold: ask it nothing more
+                    return
                 answered = {bytes.fromhex(i) for i in _claimed_ids(got)} | set(lacks)
                 todo.extend(pid for pid in chunk if pid not in answered)
 
@@ -313,10 +316,12 @@ class ReplicaSync:
                     for env in self._verified(key, raws):
                         if bytes.fromhex(env.packet_id) in claimed:
                             got.setdefault(env.packet_id, env)
-                    if not healthy:
+                    if lacks:
+                        # Listed, then not held: expired or evicted meanwhile, or a lie. Either
+                        # way its list is not to be trusted for this read: it is dropped.
+                        self.counters["sync_listed_not_served"] += len(lacks)
+                    if not healthy or lacks:
                         rep.failed = True
-                    # Listed, then not held: expired or evicted meanwhile, or a lie.
-                    self.counters["sync_listed_not_served"] += len(lacks)
                 wanted = [pid for pid in claimed if pid.hex() not in got]
 
         await reconcile_all(replicas[:FIRST_WAVE], local)
@@ -331,7 +336,11 @@ class ReplicaSync:
             await reconcile_all(replicas[FIRST_WAVE:], merged)
             await download_claimed()
         final = {pid for _ts, pid in local.items} | {bytes.fromhex(p) for p in got}
-        result.missing = sum(1 for pid in claimed if pid.hex() not in got)
+        result.missing = sum(
+            1
+            for pid, listed_by in claimed.items()
+            if pid.hex() not in got and any(not r.failed for r in listed_by)
+        )
         for replica in replicas:
             rec = replica.rec
             if rec is None or replica.failed:
