@@ -54,11 +54,14 @@ def _store_dir() -> Path:
     )
 
 
-def _envelopes(m: int, now_ms: int, *, problem: str = "fetch", signers: int = 20) -> list[Any]:
+def _envelopes(
+    m: int, now_ms: int, *, problem: str = "fetch", signers: int = 20, idents: Any = None
+) -> list[Any]:
     from qisd.core import packet as P
     from qisd.core.crypto import Identity
 
-    idents = [Identity.generate() for _ in range(signers)]
+    idents = idents or [Identity.generate() for _ in range(signers)]
+    signers = len(idents)
     out = []
     for i in range(m):
         row = {
@@ -348,8 +351,15 @@ def scenario_restart(args: argparse.Namespace) -> None:
     async def main() -> None:
         rng = random.Random(args.seed)
         t0 = time.perf_counter()
-        envs = [e for k in range(args.keys) for e in _envelopes(1, now_ms, problem=f"k{k}")]
-        later = [e for k in range(1_000) for e in _envelopes(1, now_ms, problem=f"k{k}")]
+        from qisd.core.crypto import Identity
+
+        signers = [Identity.generate() for _ in range(20)]
+
+        def one(k: int, i: int) -> Any:
+            return _envelopes(1, now_ms - i, problem=f"k{k}", idents=[signers[k % 20]])[0]
+
+        envs = [one(k, 0) for k in range(args.keys)]
+        later = [one(k, 1) for k in range(1_000)]
         print(f"  made {len(envs) + len(later)} packets in {time.perf_counter() - t0:.0f} s")
         nodes = await _network(8, root, config, rng)
         for node in nodes:
