@@ -1629,6 +1629,7 @@ class DhtNode:
         self.address: tuple[str, int] | None = None
         self._anti_entropy_at = 0
         self._rng = random.Random()
+        self._caught_up = False
 
     # -- lifecycle
 
@@ -1742,7 +1743,30 @@ class DhtNode:
             if self.state_path is not None:
                 with contextlib.suppress(QisdError):
                     self.server.save_state(self.state_path)
+            if not self._caught_up:
+                self._caught_up = True
+                self.catch_up()
         return len(reached)
+
+    def catch_up(self) -> int:
+        """Queue a reconciliation of every key this node holds as one of its k closest with
+        the closest other holder: what a node that was away (a restart) missed comes back,
+        and what it holds that they lack goes out. Returns the keys queued (paced, 4 at a
+        time, a summary each for a key that agrees)."""
+        proto = self.protocol
+        me = proto.source_node.long_id
+        queued = 0
+        for key, _n in self.store.keys():  # noqa: SIM118 (a Store, not a dict)
+            target = int.from_bytes(key, "big")
+            holders = proto.router.find_neighbors(Node(key), self.config.ksize)
+            if len(holders) >= self.config.ksize and all(
+                h.long_id ^ target < me ^ target for h in holders
+            ):
+                continue
+            if holders and proto.sync.enqueue(key, holders[0]):
+                queued += 1
+        proto.counters["catch_up_keys"] += queued
+        return queued
 
     async def _retry_peer(self, host: str, port: int) -> None:
         delay = max(1.0, self.config.rpc_timeout)
@@ -2085,6 +2109,7 @@ class DhtNode:
                 name: counters.get(name, 0)
                 for name in (
                     "hand_off_keys",
+                    "catch_up_keys",
                     "anti_entropy_queued",
                     "syncs",
                     "syncs_agreed",
