@@ -324,6 +324,7 @@ def _close_stream(
         if rows:
             row, reason = rows[0]
             more = f" ({len(rows) - 1} more rows refused)" if len(rows) > 1 else ""
+            reason = re.sub(r"^row \d+: ", "", reason)
             message = (
                 f"partition {partition} row {row} ({stream.describe(refused[0][0])}): "
                 f"{reason}{more}; nothing of this stream was stored (partial=True keeps the "
