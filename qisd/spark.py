@@ -46,6 +46,7 @@ from pyspark import TaskContext
 from pyspark.sql import functions as F
 from pyspark.sql.pandas.types import from_arrow_schema, to_arrow_schema
 
+from qisd import errors
 from qisd.core.fingerprint import normalize_path
 from qisd.core.packet import RESULT_SCHEMA
 from qisd.errors import DaemonNotRunning, PacketError, QisdError, UsageError
@@ -172,9 +173,24 @@ def _connect(uri: str) -> flight.FlightClient:
 def _unreachable(uri: str, exc: Exception) -> QisdError:
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return DaemonNotRunning(
-        f"{MARKER}cannot reach the qisd Flight endpoint at {uri} ({first}): start the daemon "
-        "with --flight, or check the URI and the token"
+        f"cannot reach the qisd Flight endpoint at {uri} ({first}): start the daemon "
+        "with --flight, or check the URI"
     )
+
+
+def _transport_error(uri: str, exc: flight.FlightError) -> QisdError:
+    """A Flight failure that is not the daemon's answer to the rows: what to fix."""
+    if isinstance(exc, flight.FlightUnauthenticatedError):
+        return UsageError(
+            f"the qisd Flight endpoint at {uri} needs its token: pass token= "
+            "(the daemon's flight_token)"
+        )
+    return _unreachable(uri, exc)
+
+
+def _in_task(exc: QisdError) -> QisdError:
+    """``exc`` as raised in a Spark task: marked, so the driver can raise it again as it was."""
+    return type(exc)(f"{MARKER}{type(exc).__name__}: {exc}")
 
 
 def _server_message(exc: flight.FlightError) -> str:
@@ -307,9 +323,7 @@ def _report(
     }
 
 
-def _close_stream(
-    partition: int, number: int, stream: _Stream, config: _WriteConfig
-) -> dict[str, Any]:
+def _close_stream(partition: int, number: int, stream: _Stream) -> dict[str, Any]:
     """Finish a stream; the daemon's refusal becomes a report naming the partition's row."""
     try:
         reply = stream.finish()
@@ -333,8 +347,6 @@ def _close_stream(
         else:
             message = f"partition {partition}: {_server_message(exc)}"
         return _report(partition, number, stream, None, message, rows)
-    except flight.FlightUnavailableError as exc:
-        raise _unreachable(config.uri, exc) from None
     rejected = [
         (stream.partition_row(int(r["row"])), _rename_row(str(r["reason"]), stream, int(r["row"])))
         for r in reply.get("rejected", [])
@@ -359,7 +371,7 @@ def _write_partition(config: _WriteConfig, batches: Iterator[pa.RecordBatch]) ->
     try:
         client = flight.connect(config.uri)
     except (pa.ArrowException, OSError) as exc:
-        raise _unreachable(config.uri, exc) from None
+        raise _in_task(_unreachable(config.uri, exc)) from None
     try:
         for batch in batches:
             if refused and not config.partial:
@@ -374,19 +386,19 @@ def _write_partition(config: _WriteConfig, batches: Iterator[pa.RecordBatch]) ->
                     if stream is None:
                         stream = open_streams[domain] = _Stream(client, config, domain)
                     take = min(part.num_rows - start, config.rows_per_put - stream.rows)
-                    try:
-                        stream.write(part.slice(start, take), positions.slice(start, take))
-                    except flight.FlightUnavailableError as exc:
-                        raise _unreachable(config.uri, exc) from None
+                    stream.write(part.slice(start, take), positions.slice(start, take))
                     start += take
                     if stream.rows >= config.rows_per_put:
                         del open_streams[domain]
-                        report = _close_stream(partition, next(numbers), stream, config)
+                        report = _close_stream(partition, next(numbers), stream)
                         refused = refused or report["error"] is not None
                         reports.append(report)
         for domain in list(open_streams):
-            report = _close_stream(partition, next(numbers), open_streams.pop(domain), config)
-            reports.append(report)
+            reports.append(_close_stream(partition, next(numbers), open_streams.pop(domain)))
+    except flight.FlightServerError:
+        raise
+    except flight.FlightError as exc:
+        raise _in_task(_transport_error(config.uri, exc)) from None
     finally:
         client.close()
     yield pa.RecordBatch.from_pylist(reports, schema=_REPORT_SCHEMA)
@@ -494,12 +506,15 @@ def _result(reports: list[dict[str, Any]]) -> WriteResult:
 
 
 def _task_error(exc: Exception) -> QisdError:
-    """The one line a failed Spark task raised with :data:`MARKER`, else the Python error
+    """The qisd error a failed Spark task raised (see :func:`_in_task`), else the Python error
     the task's traceback ends with, else Spark's first line."""
     text = str(exc)
-    found = re.search(re.escape(MARKER) + r"(.+)", text)
+    found = re.search(re.escape(MARKER) + r"(\w+): (.+)", text)
     if found:
-        return DaemonNotRunning(found.group(1).strip())
+        cls = getattr(errors, found.group(1), None)
+        if not (isinstance(cls, type) and issubclass(cls, QisdError)):
+            cls = QisdError
+        return cls(found.group(2).strip())
     raised = re.search(r"^([A-Za-z_][\w.]*(?:Error|Exception): .+)$", text, re.MULTILINE)
     first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
     line = raised.group(1).strip() if raised else first
@@ -521,15 +536,17 @@ def _read_path(
     """A read task: the DoGet stream's record batches, as they arrive."""
     try:
         client = flight.connect(uri)
-        reader = client.do_get(flight.Ticket(ticket), _options(token))
-    except flight.FlightServerError as exc:
-        raise QisdError(f"{MARKER}DoGet {ticket.decode()!r}: {_server_message(exc)}") from None
     except (pa.ArrowException, OSError) as exc:
-        raise _unreachable(uri, exc) from None
+        raise _in_task(_unreachable(uri, exc)) from None
     try:
-        for chunk in reader:
+        for chunk in client.do_get(flight.Ticket(ticket), _options(token)):
             if chunk.data is not None and chunk.data.num_rows:
                 yield chunk.data
+    except flight.FlightServerError as exc:
+        message = f"DoGet {ticket.decode()!r}: {_server_message(exc)}"
+        raise _in_task(QisdError(message)) from None
+    except flight.FlightError as exc:
+        raise _in_task(_transport_error(uri, exc)) from None
     finally:
         client.close()
 
@@ -574,7 +591,7 @@ def synthesis_of(flight_uri: str, path: str, *, token: str | None = None) -> dic
     except flight.FlightServerError as exc:
         raise QisdError(f"synthesis of {path!r}: {_server_message(exc)}") from None
     except flight.FlightError as exc:
-        raise _unreachable(flight_uri, exc) from None
+        raise _transport_error(flight_uri, exc) from None
     except (pa.ArrowException, OSError) as exc:
         raise _unreachable(flight_uri, exc) from None
     finally:

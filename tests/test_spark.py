@@ -208,6 +208,18 @@ def test_an_unreachable_daemon_is_one_line(spark, tmp_path: Path) -> None:
         write_outcomes(outcome_frame(spark, 10), location)
 
 
+def test_every_task_and_call_sends_the_token(spark, tmp_path: Path) -> None:
+    with Daemon(tmp_path / "node", token="s3cret") as guarded:
+        result = write_outcomes(outcome_frame(spark, 400), guarded.location, token="s3cret")
+        assert result.accepted == 400
+        assert read_outcomes(spark, guarded.location, PATH, token="s3cret").count() == 400
+        assert synthesis_of(guarded.location, PATH, token="s3cret")["packets_analyzed"] == 400
+        with pytest.raises(UsageError, match="needs its token: pass token="):
+            write_outcomes(outcome_frame(spark, 10), guarded.location)
+        with pytest.raises(UsageError, match="needs its token"):
+            synthesis_of(guarded.location, PATH)
+
+
 def test_the_example_job_runs_end_to_end(spark) -> None:
     spec = importlib.util.spec_from_file_location("spark_site", EXAMPLE)
     assert spec is not None and spec.loader is not None
