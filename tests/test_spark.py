@@ -152,13 +152,33 @@ def test_a_bad_row_fails_the_job_naming_it(spark, daemon) -> None:
 
 def test_partial_mode_keeps_valid_rows_and_lists_the_others(spark, daemon) -> None:
     decile = F.when(F.col("id").isin(2_600, 3_005), F.lit(11)).otherwise(F.lit(8))
-    df = outcome_frame(spark, 4_000, outcome_decile=decile)
+    now = time.time_ns() // 1_000_000
+    # A Spark timestamp is taken as what it is: epoch milliseconds in the packet.
+    when = F.timestamp_millis(F.lit(now))
+    df = outcome_frame(spark, 4_000, outcome_decile=decile, timestamp_utc=when)
     result = write_outcomes(df, daemon.location, partial=True)
     assert result.rows == 4_000 and result.accepted == 3_998
     assert [(p, r) for p, r, _ in result.rejected] == [(2, 600), (3, 5)]
     assert all("outcome_decile=11" in reason for _, _, reason in result.rejected)
     assert result.rejected[0][2].startswith("row 600: ")
-    assert stored(daemon) == 3_998
+    table = daemon.run(lambda: daemon.node.query(PATH, local_only=True))
+    assert table.num_rows == 3_998
+    assert set(table.column("timestamp_utc").to_pylist()) == {now}
+
+
+def test_rows_of_several_domains_in_a_partition_go_to_their_own_paths(spark, daemon) -> None:
+    domain = F.when(F.col("id") % 2 == 0, "clinical.oncology").otherwise("clinical.cardiology")
+    confidence = F.when(F.col("id") == 1_501, F.lit(1.5)).otherwise(F.lit(0.9))
+    df = outcome_frame(spark, 2_000, domain=domain, confidence=confidence)
+    result = write_outcomes(df, daemon.location, partial=True)
+    assert result.accepted == 1_999
+    # Partition 3 holds ids 1500..1999: id 1501 is its row 1, a cardiology row.
+    assert [(p, r) for p, r, _ in result.rejected] == [(3, 1)]
+    assert stored(daemon) == 1_000
+    cardiology = daemon.run(
+        lambda: daemon.node.query("clinical.cardiology/treatment_response", local_only=True)
+    )
+    assert cardiology.num_rows == 999
 
 
 def test_a_rerun_gives_duplicates_not_new_votes(spark, daemon) -> None:
