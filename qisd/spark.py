@@ -541,7 +541,8 @@ def _read_path(
     try:
         for chunk in client.do_get(flight.Ticket(ticket), _options(token)):
             if chunk.data is not None and chunk.data.num_rows:
-                yield chunk.data
+                # The stream's schema metadata (the read's completeness) has no Spark column.
+                yield chunk.data.replace_schema_metadata(None)
     except flight.FlightServerError as exc:
         message = f"DoGet {ticket.decode()!r}: {_server_message(exc)}"
         raise _in_task(QisdError(message)) from None
