@@ -1,7 +1,7 @@
 """A Spark job's outcome rows into qisd, against qisd's own batched DoPut from pandas, one run.
 
-    python bench/spark.py                   # 1,000,000 rows each way; ~2 minutes on 2 cores
-    python bench/spark.py --rows 200000     # a quick look
+    python bench/spark.py                   # 1,000,000 rows, 3 rounds; ~5 minutes on 2 cores
+    python bench/spark.py --rows 200000 --repeat 1    # a quick look
 
 Each writer gets a fresh qisd daemon of its own (a real Node in its own process: data
 directory on disk, SQLite with fsync per commit, a lone DHT node, Flight on 127.0.0.1, port 0;
@@ -13,7 +13,9 @@ directory on disk, SQLite with fsync per commit, a lone DHT node, Flight on 127.
   :func:`qisd.spark.write_outcomes`: four tasks, each its own DoPut streams, at once.
 
 Then both read the rows back: ``read_pandas()`` of a DoGet, and :func:`qisd.spark.read_outcomes`
-counted by Spark. Figures are rows/s; the ratio is Spark's over pandas' (goal >= 0.8x).
+counted by Spark. The two take turns, ``--repeat`` rounds in alternating order; figures are
+medians of rows/s, and the ratio (Spark's over pandas', goal >= 0.8x) the median of the
+rounds' ratios.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import argparse
 import importlib.util
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -100,11 +103,33 @@ def spark_frame(spark: Any, rows: int) -> Any:
     return frame
 
 
-def run(args: argparse.Namespace) -> dict[str, float]:
+def pandas_round(tmp: str, rows: int) -> dict[str, float]:
+    with bench_flight.server("qisd", tmp) as location:
+        return {"put": pandas_put(location, rows), "get": pandas_get(location, rows)}
+
+
+def spark_round(spark: Any, frame: Any, tmp: str, rows: int) -> dict[str, float]:
+    from qisd.spark import read_outcomes, write_outcomes
+
+    with bench_flight.server("qisd", tmp) as location:
+        t0 = time.perf_counter()
+        result = write_outcomes(frame, location)
+        put = rows / (time.perf_counter() - t0)
+        if result.accepted != rows:
+            raise SystemExit(f"write_outcomes stored {result.accepted} rows")
+        t0 = time.perf_counter()
+        got = read_outcomes(spark, location, PATH).count()
+        get = rows / (time.perf_counter() - t0)
+        if got != rows:
+            raise SystemExit(f"read_outcomes returned {got} rows")
+        return {"put": put, "get": get, "packets": len(result.packet_ids)}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     from pyspark.sql import SparkSession
 
-    from qisd.spark import read_outcomes, write_outcomes
+    from qisd.spark import write_outcomes
 
     spark = (
         SparkSession.builder.master("local[2]")
@@ -114,51 +139,60 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         .getOrCreate()
     )
     spark.sparkContext.setLogLevel("ERROR")
-    out: dict[str, float] = {"rows": args.rows}
+    rounds: list[dict[str, dict[str, float]]] = []
     try:
         frame = spark_frame(spark, args.rows)
         with tempfile.TemporaryDirectory(prefix="qisd-bench-spark-", dir=args.tmp) as tmp:
             with bench_flight.server("qisd", str(Path(tmp) / "warm")) as location:
                 # Start Spark's Python workers (and their imports) before anything is timed.
                 write_outcomes(spark_frame(spark, 400), location)
-            with bench_flight.server("qisd", str(Path(tmp) / "pandas")) as location:
-                out["pandas_put"] = pandas_put(location, args.rows)
-                out["pandas_get"] = pandas_get(location, args.rows)
-            with bench_flight.server("qisd", str(Path(tmp) / "spark")) as location:
-                t0 = time.perf_counter()
-                result = write_outcomes(frame, location)
-                out["spark_put"] = args.rows / (time.perf_counter() - t0)
-                if result.accepted != args.rows:
-                    raise SystemExit(f"write_outcomes stored {result.accepted} rows")
-                out["packets"] = len(result.packet_ids)
-                t0 = time.perf_counter()
-                got = read_outcomes(spark, location, PATH).count()
-                out["spark_get"] = args.rows / (time.perf_counter() - t0)
-                if got != args.rows:
-                    raise SystemExit(f"read_outcomes returned {got} rows")
+            # The two writers take turns, in alternating order: this shared machine's speed
+            # drifts within minutes, and a block per writer would measure the drift.
+            for i in range(args.repeat):
+                one: dict[str, dict[str, float]] = {}
+                for who in ("pandas", "spark") if i % 2 == 0 else ("spark", "pandas"):
+                    where = str(Path(tmp) / f"{who}-{i}")
+                    if who == "pandas":
+                        one[who] = pandas_round(where, args.rows)
+                    else:
+                        one[who] = spark_round(spark, frame, where, args.rows)
+                rounds.append(one)
     finally:
         spark.stop()
+    out: dict[str, Any] = {"rows": args.rows, "repeat": args.repeat, "rounds": rounds}
+    for key in ("put", "get"):
+        for who in ("pandas", "spark"):
+            out[f"{who}_{key}"] = statistics.median(r[who][key] for r in rounds)
+        ratios = [r["spark"][key] / r["pandas"][key] for r in rounds]
+        out[f"ratio_{key}"] = statistics.median(ratios)
+        out[f"ratios_{key}"] = ratios
+    out["packets"] = rounds[0]["spark"]["packets"]
     return out
 
 
-def report(out: dict[str, float]) -> str:
+def report(out: dict[str, Any]) -> str:
     lines = [
-        f"{out['rows']:,.0f} outcome rows; Spark: 4 partitions on local[2]; pandas: one client",
-        f"{'measure':36} {'pandas':>10} {'spark':>10} {'ratio':>7} {'goal':>6}",
+        f"{out['rows']:,} outcome rows; Spark: 4 partitions on local[2]; pandas: one client; "
+        f"medians of {out['repeat']} alternating rounds",
+        f"{'measure':28} {'pandas':>10} {'spark':>10} {'ratio':>7} {'goal':>6}  rounds",
     ]
     for name, key, goal in (
         ("DoPut rows/s (write)", "put", ">=0.8x"),
         ("DoGet rows/s (read back)", "get", ""),
     ):
         p, s = out[f"pandas_{key}"], out[f"spark_{key}"]
-        lines.append(f"{name:36} {p:10,.0f} {s:10,.0f} {s / p:6.2f}x {goal:>6}")
-    lines.append(f"packets signed for the Spark write: {out['packets']:,.0f}")
+        each = " ".join(f"{r:.2f}x" for r in out[f"ratios_{key}"])
+        lines.append(
+            f"{name:28} {p:10,.0f} {s:10,.0f} {out[f'ratio_{key}']:6.2f}x {goal:>6}  {each}"
+        )
+    lines.append(f"packets signed for each Spark write: {out['packets']:,}")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=1_000_000, help="rows each writer sends")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds per writer (median)")
     parser.add_argument("--tmp", default=None, help="where the daemons' data directories go")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON too")
     args = parser.parse_args()
