@@ -42,7 +42,7 @@ import functools
 import json
 import math
 import operator
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -385,6 +385,25 @@ def collect_votes(
     now_ms: int | None = None,
 ) -> tuple[list[Vote], int, int]:
     """One vote per signer per intervention, with the distinct usable and ignored row counts."""
+    votes, _history, n_rows, n_ignored = collect_history(rows, config, now_ms=now_ms)
+    return votes, n_rows, n_ignored
+
+
+Report = tuple[int, float]
+"""One distinct usable row of a signer on an intervention: (timestamp_ms, metric_delta)."""
+
+
+def collect_history(
+    rows: Iterable[Mapping[str, Any]] | Any,
+    config: MathConfig | None = None,
+    *,
+    now_ms: int | None = None,
+) -> tuple[list[Vote], dict[tuple[str, str], tuple[Report, ...]], int, int]:
+    """:func:`collect_votes` plus every signer's reports on every intervention.
+
+    The history maps (signer, intervention) to that signer's distinct usable rows there, in
+    the order that picks the vote (so a vote is the last report of its history).
+    """
     config = config or MathConfig()
     distinct: set[_RowKey] = set()
     ignored: set[Any] = set()
@@ -407,12 +426,15 @@ def collect_votes(
             ignored.add(key)
             continue
         distinct.add(key)
-    latest: dict[tuple[str, str], _RowKey] = {}
+    slots: dict[tuple[str, str], list[_RowKey]] = {}
     for key in distinct:
-        slot = (key[0], key[10])
-        held = latest.get(slot)
-        if held is None or _vote_order(key) > _vote_order(held):
-            latest[slot] = key
+        slots.setdefault((key[0], key[10]), []).append(key)
+    latest: dict[tuple[str, str], _RowKey] = {}
+    history: dict[tuple[str, str], tuple[Report, ...]] = {}
+    for slot, keys in slots.items():
+        keys.sort(key=_vote_order)
+        latest[slot] = keys[-1]
+        history[slot] = tuple((k[1], k[7]) for k in keys)
     votes = [
         Vote(
             signer=k[0],
@@ -429,7 +451,7 @@ def collect_votes(
         for k in latest.values()
     ]
     votes.sort(key=lambda v: (v.intervention, v.delta, v.weight, v.signer))
-    return votes, len(distinct), len(ignored)
+    return votes, history, len(distinct), len(ignored)
 
 
 # --------------------------------------------------------------------------- the tally
@@ -443,31 +465,41 @@ class _Kept:
     median: float
 
 
-def _drop_outliers(name: str, votes: list[Vote], config: MathConfig) -> _Kept:
+_Weigh = Callable[[Vote], float]
+"""The weight a tally gives a vote: :attr:`Vote.weight`, or that times a trust factor."""
+
+
+def _own_weight(vote: Vote) -> float:
+    return vote.weight
+
+
+def _drop_outliers(name: str, votes: list[Vote], config: MathConfig, weigh: _Weigh) -> _Kept:
     deltas = [v.delta for v in votes]
-    weights = [v.weight for v in votes]
+    weights = [weigh(v) for v in votes]
     centre = weighted_median(deltas, weights)
     scale = max(MAD_TO_SIGMA * weighted_mad(deltas, weights), config.min_spread)
     kept = tuple(v for v in votes if abs(v.delta - centre) <= config.mad_cutoff * scale)
     # The centre is within the cutoff of itself, and it is one of the deltas or the midpoint
     # of two, so at least one vote always survives.
-    kept_median = weighted_median([v.delta for v in kept], [v.weight for v in kept])
+    kept_median = weighted_median([v.delta for v in kept], [weigh(v) for v in kept])
     return _Kept(name, len(votes), kept, kept_median)
 
 
-def _stats(group: _Kept, sigma_pooled: float, quorum: int, config: MathConfig) -> InterventionStats:
+def _stats(
+    group: _Kept, sigma_pooled: float, quorum: int, config: MathConfig, weigh: _Weigh
+) -> InterventionStats:
     votes = group.votes
     deltas = [v.delta for v in votes]
-    weights = [v.weight for v in votes]
+    weights = [weigh(v) for v in votes]
     total = math.fsum(weights)
     n_eff = effective_n(weights)
     own = MAD_TO_SIGMA * weighted_mad(deltas, weights)
     sigma = max(own, sigma_pooled, config.min_spread)
     se = MEDIAN_SE_FACTOR * sigma / math.sqrt(n_eff)
     by_params: dict[str, tuple[float, float]] = {}
-    for v in votes:
+    for v, vw in zip(votes, weights, strict=True):
         w, near = by_params.get(v.params, (0.0, math.inf))
-        by_params[v.params] = (w + v.weight, min(near, abs(v.delta - group.median)))
+        by_params[v.params] = (w + vw, min(near, abs(v.delta - group.median)))
     params = min(by_params, key=lambda p: (-by_params[p][0], by_params[p][1], p))
     return InterventionStats(
         intervention=group.intervention,
@@ -508,27 +540,55 @@ def tally(
     """
     config = config or MathConfig()
     votes, n_rows, n_ignored = collect_votes(rows, config, now_ms=now_ms)
+    return tally_votes(votes, config, rows=n_rows, ignored_rows=n_ignored)
+
+
+def tally_votes(
+    votes: Sequence[Vote],
+    config: MathConfig | None = None,
+    *,
+    rows: int,
+    ignored_rows: int,
+    factors: Mapping[str, float] | None = None,
+) -> Tally:
+    """The tally of votes already collected by :func:`collect_votes` (steps 4 to 8).
+
+    ``factors`` maps a signer to a multiplier of its votes' weights (a signer not in it keeps
+    factor 1); every weighted step (median, MAD, centres, interval, params) uses the
+    multiplied weight, and ``InterventionStats.weight`` is their total. Counts (signers,
+    quorum, kept signers) are in keys, whatever the factors. None is :func:`tally` itself.
+    """
+    config = config or MathConfig()
+    weigh: _Weigh = _own_weight
+    if factors:
+        table = dict(factors)
+        if any(not (math.isfinite(f) and f > 0) for f in table.values()):
+            raise UsageError("weight factors must be finite and positive")
+
+        def weigh(vote: Vote) -> float:
+            return vote.weight * table.get(vote.signer, 1.0)
+
     signers = len({v.signer for v in votes})
     quorum = quorum_for(signers, config)
     groups: dict[str, list[Vote]] = {}
-    for vote in votes:
+    for vote in sorted(votes, key=lambda v: (v.intervention, v.delta, v.weight, v.signer)):
         groups.setdefault(vote.intervention, []).append(vote)
-    kept = [_drop_outliers(name, groups[name], config) for name in sorted(groups)]
+    kept = [_drop_outliers(name, groups[name], config, weigh) for name in sorted(groups)]
     residuals: list[tuple[float, float]] = [
-        (abs(v.delta - g.median), v.weight) for g in kept for v in g.votes
+        (abs(v.delta - g.median), weigh(v)) for g in kept for v in g.votes
     ]
     sigma_pooled = 0.0
     if residuals:
         sigma_pooled = MAD_TO_SIGMA * weighted_median(
             [r for r, _ in residuals], [w for _, w in residuals]
         )
-    stats = [_stats(g, sigma_pooled, quorum, config) for g in kept]
+    stats = [_stats(g, sigma_pooled, quorum, config, weigh) for g in kept]
     stats.sort(
         key=lambda s: (not s.eligible, -s.ci_low, -s.median, -s.kept_signers, s.intervention)
     )
     return Tally(
-        rows=n_rows,
-        ignored_rows=n_ignored,
+        rows=rows,
+        ignored_rows=ignored_rows,
         signers=signers,
         quorum=quorum,
         sigma_pooled=sigma_pooled,
