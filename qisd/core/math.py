@@ -42,7 +42,7 @@ import functools
 import json
 import math
 import operator
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -217,8 +217,18 @@ def weighted_median(values: Sequence[float], weights: Sequence[float] | None = N
     next is returned (so equal weights give the ordinary median). Breakdown point: the result
     stays within the range of any subset of the votes holding more than half the weight.
     """
-    pairs = _checked_pairs(values, weights)
-    total = math.fsum(w for _, w in pairs)
+    return _median_of(_checked_pairs(values, weights))
+
+
+# The tally's own calls skip the checks: its weights are positive and its values finite by
+# construction, and a path is tallied once per reader under the trust rule.
+
+
+def _median_of(pairs: list[tuple[float, float]], total: float | None = None) -> float:
+    # ``pairs`` sorted; ``total`` is their fsum when the caller has it (fsum is exact, so any
+    # order of the same weights gives the same total).
+    if total is None:
+        total = math.fsum([w for _, w in pairs])
     half = total / 2
     cum = 0.0
     for i, (value, weight) in enumerate(pairs):
@@ -236,6 +246,13 @@ def weighted_mad(values: Sequence[float], weights: Sequence[float] | None = None
     return weighted_median([abs(float(v) - centre) for v in values], weights)
 
 
+def _mad_of(pairs: list[tuple[float, float]], total: float | None = None) -> float:
+    if total is None:
+        total = math.fsum([w for _, w in pairs])
+    centre = _median_of(pairs, total)
+    return _median_of(sorted([(abs(v - centre), w) for v, w in pairs]), total)
+
+
 def weighted_trimmed_mean(
     values: Sequence[float], weights: Sequence[float] | None = None, trim: float = 0.1
 ) -> float:
@@ -245,8 +262,12 @@ def weighted_trimmed_mean(
     """
     if not 0.0 <= trim < 0.5:
         raise UsageError("trim must lie in [0, 0.5)")
-    pairs = _checked_pairs(values, weights)
-    total = math.fsum(w for _, w in pairs)
+    return _trimmed_of(_checked_pairs(values, weights), trim)
+
+
+def _trimmed_of(pairs: list[tuple[float, float]], trim: float, total: float | None = None) -> float:
+    if total is None:
+        total = math.fsum([w for _, w in pairs])
     low, high = trim * total, (1.0 - trim) * total
     cum = 0.0
     parts: list[tuple[float, float]] = []
@@ -257,7 +278,7 @@ def weighted_trimmed_mean(
             parts.append((value, inside))
     kept = math.fsum(w for _, w in parts)
     if kept <= 0:  # every vote straddles both cuts (one vote): its own value
-        return weighted_median(values, weights)
+        return _median_of(pairs, total)
     return math.fsum(v * w for v, w in parts) / kept
 
 
@@ -462,38 +483,46 @@ class _Kept:
     intervention: str
     signers: int
     votes: tuple[Vote, ...]
+    weights: tuple[float, ...]
+    """The weight the tally gives each kept vote (its own, or times a trust factor)."""
+    pairs: list[tuple[float, float]]
+    """(delta, weight) of the kept votes, sorted."""
+    total: float
+    """fsum of the kept weights."""
     median: float
 
 
-_Weigh = Callable[[Vote], float]
-"""The weight a tally gives a vote: :attr:`Vote.weight`, or that times a trust factor."""
-
-
-def _own_weight(vote: Vote) -> float:
-    return vote.weight
-
-
-def _drop_outliers(name: str, votes: list[Vote], config: MathConfig, weigh: _Weigh) -> _Kept:
-    deltas = [v.delta for v in votes]
-    weights = [weigh(v) for v in votes]
-    centre = weighted_median(deltas, weights)
-    scale = max(MAD_TO_SIGMA * weighted_mad(deltas, weights), config.min_spread)
-    kept = tuple(v for v in votes if abs(v.delta - centre) <= config.mad_cutoff * scale)
+def _drop_outliers(name: str, votes: list[Vote], weights: list[float], config: MathConfig) -> _Kept:
+    pairs = sorted(zip([v.delta for v in votes], weights, strict=True))
+    total = math.fsum(weights)
+    centre = _median_of(pairs, total)
+    scale = max(MAD_TO_SIGMA * _mad_of(pairs, total), config.min_spread)
+    cutoff = config.mad_cutoff * scale
+    kept = [(v, w) for v, w in zip(votes, weights, strict=True) if abs(v.delta - centre) <= cutoff]
+    # Filtering a sorted list keeps it sorted.
+    kept_pairs = [p for p in pairs if abs(p[0] - centre) <= cutoff]
+    kept_total = total if len(kept) == len(votes) else math.fsum([w for _, w in kept_pairs])
     # The centre is within the cutoff of itself, and it is one of the deltas or the midpoint
     # of two, so at least one vote always survives.
-    kept_median = weighted_median([v.delta for v in kept], [weigh(v) for v in kept])
-    return _Kept(name, len(votes), kept, kept_median)
+    kept_median = _median_of(kept_pairs, kept_total)
+    return _Kept(
+        name,
+        len(votes),
+        tuple(v for v, _ in kept),
+        tuple(w for _, w in kept),
+        kept_pairs,
+        kept_total,
+        kept_median,
+    )
 
 
-def _stats(
-    group: _Kept, sigma_pooled: float, quorum: int, config: MathConfig, weigh: _Weigh
-) -> InterventionStats:
+def _stats(group: _Kept, sigma_pooled: float, quorum: int, config: MathConfig) -> InterventionStats:
     votes = group.votes
     deltas = [v.delta for v in votes]
-    weights = [weigh(v) for v in votes]
-    total = math.fsum(weights)
-    n_eff = effective_n(weights)
-    own = MAD_TO_SIGMA * weighted_mad(deltas, weights)
+    weights = group.weights
+    pairs, total = group.pairs, group.total
+    n_eff = total**2 / math.fsum([w * w for w in weights])
+    own = MAD_TO_SIGMA * _mad_of(pairs, total)
     sigma = max(own, sigma_pooled, config.min_spread)
     se = MEDIAN_SE_FACTOR * sigma / math.sqrt(n_eff)
     by_params: dict[str, tuple[float, float]] = {}
@@ -509,7 +538,7 @@ def _stats(
         weight=total,
         effective_n=n_eff,
         median=group.median,
-        trimmed_mean=weighted_trimmed_mean(deltas, weights, config.trim),
+        trimmed_mean=_trimmed_of(pairs, config.trim, total),
         mean=math.fsum(d * w for d, w in zip(deltas, weights, strict=True)) / total,
         sigma=sigma,
         ci_low=group.median - config.z * se,
@@ -550,39 +579,37 @@ def tally_votes(
     rows: int,
     ignored_rows: int,
     factors: Mapping[str, float] | None = None,
+    only: Iterable[str] | None = None,
 ) -> Tally:
     """The tally of votes already collected by :func:`collect_votes` (steps 4 to 8).
 
     ``factors`` maps a signer to a multiplier of its votes' weights (a signer not in it keeps
     factor 1); every weighted step (median, MAD, centres, interval, params) uses the
     multiplied weight, and ``InterventionStats.weight`` is their total. Counts (signers,
-    quorum, kept signers) are in keys, whatever the factors. None is :func:`tally` itself.
+    quorum, kept signers) are in keys, whatever the factors. ``only`` limits the factors to
+    votes on those interventions. No factors is :func:`tally` itself.
     """
     config = config or MathConfig()
-    weigh: _Weigh = _own_weight
-    if factors:
-        table = dict(factors)
-        if any(not (math.isfinite(f) and f > 0) for f in table.values()):
-            raise UsageError("weight factors must be finite and positive")
-
-        def weigh(vote: Vote) -> float:
-            return vote.weight * table.get(vote.signer, 1.0)
-
+    table = dict(factors or {})
+    if any(not (math.isfinite(f) and f > 0) for f in table.values()):
+        raise UsageError("weight factors must be finite and positive")
+    where = None if only is None else frozenset(only)
     signers = len({v.signer for v in votes})
     quorum = quorum_for(signers, config)
-    groups: dict[str, list[Vote]] = {}
+    groups: dict[str, tuple[list[Vote], list[float]]] = {}
     for vote in sorted(votes, key=lambda v: (v.intervention, v.delta, v.weight, v.signer)):
-        groups.setdefault(vote.intervention, []).append(vote)
-    kept = [_drop_outliers(name, groups[name], config, weigh) for name in sorted(groups)]
+        group, weights = groups.setdefault(vote.intervention, ([], []))
+        group.append(vote)
+        factor = table.get(vote.signer) if where is None or vote.intervention in where else None
+        weights.append(vote.weight if factor is None else vote.weight * factor)
+    kept = [_drop_outliers(name, *groups[name], config) for name in sorted(groups)]
     residuals: list[tuple[float, float]] = [
-        (abs(v.delta - g.median), weigh(v)) for g in kept for v in g.votes
+        (abs(v.delta - g.median), w) for g in kept for v, w in zip(g.votes, g.weights, strict=True)
     ]
     sigma_pooled = 0.0
     if residuals:
-        sigma_pooled = MAD_TO_SIGMA * weighted_median(
-            [r for r, _ in residuals], [w for _, w in residuals]
-        )
-    stats = [_stats(g, sigma_pooled, quorum, config, weigh) for g in kept]
+        sigma_pooled = MAD_TO_SIGMA * _median_of(sorted(residuals))
+    stats = [_stats(g, sigma_pooled, quorum, config) for g in kept]
     stats.sort(
         key=lambda s: (not s.eligible, -s.ci_low, -s.median, -s.kept_signers, s.intervention)
     )
