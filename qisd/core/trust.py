@@ -9,35 +9,41 @@ its own outcome rows (``node_id`` = this site), which it reports after it tried 
 1. **Standing.** For each intervention this site reported, its latest own row is the check.
    Every other signer's last report on that intervention made *before* the check (by
    timestamp) is a prediction of it: it *agrees* when
-   ``|prediction - check| <= agreement_sigmas * sqrt(2) * sigma`` (``sigma`` = the path's
-   pooled robust spread, floored at ``MathConfig.min_spread``; both values are noisy), else
-   it *disagrees*. One check per (signer, intervention), so a signer's thousand packets are
-   checked once per intervention. ``trust = max(0, a - disagreement_cost * d) / (a + d + 1)``
-   for ``a`` agreements and ``d`` disagreements, in [0, 1): a new key has none, a caught liar
-   loses it. This site's own key is never checked, so its own reports never raise its weight.
-2. **Weight.** Each vote's weight (The Math's ``w``) is multiplied by
-   ``1 + trust * (1 / untrusted_share - 1)``: a fully trusted signer's vote weighs
-   ``1 / untrusted_share`` times an unknown key's. The Math then runs as before (one vote per
-   signer, MAD outliers, centres, intervals) with those weights; counts stay in keys.
-3. **Eligibility.** An intervention is eligible by **quorum** (more than a third of the path's
-   signers among its kept votes, the quorum rule itself) or by **own outcome** (this site
-   tried it). Nothing else: a report this site has not checked may come from a liar that
-   copied honest reports everywhere else, so trust never makes a claim eligible on its own.
+   ``|prediction - check| <= agreement_sigmas * sqrt(2) * sigma``, else it *disagrees*.
+   ``sigma`` is the larger of the path's pooled spread and the spread of this site's own
+   repeated outcomes (:func:`own_spread`): signers reporting one identical value can shrink
+   the first, never the second. One check per (signer, intervention), so a signer's thousand
+   packets are checked once per intervention.
+   ``trust = max(0, a - disagreement_cost * d) / (a + d + 1)`` for ``a`` agreements and ``d``
+   disagreements, in [0, 1): a new key has none, a caught liar loses it. This site's own key
+   is never checked, so its own reports never raise its weight.
+2. **Weight.** On the interventions this site tried, each vote's weight (The Math's ``w``) is
+   multiplied by ``1 + trust * (1 / untrusted_share - 1)``: a fully trusted signer's vote
+   weighs ``1 / untrusted_share`` times an unknown key's. Elsewhere weights are The Math's:
+   trust earned on what this site checked must not carry a claim it cannot check (a liar
+   that copies honest reports everywhere but on its pick earns full trust). The Math then
+   runs as before (one vote per signer, MAD outliers, centres, intervals); counts stay in keys.
+3. **Eligibility.** An intervention is eligible by **quorum**: more than the Byzantine
+   fraction of the path's keys among its kept votes (the quorum rule itself) *and* of the
+   path's signers counted by their trust factors (with no trust this is the same condition;
+   with trust, fresh keys cannot reach it by numbers); or by **own outcome**: this site tried
+   it and the median of all its own outcomes there agrees with the path's estimate (same
+   tolerance as step 1). Nothing else: trust never makes a claim eligible on its own.
 4. **Ranking.** An intervention eligible by quorum ranks by its interval's lower bound; one
-   eligible by own outcome only ranks by ``min(lower bound, own latest delta)``, so other
-   signers can lower its rank but never raise it above what this site saw itself.
+   eligible by own outcome only ranks by the lower of that and the lower bound of this
+   site's own outcomes alone (``own median - z * sqrt(pi/2) * sigma / sqrt(n_own)``), so
+   other signers can lower its rank but never raise it above what this site saw itself.
 5. **Exploring.** When an intervention that is not eligible has a lower bound above the best
-   eligible one's rank, the rule withholds its recommendation (``withheld_for``) and lists
-   the unverified interventions that beat the best eligible one, best lower bound first:
-   trying them is how a site settles whether they are real (its own outcome makes them
-   eligible, and checks every signer that reported them).
+   eligible one's rank key, the rule withholds its recommendation (``withheld_for``):
+   trying it is how a site settles whether it is real (its own outcome makes it eligible,
+   and checks every signer that reported it).
 
 The guarantee, whatever the liars do (constant, many fresh keys, honest for a while, copying
-honest reports): the recommendation is eligible, an eligible intervention has either more
-than a third of the path's keys behind it (so at least one honest signer when liars are
-fewer) or this site's own outcome, and an own-outcome intervention never ranks above what
-that outcome showed. The cost: an honest swarm's new best waits until it reaches a third of
-the signers or until this site tries it; withholding makes sites try it sooner.
+honest reports): a recommendation has either more than a third of the path's keys among its
+kept votes (so at least one honest signer when liars are fewer), or this site's own outcomes
+agree with it and it ranks no higher than they showed. The cost: an honest swarm's new best
+waits until it reaches a third of the signers or until this site tries it; withholding
+makes sites try it sooner. docs/elections.md has the reasons and the limits.
 
 :class:`Evidence` is the part of a path's rows every site shares (parsed once);
 :func:`elect` is one site's view of it. Deterministic: the same rows and arguments give an
@@ -242,9 +248,8 @@ def own_spread(evidence: Evidence, own: str) -> float:
     return MAD_TO_SIGMA * weighted_median(residuals)
 
 
-def _tolerance(evidence: Evidence, own: str, config: TrustConfig) -> float:
-    sigma = max(evidence.base.sigma_pooled, own_spread(evidence, own), evidence.config.min_spread)
-    return config.agreement_sigmas * math.sqrt(2.0) * sigma
+def _sigma(evidence: Evidence, own: str) -> float:
+    return max(evidence.base.sigma_pooled, own_spread(evidence, own), evidence.config.min_spread)
 
 
 def standings(
@@ -252,7 +257,13 @@ def standings(
 ) -> tuple[Standing, ...]:
     """Check every other signer's earlier reports against this site's own outcomes."""
     config = config or TrustConfig()
-    tolerance = _tolerance(evidence, own, config)
+    return _standings(evidence, own, config, _sigma(evidence, own))
+
+
+def _standings(
+    evidence: Evidence, own: str, config: TrustConfig, sigma: float
+) -> tuple[Standing, ...]:
+    tolerance = config.agreement_sigmas * math.sqrt(2.0) * sigma
     agree: dict[str, int] = {}
     disagree: dict[str, int] = {}
     for x, (t_own, d_own) in sorted(own_outcomes(evidence, own).items()):
@@ -280,7 +291,9 @@ def elect(evidence: Evidence, own: str, config: TrustConfig | None = None) -> El
     config = config or TrustConfig()
     if not own:
         raise UsageError("the site's own node id must be non-empty")
-    stand = standings(evidence, own, config)
+    sigma = _sigma(evidence, own)
+    tolerance = config.agreement_sigmas * math.sqrt(2.0) * sigma
+    stand = _standings(evidence, own, config, sigma)
     boost = 1.0 / config.untrusted_share - 1.0
     factors = {s.signer: 1.0 + s.trust * boost for s in stand if s.trust > 0}
     checked = set(own_outcomes(evidence, own))
@@ -298,16 +311,12 @@ def elect(evidence: Evidence, own: str, config: TrustConfig | None = None) -> El
         if factors and checked
         else evidence.base
     )
-    tolerance = _tolerance(evidence, own, config)
     # The trust-weighted quorum: the kept signers' factors must also exceed the Byzantine
     # fraction of every signer's factor. With no trust it is the count quorum itself; with
     # trust, fresh keys (sybils) cannot reach it by numbers alone.
     signer_factor = {v.signer: factors.get(v.signer, 1.0) for v in evidence.votes}
     all_backing = math.fsum(sorted(signer_factor.values()))
     weighted_bar = evidence.config.byzantine_fraction * all_backing
-    sigma_own = max(
-        evidence.base.sigma_pooled, own_spread(evidence, own), evidence.config.min_spread
-    )
     z = evidence.config.z
     verdicts = []
     for stats in weighted.ranking:
@@ -322,7 +331,7 @@ def elect(evidence: Evidence, own: str, config: TrustConfig | None = None) -> El
             # This site's own outcomes confirm the path's estimate. It ranks by the lower of
             # the path's lower bound and the lower bound of its own outcomes alone: others
             # can lower its rank but never raise it above what this site saw itself.
-            own_low = mine - z * MEDIAN_SE_FACTOR * sigma_own / math.sqrt(len(reports))
+            own_low = mine - z * MEDIAN_SE_FACTOR * sigma / math.sqrt(len(reports))
             route, key = ROUTE_OWN, min(stats.ci_low, own_low)
         trusted = sum(1 for v in stats.votes if v.signer in factors)
         verdicts.append(Verdict(stats, route, key, mine, trusted, backing / all_backing))
