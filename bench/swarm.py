@@ -651,6 +651,8 @@ def _plot(results: dict[tuple[int, Variant], list[RunResult]], out: Path, rounds
     except ImportError:
         print("matplotlib not importable: no plots written", file=sys.stderr)
         return
+    if not results:
+        return
     out.mkdir(parents=True, exist_ok=True)
     scenarios = list(dict.fromkeys((v[0], v[1]) for _, v in results if v[2]))
     styles = {"quorum": "-", "no quorum": "-.", "trust": "--"}
