@@ -55,7 +55,11 @@ def unique_bytes(envs: list[Envelope]) -> int:
 
 
 @pytest.mark.parametrize("m", [100, 1_000, pytest.param(10_000, marks=pytest.mark.slow)])
-def test_a_fresh_reader_receives_each_envelope_about_once(tmp_path: Path, m: int) -> None:
+def test_a_fresh_reader_receives_each_envelope_about_once(
+    tmp_path: Path, m: int, request: pytest.FixtureRequest
+) -> None:
+    if m == 10_000 and os.environ.get("QISD_SLOW") != "1":
+        pytest.skip("10,000 packets only in the full slow run (QISD_SLOW=1): ~1 min")
     envs = make_envelopes(m)
 
     async def body(net: Network) -> None:
@@ -122,8 +126,10 @@ def test_a_fetch_tells_replicas_what_they_lack(tmp_path: Path) -> None:
         async with asyncio.timeout(30):
             while not all(short.store.has(e.key, e.packet_id) for e in envs):
                 await asyncio.sleep(0.05)
+        # The reader's correction did it (upkeep's anti-entropy is held off here).
+        assert reader.protocol.counters["entry_correction_packets"] == len(envs)
 
-    run(tmp_path, body)
+    run(tmp_path, body, DhtConfig(upkeep_seconds=3_600))
 
 
 def test_every_holder_converges_after_a_partition_heals(tmp_path: Path) -> None:
@@ -281,6 +287,17 @@ def test_no_reply_to_an_unvalidated_source_exceeds_three_times_its_request(
         ((reply, _addr),) = rec.sent
         assert len(reply) > 7_000, "a validated requester gets a full page"
         assert proto.listeners(key) == [], "no listen registered an unvalidated address"
+        # A peer the target has talked with is no better: its address can be spoofed, so
+        # without its token a data request from it gets the token only.
+        peer = net.nodes[1]
+        assert proto.is_validated(tuple(peer.address))
+        rec = Recording()
+        proto.transport = rec
+        data = wire.encode_request(os.urandom(20), "find_packets", [peer.node_id, key, None])
+        proto.datagram_received(data, tuple(peer.address))
+        proto.transport = real
+        ((reply, _addr),) = rec.sent
+        assert len(reply) <= wire.AMPLIFICATION_FACTOR * len(data)
 
     run(tmp_path, body)
 
@@ -310,7 +327,8 @@ def test_a_busy_reply_holds_a_destination_back_for_a_bounded_time(tmp_path: Path
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         ok, _ = await a.protocol.call_find_node(Contact(b.node_id, *b.address), Contact(a.node_id))
-        assert ok and loop.time() - t0 <= MAX_BUSY_SECONDS + 1
+        took = loop.time() - t0
+        assert ok and MAX_BUSY_SECONDS - 0.5 <= took <= MAX_BUSY_SECONDS + 1, took
 
     run(tmp_path, body)
 
@@ -366,8 +384,8 @@ def test_a_replica_that_lists_ids_it_does_not_serve_is_dropped_from_the_read(
         fake = [(1, os.urandom(16)) for _ in range(500)]
         real_items = liar.items
 
-        def lying_items(key: bytes) -> reconcile.ItemSet:
-            return reconcile.ItemSet([*real_items(key).items, *fake])
+        def lying_items(key: bytes, **kw: Any) -> reconcile.ItemSet:
+            return reconcile.ItemSet([*real_items(key, **kw).items, *fake])
 
         liar.items = lying_items  # type: ignore[method-assign]
         reader = await fresh_reader(net, envs[0].key)

@@ -143,3 +143,13 @@ def test_a_responder_that_never_converges_is_cut_off():
 def test_malformed_ranges_are_refused(bad):
     with pytest.raises(ReconcileError):
         parse_ranges(bad, max_ranges=16, max_ids=16)
+
+
+def test_repeated_or_overlapping_answer_ranges_are_refused():
+    """A liar repeating one range (to make the asker split and hold it over and over)."""
+    mine = ItemSet(item(n) for n in range(5_000))
+    rec = Reconciliation(mine)
+    (asked,) = rec.request(BUDGET)
+    lie = Range(asked.lower, asked.upper, MODE_FINGERPRINT, 1, b"\0" * 12)
+    with pytest.raises(ReconcileError, match="overlap"):
+        rec.receive([lie] * 133, 1)

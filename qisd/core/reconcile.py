@@ -54,6 +54,8 @@ RANGE_BYTES = 2 * (9 + 2 + ID_BYTES) + 2
 FINGERPRINT_RANGE_BYTES = RANGE_BYTES + 9 + 2 + FINGERPRINT_BYTES
 ID_ENTRY_BYTES = ID_BYTES + 2
 MAX_ROUNDS = 512
+MAX_OPEN_RANGES = 65_536
+"""Ranges an initiator keeps open at once; more is a lie (100,000 ids need a few thousand)."""
 """An initiator gives up on a replica after this many requests for one reconciliation."""
 
 Bound = tuple[int, bytes]
@@ -346,6 +348,12 @@ class Reconciliation:
             raise ReconcileError("the answer covers nothing")
         self._open[:0] = asked[covered:]
         scope = asked[:covered]
+        ordered = sorted(answer, key=lambda r: r.lower)
+        for before, after in zip(ordered, ordered[1:], strict=False):
+            if after.lower < before.upper:
+                # Asked ranges are disjoint, so honest answers never overlap: a liar cannot
+                # repeat one range to make this side split (and hold) it again and again.
+                raise ReconcileError("answer ranges overlap")
         for r in answer:
             parent = next((a for a in scope if a.lower <= r.lower and r.upper <= a.upper), None)
             if parent is None:
@@ -353,6 +361,8 @@ class Reconciliation:
             self._take(r, parent)
         if len(self.need) + len(self.lack) > self.max_ids:
             raise ReconcileError("too many ids")
+        if len(self._open) > MAX_OPEN_RANGES:
+            raise ReconcileError("too many open ranges")
 
     def _take(self, r: Range, parent: Range) -> None:
         i, j = self.mine.span(r.lower, r.upper)

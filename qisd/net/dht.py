@@ -114,6 +114,7 @@ ANTI_ENTROPY_KEYS = 32
 LIVENESS_PINGS = 16
 """Stale contacts pinged per upkeep tick."""
 MAX_CACHED_ITEM_SETS = 256
+ITEMS_STALE_SECONDS = 2.0
 REPUBLISH_KEYS = 32
 """Keys a republish works on at once."""
 
@@ -315,7 +316,7 @@ class QisdProtocol(KademliaProtocol):
         self.busy_limiter = wire.TokenBuckets(BUSY_REPLIES_PER_SECOND, int(BUSY_REPLIES_PER_SECOND))
         self._validated: OrderedDict[tuple, float] = OrderedDict()
         self._peer_tokens: OrderedDict[tuple, bytes] = OrderedDict()
-        self._items: OrderedDict[bytes, tuple[int, reconcile.ItemSet]] = OrderedDict()
+        self._items: OrderedDict[bytes, tuple[int, reconcile.ItemSet, float]] = OrderedDict()
         self._meters: dict[bytes, list[int]] = {}
         self.sync = ReplicaSync(self, workers=SYNC_WORKERS, max_jobs=MAX_SYNC_JOBS)
         self._returning: set[bytes] = set()
@@ -417,14 +418,17 @@ class QisdProtocol(KademliaProtocol):
             self.counters["malformed.unknown_rpc"] += 1
             return
         where = (addr[0], addr[1])
-        validated = self.is_validated(where)
-        if not validated and self.tokens.valid(where, token):
+        # Only a token proves this request came from where it says: an address that answered
+        # us before could be spoofed by anyone off-path, so it earns small replies only (the
+        # busy reply, never larger than the request).
+        validated = self.tokens.valid(where, token)
+        if validated:
             self._validate(where)
-            validated = True
         source = wire.source_of(addr)
         if not self.limiter.allow(source):
             self.counters["rate_limited"] += 1
-            self._busy(msg_id, addr, source, validated, 1.0 / max(1e-3, self.limiter.rate))
+            known = validated or self.is_validated(where)
+            self._busy(msg_id, addr, source, known, 1.0 / max(1e-3, self.limiter.rate))
             return
         self.counters[f"received.{name}"] += 1
         try:
@@ -1296,16 +1300,25 @@ class QisdProtocol(KademliaProtocol):
             self.on_notify(key, envs)
         return {"accepted": len(envs)}
 
-    def items(self, key: bytes) -> reconcile.ItemSet:
-        """The reconciliation items of ``key`` (kept until the key's rows change)."""
+    def items(self, key: bytes, *, serving: bool = False) -> reconcile.ItemSet:
+        """The reconciliation items of ``key``, kept until the key's rows change.
+
+        ``serving`` (answering a peer's ``sync``): kept for up to :data:`ITEMS_STALE_SECONDS`
+        after a change too, so a key that keeps receiving packets (or a peer that alternates
+        stores and summaries) is rebuilt at most that often; a summary a little behind the
+        store only means the peer's next reconciliation moves the rest. This node's own reads
+        always summarise what it holds now.
+        """
         generation = self.store.generation(key)
         cached = self._items.get(key)
-        if cached is not None and cached[0] == generation:
+        now = time.monotonic()
+        recent = cached is not None and serving and now - cached[2] < ITEMS_STALE_SECONDS
+        if cached is not None and (cached[0] == generation or recent):
             self._items.move_to_end(key)
             return cached[1]
         generation, index = self.store.index(key, now_ms=_now_ms(self.clock))
         items = reconcile.ItemSet((ts, bytes.fromhex(pid)) for ts, pid in index)
-        self._items[key] = (generation, items)
+        self._items[key] = (generation, items, now)
         while len(self._items) > MAX_CACHED_ITEM_SETS:
             self._items.popitem(last=False)
         return items
@@ -1327,7 +1340,7 @@ class QisdProtocol(KademliaProtocol):
             return self._validate_first(addr)
         budget = self.max_datagram - 64 - (PROOF_BYTES if nonce is not None else 0)
         try:
-            answer, covered = reconcile.respond(self.items(key), ranges, budget)
+            answer, covered = reconcile.respond(self.items(key, serving=True), ranges, budget)
         except reconcile.ReconcileError:
             raise wire.WireError("bad_ranges") from None
         reply = {"ranges": [r.wire() for r in answer], "covered": covered}
@@ -1352,6 +1365,8 @@ class QisdProtocol(KademliaProtocol):
         for pid in ids:
             raw = self.store.get(pid.hex(), key)
             if raw is None:
+                if used + reconcile.ID_ENTRY_BYTES > budget:
+                    break
                 missing.append(pid)
                 used += reconcile.ID_ENTRY_BYTES
                 continue

@@ -75,8 +75,10 @@ MAX_WAIT_SECONDS = 3600.0
 PUBLISH_LINGER = 0.01
 """Seconds the publisher waits after an emit for more to publish with it."""
 PUBLISH_TRIES = 5
-"""A background publish of an envelope short of replicas is tried this many times (backing off
-from 1 s to 16 s); past that, replica sync and the hourly republish carry it."""
+"""An envelope still short of replicas after this many background publishes is counted
+(``publish_short_after_retries``); it stays in the publish backlog and is tried again, backing
+off from 1 s to :data:`PUBLISH_RETRY_MAX_SECONDS`, until it reaches them or the node stops."""
+PUBLISH_RETRY_MAX_SECONDS = 60.0
 PUBLISH_CONCURRENCY = 8
 """Keys published at once (each is a lookup plus stores at its k closest nodes)."""
 MAX_FOLLOWED = 1_000
@@ -801,7 +803,7 @@ class Node:
         self, envelopes: list[Envelope], replicas: dict[str, int]
     ) -> list[Envelope]:
         """The envelopes that reached fewer replicas than the network can hold (k, or every
-        peer of a smaller network), to publish again; each is tried a bounded number of times."""
+        peer of a smaller network), to publish again (they stay in the publish backlog)."""
         if self.dht is None or self._closed:
             return []
         wanted = min(self.config.dht.ksize, len(self.dht.peers()))
@@ -811,10 +813,8 @@ class Node:
                 self._publish_tries.pop(env.packet_id, None)
                 continue
             tries = self._publish_tries.get(env.packet_id, 0) + 1
-            if tries > PUBLISH_TRIES:
-                self._publish_tries.pop(env.packet_id, None)
-                self.counters["publish_short_left_to_sync"] += 1
-                continue  # replica sync and republish carry it from here
+            if tries == PUBLISH_TRIES:
+                self.counters["publish_short_after_retries"] += 1
             self._publish_tries[env.packet_id] = tries
             short.append(env)
         return short
@@ -822,7 +822,7 @@ class Node:
     async def _publish_again(self, envelopes: list[Envelope]) -> None:
         """Queue envelopes short of replicas again after a back-off (still in the backlog)."""
         tries = max(self._publish_tries.get(e.packet_id, 1) for e in envelopes)
-        await asyncio.sleep(min(30.0, 0.5 * 2**tries))
+        await asyncio.sleep(min(PUBLISH_RETRY_MAX_SECONDS, 0.5 * 2**tries))
         if self._closed:
             return
         self.counters["publish_retried"] += len(envelopes)

@@ -58,14 +58,18 @@ class Pacer:
 
     def _peer(self, addr: tuple) -> _Peer:
         peer = self._peers.get(addr)
-        if peer is None:
-            peer = self._peers[addr] = _Peer()
-            # Forget idle destinations past the cap (their state is only a window).
-            while len(self._peers) > MAX_PEERS:
-                old, idle = next(iter(self._peers.items()))
-                if idle.inflight or idle.queued():
-                    break
-                del self._peers[old]
+        if peer is not None:
+            self._peers.move_to_end(addr)
+            return peer
+        peer = self._peers[addr] = _Peer()
+        if len(self._peers) > MAX_PEERS:
+            # Forget the least recently used destinations that are idle and not held back
+            # (their state is only a window); one in use or held back is kept.
+            now = self.clock()
+            for old in list(self._peers)[: len(self._peers) - MAX_PEERS + 16]:
+                idle = self._peers[old]
+                if not (idle.inflight or idle.queued() or idle.not_before > now):
+                    del self._peers[old]
         return peer
 
     @contextlib.asynccontextmanager

@@ -110,6 +110,10 @@ class _Replica:
     rec: reconcile.Reconciliation | None = None
     served: set[bytes] = field(default_factory=set)
     failed: bool = False
+    """It did not answer throughout (silent, busy too long) or lied: asked nothing more."""
+    lied: bool = False
+    """It listed ids it then did not serve, or served what nobody asked for: its list of ids
+    is not trusted (ids only it listed do not make the read incomplete)."""
 
 
 class ReplicaSync:
@@ -147,10 +151,11 @@ class ReplicaSync:
                 )
                 if not ok:
                     if parsed is BUSY and busy < MAX_BUSY_RETRIES:
-                        busy += 1
+                        busy += 1  # busy replies in a row; a reply resets the count
                         rec.lost()
                         continue
                     return None
+                busy = 0
                 answer, covered = parsed
                 rec.receive(answer, covered)
         except reconcile.ReconcileError as exc:
@@ -166,44 +171,55 @@ class ReplicaSync:
         *,
         priority: int = FOREGROUND,
         meter: list[int] | None = None,
-    ) -> tuple[list[bytes], set[bytes], bool]:
-        """Ask ``node`` for the envelopes ``ids``: (envelope bytes, ids it says it lacks,
-        whether it answered throughout)."""
+    ) -> tuple[list[bytes], set[bytes], str]:
+        """Ask ``node`` for the envelopes ``ids``: (envelope bytes, ids it says it lacks, how
+        it ended: ``"ok"``, ``"silent"`` (a call went unanswered) or ``"lied"`` (it lacks ids
+        it listed, or answered with envelopes nobody asked for, or made no progress)).
+
+        Only envelopes whose claimed id was asked for are kept, and the requests are capped
+        (about twice what the ids need): a hostile replica cannot keep a download going.
+        """
         raws: list[bytes] = []
         missing: set[bytes] = set()
         todo = list(ids)
-        healthy = True
+        ending = "ok"
+        budget = 2 * (len(ids) // GET_CHUNK + 1) + GETS_IN_FLIGHT + MAX_BUSY_RETRIES
 
         async def worker() -> None:
-            nonlocal healthy
+            nonlocal ending, budget
             busy = 0
-            while todo and healthy:
+            while todo and ending == "ok":
+                if budget <= 0:
+                    ending = "lied"
+                    return
+                budget -= 1
                 chunk, todo[:GET_CHUNK] = todo[:GET_CHUNK], []
                 ok, parsed = await self.protocol.call_get_packets(
                     node, key, chunk, priority=priority, meter=meter
                 )
                 if not ok:
                     if parsed is BUSY and busy < MAX_BUSY_RETRIES:
-                        busy += 1
+                        busy += 1  # busy replies in a row; a reply resets the count
                         todo.extend(chunk)
                         continue
-                    healthy = False
+                    ending = "silent"
                     return
+                busy = 0
                 got, lacks = parsed
-                if not got and not lacks:
-                    healthy = False  # an answer that moves nothing: stop asking this replica
-                    return
                 asked = set(chunk)
-                raws.extend(got)
+                kept = [r for r in got if (pid := envelope_id(r)) and bytes.fromhex(pid) in asked]
+                raws.extend(kept)
                 missing.update(pid for pid in lacks if pid in asked)
-                if lacks:
-                    healthy = False  # it listed what it does not hold: ask it nothing more
+                if lacks or not kept or len(kept) < len(got):
+                    # It lacks what it listed, sent what nobody asked for, or moved nothing:
+                    # ask it nothing more.
+                    ending = "lied"
                     return
-                answered = {bytes.fromhex(i) for i in _claimed_ids(got)} | set(lacks)
+                answered = {bytes.fromhex(i) for i in _claimed_ids(kept)}
                 todo.extend(pid for pid in chunk if pid not in answered)
 
         await asyncio.gather(*(worker() for _ in range(min(GETS_IN_FLIGHT, len(ids)) or 1)))
-        return raws, missing, healthy
+        return raws, missing, ending
 
     async def push(
         self,
@@ -226,21 +242,25 @@ class ReplicaSync:
         async def one(batch: list[bytes]) -> None:
             nonlocal answering
             pending = batch
-            for attempt in range(MAX_BUSY_RETRIES + 1):
-                if not answering:
-                    return
+            stalled = 0  # replies in a row that moved nothing (busy, or all rate limited)
+            while answering:
                 self.counters["pushed_bytes"] += sum(len(r) for r in pending)
                 ok, reply = await self.protocol.call_store_packets(
                     node, key, pending, priority=priority, meter=meter
                 )
                 if not ok:
-                    if reply is BUSY:
+                    if reply is BUSY and stalled < MAX_BUSY_RETRIES:
+                        stalled += 1
                         continue
                     answering = False
                     return
-                if not reply.limited or attempt == MAX_BUSY_RETRIES:
+                moved = bool(reply.accepted or reply.duplicates)
+                stalled = 0 if moved else stalled + 1
+                if not reply.limited or stalled > MAX_BUSY_RETRIES:
                     replies.append(reply)
                     return
+                # What it had no tokens left to verify goes again once it asked us to wait:
+                # as long as each round moves something, a paced sender gets everything in.
                 limited = {pid for pid, why in reply.refused if why == RATE_LIMITED}
                 refused = [(p, w) for p, w in reply.refused if w != RATE_LIMITED]
                 replies.append(type(reply)(reply.accepted, reply.duplicates, refused))
@@ -308,9 +328,7 @@ class ReplicaSync:
                         for rep, pids in plan.values()
                     )
                 )
-                for (rep, pids), (raws, lacks, healthy) in zip(
-                    plan.values(), outcomes, strict=True
-                ):
+                for (rep, pids), (raws, lacks, ending) in zip(plan.values(), outcomes, strict=True):
                     rep.served.update(pids)  # asked once: not asked again for these
                     result.downloaded += len(raws)
                     for env in self._verified(key, raws):
@@ -320,8 +338,9 @@ class ReplicaSync:
                         # Listed, then not held: expired or evicted meanwhile, or a lie. Either
                         # way its list is not to be trusted for this read: it is dropped.
                         self.counters["sync_listed_not_served"] += len(lacks)
-                    if not healthy or lacks:
+                    if ending != "ok":
                         rep.failed = True
+                        rep.lied = ending == "lied"
                 wanted = [pid for pid in claimed if pid.hex() not in got]
 
         await reconcile_all(replicas[:FIRST_WAVE], local)
@@ -339,7 +358,7 @@ class ReplicaSync:
         result.missing = sum(
             1
             for pid, listed_by in claimed.items()
-            if pid.hex() not in got and any(not r.failed for r in listed_by)
+            if pid.hex() not in got and any(not r.lied for r in listed_by)
         )
         for replica in replicas:
             rec = replica.rec
