@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import LineReader, clean_env, lone_daemon_argv, outcome_row
+from helpers import LineReader, assert_view_matches, clean_env, lone_daemon_argv, outcome_row
 
 from qisd import Client
 from qisd.config import StoreLimits
@@ -95,6 +95,8 @@ def check_store(data_dir: Path, committed: list[str]) -> None:
         assert missing == [], f"{len(missing)} committed packets lost, e.g. {missing[:3]}"
         # Each packet is one envelope per routable level of the default template (2 levels).
         assert store.stats()["local_packets"] >= 2 * len(committed)
+        # The columnar view, repaired at open, shows exactly what the envelopes hold.
+        assert assert_view_matches(store, time.time_ns() // 1_000_000) >= len(committed)
 
 
 def soak(tmp_path: Path, cycles: int, seed: int, earliest: float = 0.05) -> dict[str, float]:

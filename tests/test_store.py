@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from helpers import NOW, coarse_key, make_envelopes, make_packets
+from helpers import NOW, assert_view_matches, coarse_key, make_envelopes, make_packets
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from qisd.config import StoreLimits
 from qisd.core import packet as P
@@ -375,28 +377,62 @@ def test_table_has_result_schema_in_seq_order(tmp_path: Path) -> None:
         assert empty.num_rows == 0 and empty.schema == P.RESULT_SCHEMA
 
 
-def test_table_is_cached_and_invalidated_on_change(tmp_path: Path) -> None:
+def test_table_follows_puts_time_and_expire(tmp_path: Path) -> None:
     ttl = 60_000
     envs = make_envelopes(3, timestamps=[NOW - 1000, NOW, NOW])
     with open_store(tmp_path, ttl_ms=ttl) as store:
         store.put(envs[:2], now_ms=NOW)
-        t1 = store.table(KEY, now_ms=NOW)
-        assert store.table(KEY, now_ms=NOW + 1) is t1  # cached: not decoded again
-        assert t1.num_rows == 2
+        assert store.table(KEY, now_ms=NOW).column("packet_id").to_pylist() == ids(envs[:2])
         store.put(envs[2:], now_ms=NOW)
-        t2 = store.table(KEY, now_ms=NOW)
-        assert t2 is not t1 and t2.num_rows == 3
-        assert store.table(KEY, now_ms=NOW) is t2
-        # A duplicate changes nothing, so the cache stays.
+        assert store.table(KEY, now_ms=NOW).num_rows == 3
+        # A duplicate changes nothing.
         store.put(envs[:1], now_ms=NOW)
-        assert store.table(KEY, now_ms=NOW) is t2
-        # Time passing the first row's expiry drops it even before expire() runs.
+        assert store.table(KEY, now_ms=NOW).num_rows == 3
+        # Time passing the first row's expiry hides it even before expire() runs.
         t3 = store.table(KEY, now_ms=NOW - 1000 + ttl)
         assert t3.column("packet_id").to_pylist() == ids(envs[1:])
-        # expire() invalidates too.
+        assert store.count(KEY, now_ms=NOW - 1000 + ttl) == 2
         assert store.table(KEY, now_ms=NOW).num_rows == 3
         store.expire(NOW - 1000 + ttl)
         assert store.table(KEY, now_ms=NOW).column("packet_id").to_pylist() == ids(envs[1:])
+
+
+def test_reads_come_from_the_view_without_decoding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import qisd.net.store as store_module
+
+    envs = make_envelopes(30)
+    with open_store(tmp_path) as store:
+        store.put(envs, now_ms=NOW)
+        decoded = pa.Table.from_batches(store.decoded(KEY, now_ms=NOW, max_rows=8))
+
+        def no_decoding(*args: object) -> None:
+            raise AssertionError("decoded an envelope")
+
+        monkeypatch.setattr(store_module, "read_trusted", no_decoding)
+        monkeypatch.setattr(P.Envelope, "batch", no_decoding)
+        assert pa.Table.from_batches(store.scan(KEY, now_ms=NOW, max_rows=8)).equals(decoded)
+        assert store.table(KEY, now_ms=NOW).equals(decoded)
+        # The view is an Arrow IPC stream any Arrow reader opens (with two hidden columns).
+        view_file = tmp_path / "view" / (KEY.hex() + ".arrows")
+    assert view_file.exists()  # written out at close
+    on_disk = pa.ipc.open_stream(pa.memory_map(str(view_file))).read_all()
+    assert on_disk.num_rows == 30
+    assert on_disk.select(P.RESULT_SCHEMA.names).equals(decoded)
+
+
+def test_a_scan_keeps_the_rows_of_the_moment_it_began(tmp_path: Path) -> None:
+    held = make_envelopes(16, Identity.generate())
+    with Store.open(tmp_path, limits=StoreLimits(max_bytes=sizes(held)), ttl_ms=TTL) as capped:
+        capped.put(held, now_ms=NOW)
+        stream = capped.scan(KEY, now_ms=NOW, max_rows=8)
+        evicted = capped.put(make_envelopes(1, start=500), now_ms=NOW).evicted
+        assert evicted >= 1
+        # Begun before the eviction: it yields the 16 rows it began with.
+        assert pa.Table.from_batches(stream).column("packet_id").to_pylist() == ids(held)
+        after = capped.table(KEY, now_ms=NOW)["packet_id"].to_pylist()
+        assert held[0].packet_id not in after and len(after) == 17 - evicted
 
 
 def test_batches_are_bounded_and_match_the_table(tmp_path: Path) -> None:
@@ -570,46 +606,6 @@ def test_an_empty_file_becomes_a_store(tmp_path: Path) -> None:
         assert store.put(make_envelopes(1), now_ms=NOW).accepted
 
 
-def test_batches_read_to_the_end_fill_the_cache(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import qisd.net.store as store_module
-
-    envs = make_envelopes(30)
-    with open_store(tmp_path) as store:
-        store.put(envs, now_ms=NOW)
-        streamed = pa.Table.from_batches(store.batches(KEY, now_ms=NOW, max_rows=8))
-
-        def no_decoding(raw: bytes) -> None:
-            raise AssertionError("decoded again")
-
-        monkeypatch.setattr(store_module, "read_trusted", no_decoding)
-        assert store.table(KEY, now_ms=NOW).equals(streamed)  # served from the cache
-        monkeypatch.undo()
-
-        # Rows evicted while a stream is under way: that stream must not cache what it read.
-        capped_dir = tmp_path / "capped"
-        capped_dir.mkdir()
-        held = make_envelopes(16, Identity.generate())
-        with Store.open(
-            capped_dir, limits=StoreLimits(max_bytes=sizes(held)), ttl_ms=TTL
-        ) as capped:
-            capped.put(held, now_ms=NOW)
-            stream = capped.batches(KEY, now_ms=NOW, max_rows=8)
-            assert next(stream).column("packet_id").to_pylist() == ids(held[:8])
-            assert capped.put(make_envelopes(1, start=500), now_ms=NOW).evicted >= 1
-            list(stream)
-            assert held[0].packet_id not in capped.table(KEY, now_ms=NOW)["packet_id"].to_pylist()
-
-        # A key too big for the cache streams without being cached.
-        small = Store.open(tmp_path, limits=BIG, ttl_ms=TTL, cache_bytes=1000)
-        try:
-            assert sum(b.num_rows for b in small.batches(KEY, now_ms=NOW, max_rows=8)) == 30
-            assert small.table(KEY, now_ms=NOW) is not small.table(KEY, now_ms=NOW)
-        finally:
-            small.close()
-
-
 def test_batches_never_decode_more_rows_at_once_than_max_rows(tmp_path: Path) -> None:
     # 40 envelopes of 128 rows: a step bounded by envelope count instead of rows would
     # decode all 5,120 rows to produce the first 128-row batch.
@@ -629,3 +625,124 @@ def test_batches_never_decode_more_rows_at_once_than_max_rows(tmp_path: Path) ->
         peak = max(peak, pa.total_allocated_bytes() - base)
     assert rows == 40 * P.MAX_ROWS
     assert peak < full_bytes / 4, (peak, full_bytes)
+
+
+# --------------------------------------------------------------------------- columnar view
+
+_SIGNERS = [Identity.generate() for _ in range(3)]
+_POOL = [
+    envs
+    for i, ident in enumerate(_SIGNERS)
+    for envs in make_packets(
+        14,
+        ident,
+        rows_per_packet=1 + i,
+        start=100 * i,
+        timestamps=[NOW - 1_000 * (j % 7) for j in range(14)],
+    )
+]
+"""42 packets (two envelopes each) of three signers, of 1-3 rows, timestamps 0-6 s old."""
+
+
+def _crash(store: Store) -> None:
+    """Leave ``store`` as SIGKILL leaves it: tails never written, compactions never made."""
+    import os
+
+    views = store._views
+    assert views is not None
+    os.close(views._lock_fd)
+    store._views = None
+    store.close()
+
+
+def test_a_torn_or_lost_view_is_repaired_from_the_envelopes(tmp_path: Path) -> None:
+    envs = [e for p in _POOL for e in p]
+    with open_store(tmp_path) as store:
+        store.put(envs, now_ms=NOW)
+    view_file = tmp_path / "view" / (KEY.hex() + ".arrows")
+    whole = view_file.read_bytes()
+    with open(view_file, "ab") as f:
+        f.write(whole[-300:])  # half a batch after the last whole one, as a crash mid-write
+    with open_store(tmp_path) as store:
+        assert store._views is not None and store._views.repaired["cut"] == 1
+        assert assert_view_matches(store, NOW) == 2 * sum(p[0].rows for p in _POOL)
+    assert view_file.read_bytes() == whole
+    view_file.write_bytes(b"not arrow at all")
+    with open_store(tmp_path) as store:
+        assert assert_view_matches(store, NOW) == 2 * sum(p[0].rows for p in _POOL)
+    for f in (tmp_path / "view").glob("*.arrows"):
+        f.unlink()
+    with open_store(tmp_path) as store:
+        assert assert_view_matches(store, NOW) == 2 * sum(p[0].rows for p in _POOL)
+
+
+def test_another_connections_writes_reach_the_view(tmp_path: Path) -> None:
+    envs = [p[0] for p in _POOL]
+    with open_store(tmp_path) as owner:
+        owner.put(envs[:10], now_ms=NOW)
+        assert owner.table(KEY, now_ms=NOW).num_rows == sum(e.rows for e in envs[:10])
+        # A second store on the same file does not own the view: it reads the envelopes.
+        with open_store(tmp_path) as other:
+            assert other._views is None
+            other.put(envs[10:20], now_ms=NOW)
+            assert other.table(KEY, now_ms=NOW).num_rows == sum(e.rows for e in envs[:20])
+            other.expire(NOW + TTL - 3_000)
+        assert_view_matches(owner, NOW)
+        assert owner.table(KEY, now_ms=NOW).num_rows == other_rows(envs[:20], NOW + TTL - 3_000)
+
+
+def other_rows(envs: list[P.Envelope], expired_at: int) -> int:
+    return sum(e.rows for e in envs if e.timestamp_ms + TTL > expired_at)
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(
+                st.just("put"),
+                st.lists(st.integers(0, len(_POOL) - 1), min_size=1, max_size=8),
+                st.booleans(),
+            ),
+            st.tuples(st.just("expire"), st.integers(0, 7_000), st.just(False)),
+            st.tuples(st.just("reopen"), st.just(0), st.just(False)),
+            st.tuples(st.just("crash"), st.just(0), st.just(False)),
+        ),
+        min_size=1,
+        max_size=12,
+    )
+)
+def test_the_view_always_equals_a_decode_of_the_envelopes(tmp_path: Path, ops: list) -> None:
+    """Puts (local and remote, with quota refusals, purges and evictions), expiry, clean
+    reopens and simulated crashes in any order: after each, every key's view equals a decode
+    of its envelopes, and the reads hide what is expired at the time asked."""
+    import shutil
+    import uuid
+
+    ttl = 20_000
+    directory = tmp_path / uuid.uuid4().hex
+    directory.mkdir()
+    limits = StoreLimits(per_key=30, per_signer_per_key=12, max_bytes=40 * 700)
+    store = Store.open(directory, limits=limits, ttl_ms=ttl)
+    now = NOW
+    try:
+        for op, arg, local in ops:
+            if op == "put":
+                store.put([e for i in arg for e in _POOL[i]], now_ms=now, local=local)
+            elif op == "expire":
+                now = NOW + arg + ttl - 7_000
+                store.expire(now)
+            elif op == "reopen":
+                store.close()
+                store = Store.open(directory, limits=limits, ttl_ms=ttl)
+            else:
+                _crash(store)
+                store = Store.open(directory, limits=limits, ttl_ms=ttl)
+            assert_view_matches(store, now)
+            assert_view_matches(store, now + 3_000)
+            assert store.integrity_check()
+    finally:
+        store.close()
+        shutil.rmtree(directory)

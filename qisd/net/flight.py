@@ -81,11 +81,6 @@ log = logging.getLogger(__name__)
 
 BATCH_ROWS = 16_384
 """Most rows in one record batch sent by DoGet or DoExchange."""
-WHOLE_KEY_PACKETS = 1_024
-"""Keys holding at most this many envelopes (<= 131,072 rows) are read as one cached table."""
-STORE_STEP_ROWS = 128
-"""Rows asked of the store per read: it decodes up to this many envelopes (<= 128 rows each)
-at a time, which bounds DoGet's memory whatever the size of the key."""
 MAX_PUT_ROWS = 100_000
 """Most rows one DoPut stream may carry (all of them are checked before any is stored)."""
 LOCAL_PREFIX = "local:"
@@ -670,9 +665,9 @@ class QisdFlightServer(flight.FlightServerBase):
         """The path's rows in bounded batches: the network's first (fetched into the store,
         except what the store refuses), then the store's.
 
-        A key of at most ``WHOLE_KEY_PACKETS`` envelopes is read as the store's cached table
-        (decoded once, then sliced without copying); a larger one is read in small steps as
-        the batches are sent, so memory stays bounded whatever the key holds.
+        The store's rows are a snapshot of the key's columnar view taken when the stream
+        starts, read in this gRPC thread: mapped record batches (a deep path's rows picked out
+        with Arrow compute), no envelope decoded, memory bounded whatever the key's size.
         """
         node = self.node
         with _translated("DoGet"):
@@ -680,31 +675,16 @@ class QisdFlightServer(flight.FlightServerBase):
             refused: list[Envelope] = []
             if not local:
                 refused = self._run(lambda: fetch_into_store(node, key))
-            now = _now_ms()
-
-            def open_rows() -> Iterator[pa.RecordBatch]:
-                packets = dict(node.store.keys()).get(key, 0)
-                if packets <= WHOLE_KEY_PACKETS:
-                    table = node.store.table(key, now_ms=now)
-                    return iter(table.to_batches(max_chunksize=BATCH_ROWS))
-                return _regrouped(node.store.batches(key, now_ms=now, max_rows=STORE_STEP_ROWS))
-
-            batches = self._blocking(open_rows)
-        try:
-            while True:
-                with _translated("DoGet"):
-                    batch = self._blocking(lambda: next(batches, None))
-                if batch is None:
-                    break
-                batch = rows_matching(batch, wanted)
-                if batch.num_rows:
-                    yield batch
-            if refused:
-                table = rows_matching(_provenance_table(refused), wanted)
-                yield from table.to_batches(max_chunksize=BATCH_ROWS)
-        finally:
-            with contextlib.suppress(Exception):
-                batches.close()  # type: ignore[attr-defined]
+            batches = node.store.scan(key, now_ms=_now_ms(), max_rows=BATCH_ROWS, wanted=wanted)
+        while True:
+            with _translated("DoGet"):
+                batch = next(batches, None)
+            if batch is None:
+                break
+            yield batch
+        if refused:
+            table = rows_matching(_provenance_table(refused), wanted)
+            yield from table.to_batches(max_chunksize=BATCH_ROWS)
 
     # ------------------------------------------------------------------ DoExchange
 
@@ -851,12 +831,7 @@ class QisdFlightServer(flight.FlightServerBase):
             held = dict(node.store.keys())
         if key not in held:
             return 0
-        if not wanted:
-            return held[key]
-        ids: set[str] = set()
-        for batch in node.store.batches(key, now_ms=now, max_rows=STORE_STEP_ROWS):
-            ids.update(rows_matching(batch, wanted).column("packet_id").to_pylist())
-        return len(ids)
+        return node.store.count(key, now_ms=now, wanted=wanted)
 
     def _flights(self, prefix: str) -> list[tuple[str, int, bool]]:
         """``(path, packets, followed)`` of every known or followed path starting ``prefix``."""
@@ -865,10 +840,10 @@ class QisdFlightServer(flight.FlightServerBase):
         followed = node.followed()
         found: dict[str, int] = {}
         held = dict(node.store.keys())
-        for key, packets in held.items():
+        for key in held:
             path = self._path_of_key(key, now)
             if path is not None:
-                found[path] = packets
+                found[path] = node.store.count(key, now_ms=now)
         for path in followed:
             if path not in found:
                 found[path] = self._packets_at(path, now, held)
@@ -973,22 +948,6 @@ class QisdFlightServer(flight.FlightServerBase):
             followers = list(self._followers)
         for follower in followers:
             self._stop_follower(follower)
-
-
-def _regrouped(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-    """The store's small batches regrouped into batches of up to ``BATCH_ROWS`` rows."""
-    group: list[pa.RecordBatch] = []
-    rows = 0
-    for batch in batches:
-        if group and rows + batch.num_rows > BATCH_ROWS:
-            yield (
-                pa.Table.from_batches(group, schema=RESULT_SCHEMA).combine_chunks().to_batches()[0]
-            )
-            group, rows = [], 0
-        group.append(batch)
-        rows += batch.num_rows
-    if group:
-        yield pa.Table.from_batches(group, schema=RESULT_SCHEMA).combine_chunks().to_batches()[0]
 
 
 def _now_ms() -> int:

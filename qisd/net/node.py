@@ -22,10 +22,9 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from qisd import __version__
 from qisd.config import NodeConfig
@@ -57,7 +56,7 @@ from qisd.core.packet import (
 )
 from qisd.errors import IdentityError, PacketError, QisdError, UsageError
 from qisd.net import datadir
-from qisd.net.store import Store
+from qisd.net.store import Store, rows_matching
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +78,6 @@ MAX_FOLLOWED = 1_000
 """Paths one node may follow."""
 _SUBSCRIBER_QUEUE = 1_024
 """Tables buffered per subscriber; a subscriber that falls further behind loses the oldest."""
-
-
-_Rows = TypeVar("_Rows", pa.Table, pa.RecordBatch)
 
 
 def now_ms() -> int:
@@ -143,17 +139,6 @@ def _emitted(groups: list[list[Envelope]], rows: list[dict[str, Any]]) -> EmitRe
     """What a committed emit returns: one packet id per body, no replicas counted yet."""
     ids = [group[0].packet_id for group in groups]
     return EmitResult(ids, len(rows), {pid: 0 for pid in ids})
-
-
-def rows_matching(data: _Rows, wanted: Mapping[str, str]) -> _Rows:
-    """The rows of a table or batch whose ``field`` equals ``value`` for every wanted pair."""
-    if not wanted or data.num_rows == 0:
-        return data
-    mask = None
-    for name, value in wanted.items():
-        equal = pc.equal(data.column(name), pa.scalar(value, pa.string()))
-        mask = equal if mask is None else pc.and_(mask, equal)
-    return data.filter(mask)
 
 
 def _warm_arrow() -> None:
@@ -807,13 +792,13 @@ class Node:
             fetched = await self.dht.fetch(key)
             if fetched:
                 extra = await self._keep(fetched)
-        table = await asyncio.to_thread(self.store.table, key, now_ms=now_ms())
+        table = await asyncio.to_thread(self.store.table, key, now_ms=now_ms(), wanted=wanted)
         if extra:
             held = set(table.column("packet_id").to_pylist())
             missing = [e for e in extra if e.packet_id not in held]
             if missing:
-                table = pa.concat_tables([table, _table_of(missing)])
-        return rows_matching(table, wanted)
+                table = pa.concat_tables([table, rows_matching(_table_of(missing), wanted)])
+        return table
 
     def query_route(self, path: str) -> tuple[bytes, dict[str, str]]:
         """Where a query for ``path`` reads: ``(key, wanted)``.
@@ -1182,8 +1167,7 @@ class Node:
             fetched = await self.dht.fetch(key)
             if fetched:
                 await self._keep(fetched)
-        table = await asyncio.to_thread(self.store.table, key, now_ms=now_ms())
-        table = rows_matching(table, wanted)
+        table = await asyncio.to_thread(self.store.table, key, now_ms=now_ms(), wanted=wanted)
         ids = table.column("packet_id").to_pylist()
         digest = (len(ids), ids[-1] if ids else "")
         if self._digests.get(path) == digest and path in self._syntheses:
