@@ -746,3 +746,60 @@ def test_the_view_always_equals_a_decode_of_the_envelopes(tmp_path: Path, ops: l
     finally:
         store.close()
         shutil.rmtree(directory)
+
+
+# --------------------------------------------------------------------------- group commit
+
+
+def test_concurrent_puts_share_commits_and_each_gets_its_own_result(tmp_path: Path) -> None:
+    import threading
+
+    writers, per_writer = 8, 40
+    packets = [make_packets(per_writer, Identity.generate()) for _ in range(writers)]
+    results: dict[int, list[list[str]]] = {}
+    start = threading.Barrier(writers)
+    with open_store(tmp_path) as store:
+
+        def write(w: int) -> None:
+            start.wait(timeout=30)
+            results[w] = [store.put(p, now_ms=NOW).accepted for p in packets[w]]
+
+        threads = [threading.Thread(target=write, args=(w,)) for w in range(writers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert all(not t.is_alive() for t in threads)
+        # Each put was told exactly what it stored, and all of it is there.
+        for w in range(writers):
+            assert results[w] == [ids(p) for p in packets[w]]
+        for p in (p for ps in packets for p in ps):
+            assert all(store.has(e.key, e.packet_id) for e in p)
+        puts = writers * per_writer
+        assert store.groups["puts"] == puts
+        # Writers waiting while a commit was under way went together into the next one.
+        assert store.groups["commits"] < puts, store.groups
+        assert store.integrity_check()
+        assert assert_view_matches(store, NOW) == 2 * puts
+
+
+def test_a_failing_put_in_a_group_fails_alone(tmp_path: Path) -> None:
+    envs = make_envelopes(3)
+    with open_store(tmp_path) as store:
+        store.put(envs[:1], now_ms=NOW)
+        store._conn.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON envelopes WHEN NEW.packet_id = ?"
+            " BEGIN SELECT RAISE(ABORT, 'refused by a test trigger'); END".replace(
+                "?", f"'{envs[1].packet_id}'"
+            )
+        )
+        from qisd.net.store import _PutCall
+
+        calls = [_PutCall([e], NOW, False, "") for e in envs[1:]]
+        store._commit_group(calls)
+        assert isinstance(calls[0].error, StoreError) and "test trigger" in str(calls[0].error)
+        assert calls[1].error is None and calls[1].result.accepted == [envs[2].packet_id]
+        assert not store.has(KEY, envs[1].packet_id) and store.has(KEY, envs[2].packet_id)
+        assert store.table(KEY, now_ms=NOW).column("packet_id").to_pylist() == ids(
+            [envs[0], envs[2]]
+        )

@@ -201,6 +201,9 @@ class Node:
         self._callbacks: set[asyncio.Task[Any]] = set()
         self._closed = False
         self._commit_lock = asyncio.Lock()
+        self._emitting = 0
+        """Emits of the loop committing in worker threads (close() waits for them)."""
+        self._emits_done = asyncio.Event()
         self._loop = asyncio.get_running_loop()
         self._publish_slots = asyncio.Semaphore(PUBLISH_CONCURRENCY)
         self._backlog = 0
@@ -303,7 +306,10 @@ class Node:
                 await self.dht.stop()
             except Exception:
                 log.exception("stopping the DHT failed")
-        async with self._commit_lock:  # an emit committing in a worker thread finishes first
+        while self._emitting:  # emits committing in worker threads finish first
+            self._emits_done.clear()
+            await self._emits_done.wait()
+        async with self._commit_lock:  # and so does a network store or a document's put
             self.store.close()
         self._lock.release()
 
@@ -583,9 +589,16 @@ class Node:
     async def _emit(
         self, build: _Build, wait_replicas: int, wait_timeout: float | None
     ) -> EmitResult:
-        async with self._commit_lock:
-            self._check_open()
+        # No lock around the commit: concurrent emits reach the store together and share one
+        # group commit (one fsync); the store orders them. close() waits for them (_emitting).
+        self._check_open()
+        self._emitting += 1
+        try:
             groups, rows, rejected = await asyncio.to_thread(self._commit, build)
+        finally:
+            self._emitting -= 1
+            if not self._emitting:
+                self._emits_done.set()
         if not rows:
             return EmitResult([], 0, {}, rejected)
         result = self._committed(groups, rows)
@@ -1200,6 +1213,7 @@ class Node:
             "packets": stats["packets"],
             "local_packets": stats["local_packets"],
             "store_bytes": stats["bytes"],
+            "store_commits": dict(self.store.groups),
             "publish_backlog": self._backlog,
             "followed": self.followed(),
             "counters": dict(self.counters),
