@@ -70,7 +70,7 @@ from qisd.core.packet import (
     read_trusted,
 )
 from qisd.errors import StoreError
-from qisd.net.view import VIEW_DIR, ViewSet, view_rows
+from qisd.net.view import VIEW_DIR, Decoded, Pending, ViewSet
 
 STORE_FILE = "store.sqlite3"
 """Name of the store inside the data directory."""
@@ -436,15 +436,17 @@ class Store:
                 )
             ]
 
-        def decode(key: bytes, after: int) -> list[tuple[int, str, bytes, int, bytes]]:
-            return [
-                (seq, pid, bytes(raw), exp, b"")
-                for seq, pid, raw, exp in conn.execute(
-                    "SELECT seq, packet_id, raw, expires_ms FROM envelopes WHERE key = ?"
-                    " AND seq > ? AND kind = ? ORDER BY seq LIMIT ?",
-                    (key, after, KIND_PACKET, _DECODE_STEP),
-                )
-            ]
+        def decode(key: bytes, after: int) -> list[Pending]:
+            out: list[Pending] = []
+            for seq, pid, raw, exp in conn.execute(
+                "SELECT seq, packet_id, raw, expires_ms FROM envelopes WHERE key = ?"
+                " AND seq > ? AND kind = ? ORDER BY seq LIMIT ?",
+                (key, after, KIND_PACKET, _DECODE_STEP),
+            ).fetchall():
+                env, batch = read_trusted(bytes(raw))
+                if batch is not None:
+                    out.append((seq, pid, env.public_key, exp, Decoded(batch.num_rows, batch)))
+            return out
 
         self._views.sync(held, seqs, decode)
 
@@ -580,20 +582,18 @@ class Store:
         if views is None:
             return
         try:
-            batches: dict[str, pa.RecordBatch] = {}
             for call in group:
-                by_key: dict[bytes, list[tuple[int, str, bytes, int, pa.RecordBatch]]] = {}
+                by_key: dict[bytes, list[Pending]] = {}
                 for key, seq in call.deleted:
+                    if by_key.get(key):
+                        views.append(key, by_key.pop(key))  # in order: added, then deleted
                     views.delete(key, (seq,))
                 for key, seq, env, expires in call.added:
-                    batch = batches.get(env.packet_id)
-                    if batch is None:
-                        batch = batches[env.packet_id] = env.batch()
                     by_key.setdefault(key, []).append(
-                        (seq, env.packet_id, env.public_key, expires, batch)
+                        (seq, env.packet_id, env.public_key, expires, env)
                     )
                 for key, items in by_key.items():
-                    views.append(key, view_rows(items))
+                    views.append(key, items)
         except Exception:
             # The envelopes are committed (and acknowledged); the views are rebuilt from them.
             import logging

@@ -49,6 +49,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -72,9 +73,33 @@ _VISIBLE = len(RESULT_SCHEMA)
 _SUFFIX = ".arrows"
 _PAGE = mmap.PAGESIZE
 
-Decode = Callable[[bytes, int], list[tuple[int, str, bytes, int, bytes]]]
-"""What the store gives the view to decode envelopes: ``(key, after_seq)`` ->
-``[(seq, packet_id, raw, expires_ms, key)]`` of the key's packets with seq > after_seq."""
+
+class Rows(Protocol):
+    """What the view needs of an envelope: its row count, and its rows (an :class:`Envelope`
+    decodes them when asked; :class:`Decoded` has them already)."""
+
+    @property
+    def rows(self) -> int: ...
+
+    def batch(self) -> pa.RecordBatch: ...
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """Rows decoded already (an envelope read back from the store)."""
+
+    rows: int
+    data: pa.RecordBatch
+
+    def batch(self) -> pa.RecordBatch:
+        return self.data
+
+
+Pending = tuple[int, str, bytes, int, Rows]
+"""A committed packet envelope of a key: ``(seq, packet_id, public_key, expires_ms, rows)``."""
+Decode = Callable[[bytes, int], list[Pending]]
+"""What the store gives the view to read envelopes: ``(key, after_seq)`` -> the key's packet
+envelopes with seq > after_seq, in seq order (a bounded step; empty at the end)."""
 
 
 def result_rows(data: pa.RecordBatch) -> pa.RecordBatch:
@@ -167,33 +192,40 @@ class _KeyView:
     end: int = 0
     """Bytes of the file that hold whole messages (the schema and every segment)."""
     tail: list[pa.RecordBatch] = field(default_factory=list)
+    """Rows not yet in the file, as batches (at most one once :meth:`joined_tail` ran)."""
+    pending: list[Pending] = field(default_factory=list)
+    """Committed envelopes not yet turned into rows: a put only queues them (decoding and
+    building the provenance columns wait for the next read or write-out, done for all)."""
     tail_rows: int = 0
     tail_packets: int = 0
-    tail_joined: pa.RecordBatch | None = None
-    """The tail as one batch (built on the first read after it changed)."""
     dead: set[int] = field(default_factory=set)
     """Seqs of deleted envelopes whose rows are still in the file."""
-    dead_rows: int = 0
 
     @property
     def last_seq(self) -> int:
+        if self.pending:
+            return self.pending[-1][0]
         if self.tail:
             return int(self.tail[-1].column(SEQ)[-1].as_py())
         return self.segments[-1].last_seq if self.segments else 0
-
-    def file_rows(self) -> int:
-        return sum(s.rows for s in self.segments)
 
     def packets(self) -> int:
         return sum(s.packets for s in self.segments) - len(self.dead) + self.tail_packets
 
     def joined_tail(self) -> pa.RecordBatch | None:
+        """The tail as one batch (the queued envelopes decoded now, all at once)."""
+        if self.pending:
+            self.tail.append(
+                view_rows(
+                    (seq, pid, pub, exp, env.batch()) for seq, pid, pub, exp, env in self.pending
+                )
+            )
+            self.pending = []
         if not self.tail:
             return None
-        if self.tail_joined is None or self.tail_joined.num_rows != self.tail_rows:
-            self.tail_joined = self.tail[0] if len(self.tail) == 1 else pa.concat_batches(self.tail)
-            self.tail = [self.tail_joined]
-        return self.tail_joined
+        if len(self.tail) > 1:
+            self.tail = [pa.concat_batches(self.tail)]
+        return self.tail[0]
 
 
 class Snapshot:
@@ -451,8 +483,9 @@ class ViewSet:
 
     def _repair(self, key: bytes, view: _KeyView, stored: list[int], decode: Decode) -> None:
         in_file = _seqs_of(view.path, view.segments, view.end)
-        if view.tail:
-            in_file = np.concatenate([in_file, view.joined_tail().column(SEQ).to_numpy()])  # type: ignore[union-attr]
+        tail = view.joined_tail()
+        if tail is not None:
+            in_file = np.concatenate([in_file, tail.column(SEQ).to_numpy()])
         held = np.unique(in_file)
         wanted = np.asarray(stored, np.int64)
         extra = np.setdiff1d(held, wanted, assume_unique=True)
@@ -476,36 +509,25 @@ class ViewSet:
                 rows = decode(key, newest)
                 if not rows:
                     break
-                self.append_envelopes(key, rows)
+                self.append(key, rows)
                 self._flush(key)
                 newest = rows[-1][0]
 
     # ------------------------------------------------------------------ changes
 
-    def append_envelopes(self, key: bytes, rows: list[tuple[int, str, bytes, int, bytes]]) -> None:
-        """Add decoded envelopes ``(seq, packet_id, raw, expires_ms, public_key)`` of ``key``
-        (already committed, seq order) — see :func:`decode_envelopes`."""
-        from qisd.core.packet import read_trusted
-
-        items = []
-        for seq, pid, raw, exp, _pub in rows:
-            env, batch = read_trusted(raw)
-            if batch is not None:
-                items.append((seq, pid, env.public_key, exp, batch))
-        if items:
-            self.append(key, view_rows(items))
-
-    def append(self, key: bytes, data: pa.RecordBatch) -> None:
-        """Add committed rows (``VIEW_SCHEMA``, seqs above every row the key's view holds)."""
-        if data.num_rows == 0:
+    def append(self, key: bytes, items: list[Pending]) -> None:
+        """Add committed packet envelopes of ``key`` (seqs above every row its view holds, in
+        order). Only queued: their rows are built on the next read or write-out."""
+        if not items:
             return
         view = self._views.get(key)
         if view is None:
             view = self._views[key] = _KeyView(self._path(key))
-        view.tail.append(data)
-        view.tail_rows += data.num_rows
-        view.tail_packets += _packets_in(data)
-        self._tail_rows += data.num_rows
+        rows = sum(env.rows for *_, env in items)
+        view.pending.extend(items)
+        view.tail_rows += rows
+        view.tail_packets += len(items)
+        self._tail_rows += rows
         if view.tail_rows >= SEGMENT_ROWS:
             self._flush(key)
         while self._tail_rows > TAIL_BUDGET_ROWS:
@@ -517,16 +539,14 @@ class ViewSet:
         if view is None:
             return
         gone = set(seqs)
-        if view.tail:
-            tail = view.joined_tail()
-            assert tail is not None
+        tail = view.joined_tail()
+        if tail is not None:
             column = tail.column(SEQ)
             hit = pc.is_in(column, value_set=pa.array(sorted(gone), pa.int64()))
             if pc.any(hit).as_py():
                 kept = tail.filter(pc.invert(hit))
                 self._tail_rows -= view.tail_rows - kept.num_rows
                 view.tail = [kept] if kept.num_rows else []
-                view.tail_joined = None
                 view.tail_rows = kept.num_rows
                 view.tail_packets = _packets_in(kept)
         for seg in view.segments:
@@ -549,10 +569,9 @@ class ViewSet:
     def _flush(self, key: bytes) -> None:
         """Write the key's tail to its file as one segment (fsynced)."""
         view = self._views.get(key)
-        if view is None or not view.tail:
+        data = None if view is None else view.joined_tail()
+        if view is None or data is None:
             return
-        data = view.joined_tail()
-        assert data is not None
         fresh = not view.path.exists() or view.end == 0
         with open(view.path, "r+b" if not fresh else "wb") as f:
             if fresh:
@@ -568,7 +587,7 @@ class ViewSet:
         view.segments.append(_Segment.of(data, view.end, end - view.end))
         view.end = end
         self._tail_rows -= view.tail_rows
-        view.tail, view.tail_joined, view.tail_rows, view.tail_packets = [], None, 0, 0
+        view.tail, view.tail_rows, view.tail_packets = [], 0, 0
 
     def _compact(self, key: bytes) -> None:
         """Rewrite the key's file without the rows of deleted envelopes (new file, renamed)."""
