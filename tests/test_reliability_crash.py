@@ -22,11 +22,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pytest
 from helpers import LineReader, assert_view_matches, clean_env, lone_daemon_argv, outcome_row
 
 from qisd import Client
 from qisd.config import StoreLimits
+from qisd.core.fingerprint import key_for_path
+from qisd.core.packet import RESULT_SCHEMA
 from qisd.errors import QisdError
 from qisd.net.datadir import init_identity
 from qisd.net.store import Store
@@ -115,12 +118,19 @@ def soak(tmp_path: Path, cycles: int, seed: int, earliest: float = 0.05) -> dict
         committed += ids
         kills_mid_request += failed
         check_store(data_dir, committed)
-    # A last restart: the daemon itself serves every committed packet.
+    # A last restart: the daemon itself serves every committed packet, and exactly the
+    # rows its envelopes hold (its columnar view, repaired after each kill).
+    with Store.open(data_dir, limits=StoreLimits(), ttl_ms=30 * 86_400_000) as store:
+        held = pa.Table.from_batches(
+            list(store.decoded(key_for_path(PATH), now_ms=time.time_ns() // 1_000_000)),
+            schema=RESULT_SCHEMA,
+        )
     proc, _reader = start_daemon(data_dir)
     try:
         with Client(data_dir, timeout=60) as client:
             table = client.query(PATH, local=True)
             assert set(committed) <= set(table.column("packet_id").to_pylist())
+            assert table.equals(held)
             client.stop(timeout=30)
         assert proc.wait(timeout=30) == 0
     finally:
