@@ -440,6 +440,20 @@ def test_a_scan_keeps_the_rows_of_the_moment_it_began(tmp_path: Path) -> None:
         assert held[0].packet_id not in after and len(after) == 17 - evicted
 
 
+def test_a_scan_begun_before_a_compaction_reads_the_file_it_began_with(tmp_path: Path) -> None:
+    envs = make_envelopes(40, timestamps=[NOW - 10_000] * 30 + [NOW] * 10)
+    with open_store(tmp_path) as store:
+        store.put(envs, now_ms=NOW)
+    with open_store(tmp_path) as store:  # the rows are in the file now, not in memory
+        stream = store.scan(KEY, now_ms=NOW, max_rows=7)
+        view_file = tmp_path / "view" / (KEY.hex() + ".arrows")
+        before = view_file.stat().st_ino
+        assert store.expire(NOW - 10_000 + TTL) == 30  # compacts: a new file replaces the old
+        assert view_file.stat().st_ino != before
+        assert pa.Table.from_batches(stream).column("packet_id").to_pylist() == ids(envs)
+        assert store.table(KEY, now_ms=NOW).column("packet_id").to_pylist() == ids(envs[30:])
+
+
 def test_batches_are_bounded_and_match_the_table(tmp_path: Path) -> None:
     packets = make_packets(12, rows_per_packet=5)
     with open_store(tmp_path) as store:

@@ -243,6 +243,9 @@ class Snapshot:
         self._path = path
         self._segments = segments
         self._end = end
+        # Opened now, under the store's lock: the file read later is this one even if a
+        # compaction renames another over its name meanwhile.
+        self._file = open(path, "rb") if segments else None  # noqa: SIM115
         self._tail = tail
         self._dead = dead
         self.packets = packets
@@ -279,16 +282,11 @@ class Snapshot:
 
     def segment_batches(self) -> Iterator[tuple[_Segment, pa.RecordBatch]]:
         """Each segment of the file as a mapped ``VIEW_SCHEMA`` batch (no copy), in order."""
-        if not self._segments:
+        if self._file is None:
             return
-        try:
-            fd = os.open(self._path, os.O_RDONLY)
-        except FileNotFoundError:
-            return  # the key's envelopes are all gone, and its file with them
-        try:
-            mapped = mmap.mmap(fd, self._end, prot=mmap.PROT_READ)
-        finally:
-            os.close(fd)
+        with self._file:
+            mapped = mmap.mmap(self._file.fileno(), self._end, prot=mmap.PROT_READ)
+        self._file = None
         buffer = pa.py_buffer(mapped)
         for seg in self._segments:
             message = pa.ipc.read_message(buffer.slice(seg.offset, seg.length))
