@@ -793,10 +793,6 @@ class Store:
             n = self._run(tx)
             total += n
             if n < 5000:
-                if total:
-                    with self._lock:
-                        if self._views is not None:
-                            self._views.compact_all()
                 return total
 
     def _forget(self, deleted: Iterable[tuple[bytes, int]]) -> None:

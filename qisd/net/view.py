@@ -19,8 +19,9 @@ Invariants (the store holds its lock around every call here):
    written to the file as one batch (a *segment*) and fsynced, so files hold large batches
    whatever the size of the puts. The tails together hold at most ``TAIL_BUDGET_ROWS`` rows.
 3. A deleted envelope (expiry, eviction, a quota's purge) is hidden at once (its seq is *dead*)
-   and removed from the file by compaction: a new file written beside it and renamed over it,
-   never a rewrite in place, so a reader mapping the old file keeps reading it unchanged.
+   and removed from the file by compaction once a quarter of the file is dead (or
+   ``MAX_DEAD`` envelopes are): a new file written beside it and renamed over it, never a
+   rewrite in place, so a reader mapping the old file keeps reading it unchanged.
 4. So the file is, at any moment, the rows of a set of envelopes that were committed, in seq
    order, missing at most the newest (the tail) and holding at most some deleted ones.
 
@@ -65,6 +66,8 @@ SEGMENT_ROWS = 16_384
 """Rows a key's tail gathers before it is written to the key's file as one batch."""
 TAIL_BUDGET_ROWS = 262_144
 """Rows all tails may hold in memory together; past it the largest tails are written out."""
+MAX_DEAD = 65_536
+"""Deleted envelopes a view may hide before its file is compacted whatever its size."""
 SEQ = "_seq"
 EXPIRES = "_expires_ms"
 VIEW_SCHEMA = RESULT_SCHEMA.append(pa.field(SEQ, pa.int64())).append(pa.field(EXPIRES, pa.int64()))
@@ -554,12 +557,10 @@ class ViewSet:
         if view.packets() <= 0 and not view.tail:
             self._drop(key)
             return
-        if len(view.dead) * 4 >= max(1, sum(s.packets for s in view.segments)):
-            self._compact(key)
-
-    def compact_all(self) -> None:
-        """Compact every view holding rows of deleted envelopes (after an expiry pass)."""
-        for key in [k for k, v in self._views.items() if v.dead]:
+        # Rewriting costs the whole file: wait until a quarter of it is dead (reads skip the
+        # dead rows meanwhile), or the dead seqs would grow past a bound.
+        in_file = sum(seg.packets for seg in view.segments)
+        if len(view.dead) * 4 >= max(1, in_file) or len(view.dead) >= MAX_DEAD:
             self._compact(key)
 
     # ------------------------------------------------------------------ files
