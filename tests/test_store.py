@@ -822,3 +822,18 @@ def test_a_failing_put_in_a_group_fails_alone(tmp_path: Path) -> None:
         assert store.table(KEY, now_ms=NOW).column("packet_id").to_pylist() == ids(
             [envs[0], envs[2]]
         )
+
+
+def test_view_files_are_owner_only(tmp_path: Path) -> None:
+    import os
+
+    old = os.umask(0o022)
+    try:
+        with open_store(tmp_path) as store:
+            store.put(make_envelopes(3), now_ms=NOW)
+    finally:
+        os.umask(old)
+    view = tmp_path / "view"
+    assert (view.stat().st_mode & 0o777) == 0o700
+    files = list(view.glob("*.arrows"))
+    assert files and all((f.stat().st_mode & 0o777) == 0o600 for f in files)

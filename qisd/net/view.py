@@ -50,7 +50,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -337,6 +337,13 @@ def _sliced(data: pa.RecordBatch, max_rows: int) -> Iterator[pa.RecordBatch]:
         yield data.slice(offset, max_rows)
 
 
+def _owner_only(path: Path, *, truncate: bool) -> BinaryIO:
+    """``path`` opened for writing, created readable by the owner alone (as every file of the
+    data directory is), emptied if ``truncate``."""
+    flags = os.O_RDWR | os.O_CREAT | (os.O_TRUNC if truncate else 0)
+    return os.fdopen(os.open(path, flags, 0o600), "r+b")
+
+
 def _scan_file(path: Path) -> tuple[list[_Segment], int, bool]:
     """The whole segments of a view file, where they end, and whether the file was sound
     (False: unreadable from the start). Stops at the first torn or foreign message."""
@@ -572,7 +579,7 @@ class ViewSet:
         if view is None or data is None:
             return
         fresh = not view.path.exists() or view.end == 0
-        with open(view.path, "r+b" if not fresh else "wb") as f:
+        with _owner_only(view.path, truncate=fresh) as f:
             if fresh:
                 f.write(VIEW_SCHEMA.serialize())
                 view.end = f.tell()
@@ -599,7 +606,7 @@ class ViewSet:
         segments: list[_Segment] = []
         pending: list[pa.RecordBatch] = []
         pending_rows = 0
-        with open(tmp, "wb") as f:
+        with _owner_only(tmp, truncate=True) as f:
             f.write(VIEW_SCHEMA.serialize())
 
             def write() -> None:
