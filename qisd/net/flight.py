@@ -19,7 +19,7 @@ The API a client sees (docs/flight.md has examples):
 * **DoGet** — ticket = fingerprint path as UTF-8 (``b"domain/problem_type"``), the network and
   the local store; ``b"local:" + path`` reads the local store only. Record batches of
   ``RESULT_SCHEMA`` (the packet columns plus ``packet_id`` and ``signer``) of at most
-  :data:`BATCH_ROWS` rows, read from the store as they are sent.
+  :data:`BATCH_ROWS` rows, mapped from the key's columnar view as they are sent.
 * **DoExchange** — descriptor as for DoPut: follow the path. The server first sends a
   metadata-only message ``{"following": path}`` (the follow is registered when it arrives), then
   each new packet as record batches, until the client ends its side (``done_writing()``/close).
@@ -35,10 +35,11 @@ are given (``grpc+tls://``).
 Threads: gRPC serves calls on its own threads; the node lives on the daemon's event loop. Calls
 reach the node with ``asyncio.run_coroutine_threadsafe`` and wait for the result, so the node's
 state is only driven from the loop (the store's blocking reads run in the loop's worker
-threads, as the node's own reads do). DoPut is the exception: it validates, signs and commits
-in its gRPC thread (:meth:`Node.emit_table_blocking`; the store serialises writers under its
-own lock) and hands the loop only the bookkeeping after the commit, because for a one-row put
-the two thread hops cost more than the work.
+threads, as the node's own reads do). Two exceptions, where the hops would cost more than the
+work: DoPut validates, signs and commits in its gRPC thread (:meth:`Node.emit_table_blocking`;
+concurrent puts share the store's group commits) and hands the loop only the bookkeeping after
+the commit; DoGet streams its snapshot of the store's view in its gRPC thread (the store is
+thread-safe; only the network fetch before it runs on the loop).
 """
 
 from __future__ import annotations
