@@ -28,6 +28,7 @@ import pyarrow as pa
 
 from qisd import __version__
 from qisd.config import NodeConfig
+from qisd.core import completeness
 from qisd.core.crypto import Identity
 from qisd.core.darwin import Darwinism, DarwinStateError
 from qisd.core.fingerprint import Template, key_for_path, normalize_path, split_path
@@ -72,6 +73,9 @@ MAX_WAIT_SECONDS = 3600.0
 """The longest an emit may wait for replicas (``wait_timeout``)."""
 PUBLISH_LINGER = 0.01
 """Seconds the publisher waits after an emit for more to publish with it."""
+PUBLISH_TRIES = 5
+"""A background publish of an envelope short of replicas is tried this many times (backing off
+from 1 s to 16 s); past that, replica sync and the hourly republish carry it."""
 PUBLISH_CONCURRENCY = 8
 """Keys published at once (each is a lookup plus stores at its k closest nodes)."""
 MAX_FOLLOWED = 1_000
@@ -207,6 +211,7 @@ class Node:
         self._loop = asyncio.get_running_loop()
         self._publish_slots = asyncio.Semaphore(PUBLISH_CONCURRENCY)
         self._backlog = 0
+        self._publish_tries: dict[str, int] = {}
         self._hires: dict[str, Hire] = {}
         self._domains: set[str] = set()
         self._recommended: dict[str, tuple[str, str]] = {}
@@ -404,10 +409,7 @@ class Node:
 
     async def _refresh_documents(self, domain: str) -> None:
         """Fetch the domain's template documents from the network into the store."""
-        if self.dht is not None:
-            fetched = await self.dht.fetch(templates_key(domain))
-            if fetched:
-                await self._keep(fetched)
+        await self.fetch_into_store(templates_key(domain))
         self._hires.pop(domain, None)
 
     async def _publish_document(self, domain: str, body: bytes, kind: int) -> dict[str, Any]:
@@ -783,12 +785,46 @@ class Node:
             while not self._publish_queue.empty() and len(batch) < 2_048:
                 batch = batch + self._publish_queue.get_nowait()
                 taken += 1
+            short: list[Envelope] = []
             try:
-                await self._publish(batch)
+                short = self._short_of_replicas(batch, await self._publish(batch))
             finally:
-                self._backlog -= len(batch)
+                self._backlog -= len(batch) - len(short)
                 for _ in range(taken):
                     self._publish_queue.task_done()
+            if short:
+                self._background(self._publish_again(short))
+
+    def _short_of_replicas(
+        self, envelopes: list[Envelope], replicas: dict[str, int]
+    ) -> list[Envelope]:
+        """The envelopes that reached fewer replicas than the network can hold (k, or every
+        peer of a smaller network), to publish again; each is tried a bounded number of times."""
+        if self.dht is None or self._closed:
+            return []
+        wanted = min(self.config.dht.ksize, len(self.dht.peers()))
+        short = []
+        for env in envelopes:
+            if replicas.get(env.packet_id, 0) >= wanted:
+                self._publish_tries.pop(env.packet_id, None)
+                continue
+            tries = self._publish_tries.get(env.packet_id, 0) + 1
+            if tries > PUBLISH_TRIES:
+                self._publish_tries.pop(env.packet_id, None)
+                self.counters["publish_short_left_to_sync"] += 1
+                continue  # replica sync and republish carry it from here
+            self._publish_tries[env.packet_id] = tries
+            short.append(env)
+        return short
+
+    async def _publish_again(self, envelopes: list[Envelope]) -> None:
+        """Queue envelopes short of replicas again after a back-off (still in the backlog)."""
+        tries = max(self._publish_tries.get(e.packet_id, 1) for e in envelopes)
+        await asyncio.sleep(min(30.0, 0.5 * 2**tries))
+        if self._closed:
+            return
+        self.counters["publish_retried"] += len(envelopes)
+        self._publish_queue.put_nowait(envelopes)
 
     # ------------------------------------------------------------------ query
 
@@ -801,17 +837,28 @@ class Node:
         self._check_open()
         key, wanted = self.query_route(path)
         extra: list[Envelope] = []
-        if not local_only and self.dht is not None:
-            fetched = await self.dht.fetch(key)
-            if fetched:
-                extra = await self._keep(fetched)
+        report = None
+        if not local_only:
+            extra, report = await self.fetch_into_store(key)
         table = await asyncio.to_thread(self.store.table, key, now_ms=now_ms(), wanted=wanted)
         if extra:
             held = set(table.column("packet_id").to_pylist())
             missing = [e for e in extra if e.packet_id not in held]
             if missing:
                 table = pa.concat_tables([table, rows_matching(_table_of(missing), wanted)])
-        return table
+        return completeness.attach_table(table, report)
+
+    async def fetch_into_store(self, key: bytes) -> tuple[list[Envelope], dict[str, Any] | None]:
+        """Read ``key`` from the network into the local store (only what it lacks moves).
+
+        Returns the fetched envelopes the store refused (a quota), so a reader can still see
+        them, and the read's report (:mod:`qisd.core.completeness`; None without a network).
+        """
+        if self.dht is None:
+            return [], None
+        fetched = await self.dht.fetch_report(key)
+        refused = await self._keep(fetched.envelopes) if fetched.envelopes else []
+        return refused, fetched.report()
 
     def query_route(self, path: str) -> tuple[bytes, dict[str, str]]:
         """Where a query for ``path`` reads: ``(key, wanted)``.
@@ -1067,7 +1114,11 @@ class Node:
     async def synthesize(self, path: str, *, local_only: bool = False) -> dict[str, Any]:
         """The synthesis of a fingerprint path's packets (network and local)."""
         table = await self.query(path, local_only=local_only)
-        return self._synthesize(normalize_path(path), table)
+        result = self._synthesize(normalize_path(path), table)
+        report = completeness.read(table.schema)
+        if report is not None:
+            result["read"] = report
+        return result
 
     def _synthesize(self, path: str, table: pa.Table) -> dict[str, Any]:
         from qisd.core.synthesis import synthesize
@@ -1176,10 +1227,8 @@ class Node:
         self, path: str, route: tuple[bytes, dict[str, str]], *, fetch: bool
     ) -> None:
         key, wanted = route
-        if fetch and self.dht is not None:
-            fetched = await self.dht.fetch(key)
-            if fetched:
-                await self._keep(fetched)
+        if fetch:
+            await self.fetch_into_store(key)
         table = await asyncio.to_thread(self.store.table, key, now_ms=now_ms(), wanted=wanted)
         ids = table.column("packet_id").to_pylist()
         digest = (len(ids), ids[-1] if ids else "")

@@ -315,6 +315,8 @@ class Store:
         self._lock = threading.RLock()
         self._views: ViewSet | None = None
         self._data_version = -1
+        # Bumped whenever a key's rows change (see generation()).
+        self._generation: dict[bytes, int] = {}
         # Group commit: puts queue here; the one that finds no commit under way commits all.
         self._group = threading.Condition(threading.Lock())
         self._waiting: list[_PutCall] = []
@@ -452,11 +454,13 @@ class Store:
 
     def _check_writers(self, conn: sqlite3.Connection) -> None:
         """Resync the views if another connection committed since we last looked (its writes
-        did not go through this store's views)."""
+        did not go through this store's views, nor told ``generation()``)."""
         if (
             self._views is not None
             and conn.execute("PRAGMA data_version").fetchone()[0] != self._data_version
         ):
+            self._changed([bytes(k) for (k,) in conn.execute("SELECT key FROM key_usage")])
+            self._changed(list(self._generation))
             self._sync_views(conn)
 
     def close(self) -> None:
@@ -564,6 +568,10 @@ class Store:
                     raise StoreError(f"store {self.path}: {exc}") from None
                 self.groups["commits"] += 1
                 self.groups["puts"] += len(group)
+                self._changed(
+                    {k for c in group for k, *_ in c.added}
+                    | {k for c in group for k, _ in c.deleted}
+                )
                 self._apply(group)
         except BaseException as exc:
             for call in group:
@@ -795,8 +803,13 @@ class Store:
             if n < 5000:
                 return total
 
-    def _forget(self, deleted: Iterable[tuple[bytes, int]]) -> None:
+    def _changed(self, keys: Iterable[bytes]) -> None:
+        for key in keys:
+            self._generation[key] = self._generation.get(key, 0) + 1
+
+    def _forget(self, deleted: list[tuple[bytes, int]]) -> None:
         """Hide the rows of committed deletes from the views."""
+        self._changed({key for key, _ in deleted})
         if self._views is None:
             return
         by_key: dict[bytes, list[int]] = {}
@@ -846,6 +859,25 @@ class Store:
             args = (packet_id,)
         row = self._run(lambda c: c.execute(sql, args).fetchone())
         return None if row is None else bytes(row[0])
+
+    def index(self, key: bytes, *, now_ms: int) -> tuple[int, list[tuple[int, str]]]:
+        """``(generation, [(timestamp_ms, packet_id), ...])`` of the unexpired envelopes under
+        ``key``: what replica reconciliation summarises. The generation changes whenever the
+        key's rows do, so a caller may keep the list until it does."""
+        with self._lock:
+            generation = self._generation.get(key, 0)
+        rows = self._run(
+            lambda c: c.execute(
+                "SELECT timestamp_ms, packet_id FROM envelopes WHERE key = ? AND expires_ms > ?",
+                (key, now_ms),
+            ).fetchall()
+        )
+        return generation, [(int(ts), str(pid)) for ts, pid in rows]
+
+    def generation(self, key: bytes) -> int:
+        """A number that changes whenever the rows under ``key`` change."""
+        with self._lock:
+            return self._generation.get(key, 0)
 
     def page(
         self, key: bytes, *, since: int = 0, max_bytes: int, now_ms: int
