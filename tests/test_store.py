@@ -837,3 +837,22 @@ def test_view_files_are_owner_only(tmp_path: Path) -> None:
     assert (view.stat().st_mode & 0o777) == 0o700
     files = list(view.glob("*.arrows"))
     assert files and all((f.stat().st_mode & 0o777) == 0o600 for f in files)
+
+
+def test_generation_changes_exactly_when_a_keys_rows_do(tmp_path: Path) -> None:
+    envs = make_envelopes(3, timestamps=[NOW - 10_000, NOW, NOW])
+    with open_store(tmp_path) as store:
+        g0 = store.generation(KEY)
+        store.put(envs, now_ms=NOW)
+        g1 = store.generation(KEY)
+        assert g1 != g0
+        store.put(envs[:1], now_ms=NOW)  # a duplicate changes nothing
+        assert store.generation(KEY) == g1
+        assert store.expire(NOW - 10_000 + TTL) == 1
+        g2 = store.generation(KEY)
+        assert g2 != g1
+        assert store.index(KEY, now_ms=NOW - 10_000 + TTL)[0] == g2
+        with open_store(tmp_path) as other:  # another connection's write
+            other.put(make_envelopes(1, start=900), now_ms=NOW)
+        assert store.table(KEY, now_ms=NOW).num_rows == 3
+        assert store.generation(KEY) != g2
