@@ -165,7 +165,8 @@ def _serve_qisd(data_dir: str) -> None:
     from qisd.net.flight import start_flight
     from qisd.net.node import Node
 
-    datadir.init_identity(data_dir)
+    if not (Path(data_dir) / datadir.KEY_FILE).exists():  # a restart keeps its identity
+        datadir.init_identity(data_dir)
     empty = Path(data_dir) / "no-peers.txt"
     empty.write_text("# a lone node\n")
     config = NodeConfig(data_dir=data_dir, host="127.0.0.1", port=0, bootstrap_file=str(empty))
@@ -298,6 +299,157 @@ def median(fn: Callable[[int], float], repeat: int) -> float:
     return statistics.median(fn(i) for i in range(repeat))
 
 
+def concurrent_puts(location: str, writers: int, n: int, start: int) -> float:
+    """Single-row DoPut/s of ``writers`` clients putting ``n`` rows each at once (one thread
+    and one connection per client, the article's pattern in each)."""
+    barrier = threading.Barrier(writers + 1)
+    done: list[float] = []
+
+    def one(w: int) -> None:
+        client = flight.FlightClient(location)
+        packets = rows_table(n, start + w * n).to_batches(max_chunksize=1)
+        barrier.wait()
+        for packet in packets:
+            writer, _ = client.do_put(DESCRIPTOR, packet.schema)
+            writer.write(packet)
+            writer.close()
+        done.append(time.perf_counter())
+        client.close()
+
+    threads = [threading.Thread(target=one, args=(w,)) for w in range(writers)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    return writers * n / (max(done) - t0)
+
+
+def fill_article(location: str, rows: int, *, one_row_batches: bool) -> None:
+    """The article's store holding ``rows`` rows: one batch per single-row deposit, or one."""
+    client = flight.FlightClient(location)
+    table = rows_table(rows)
+    writer, _ = client.do_put(DESCRIPTOR, table.schema)
+    for batch in table.to_batches(max_chunksize=1 if one_row_batches else rows):
+        writer.write_batch(batch)
+    writer.close()
+    client.close()
+
+
+def fill_qisd(location: str, rows: int, start: int = 0) -> None:
+    """``rows`` rows put into qisd in DoPuts of at most 100,000 rows (its per-stream limit)."""
+    for offset in range(0, rows, 100_000):
+        batched_put(location, min(100_000, rows - offset), start + offset)
+
+
+def signed_by_many(data_dir: str, rows: int, signers: int) -> None:
+    """A store holding ``rows`` one-row packets of ``signers`` other nodes under one key, as
+    a DHT holder gets them (remote puts of verified envelopes), built without a daemon."""
+    from qisd.config import StoreLimits
+    from qisd.core import packet as P
+    from qisd.core.crypto import Identity
+    from qisd.core.fingerprint import DEFAULT_TEMPLATE, key_for_path
+    from qisd.net import datadir
+    from qisd.net.store import Store
+
+    datadir.init_identity(data_dir)
+    fields = DEFAULT_TEMPLATE.fields_at(DEFAULT_TEMPLATE.levels[0])
+    key = key_for_path(PATH)
+    table = rows_table(rows)
+    identities = [Identity.generate() for _ in range(signers)]
+    store = Store.open(data_dir, limits=StoreLimits(), ttl_ms=30 * 86_400_000)
+    now = time.time_ns() // 1_000_000
+    try:
+        batch: list[P.Envelope] = []
+        for i in range(rows):
+            ident = identities[i % signers]
+            one = table.slice(i, 1).set_column(0, "node_id", pa.array([ident.node_id]))
+            body = P._deflate(one.combine_chunks().to_batches()[0].serialize().to_pybytes())
+            batch.append(
+                P.seal(ident, P.KIND_PACKET, key, body, fields=fields, timestamp_ms=now, rows=1)
+            )
+            if len(batch) == 1000 or i == rows - 1:
+                result = store.put(batch, now_ms=now, origin=f"10.0.0.{i % signers}:9000")
+                assert not result.refused, result.refused[:1]
+                batch = []
+    finally:
+        store.close()
+
+
+def batched_steps(directory: str, n: int) -> dict[str, float]:
+    """Seconds per step of a ``n``-row emit, the steps ``Node._commit`` runs, timed in this
+    process on a store of its own: validation, sealing (IPC, zlib, signatures), the durable
+    put (one transaction), the view's first read (the queued rows built), and a full scan."""
+    from qisd.config import StoreLimits
+    from qisd.core import packet as P
+    from qisd.core.fingerprint import DEFAULT_TEMPLATE, key_for_path
+    from qisd.net import datadir
+    from qisd.net.store import Store
+
+    datadir.init_identity(directory)
+    ident = datadir.load_identity(directory)
+    routes = [DEFAULT_TEMPLATE.fields_at(level) for level in DEFAULT_TEMPLATE.levels]
+    table = rows_table(n, 50_000_000).drop_columns(["node_id"])
+    store = Store.open(directory, limits=StoreLimits(), ttl_ms=30 * 86_400_000)
+    try:
+        now = time.time_ns() // 1_000_000
+        t0 = time.perf_counter()
+        rows, _ = P.build_table_rows(table, ident, now_ms=now, lifetime_ms=30 * 86_400_000)
+        t1 = time.perf_counter()
+        groups = P.pack_rows(ident, rows, routes)
+        t2 = time.perf_counter()
+        store.put([e for g in groups for e in g], now_ms=now, local=True)
+        t3 = time.perf_counter()
+        key = key_for_path(PATH)
+        first = sum(b.num_rows for b in store.scan(key, now_ms=now))
+        t4 = time.perf_counter()
+        again = sum(b.num_rows for b in store.scan(key, now_ms=now))
+        t5 = time.perf_counter()
+        assert first == again == n
+    finally:
+        store.close()
+    return {
+        "validate_s": t1 - t0,
+        "seal_s": t2 - t1,
+        "commit_s": t3 - t2,
+        "view_build_s": t4 - t3,
+        "scan_s": t5 - t4,
+    }
+
+
+def single_steps(directory: str, n: int) -> dict[str, float]:
+    """Median microseconds per step of a one-row emit (as a single-row DoPut runs it, minus
+    Flight), timed in this process: validation, sealing (two signatures), the durable put."""
+    from qisd.config import StoreLimits
+    from qisd.core import packet as P
+    from qisd.core.fingerprint import DEFAULT_TEMPLATE
+    from qisd.net import datadir
+    from qisd.net.store import Store
+
+    datadir.init_identity(directory)
+    ident = datadir.load_identity(directory)
+    routes = [DEFAULT_TEMPLATE.fields_at(level) for level in DEFAULT_TEMPLATE.levels]
+    tables = [rows_table(1, 60_000_000 + i).drop_columns(["node_id"]) for i in range(n)]
+    steps: dict[str, list[float]] = {"validate_us": [], "seal_us": [], "put_us": []}
+    store = Store.open(directory, limits=StoreLimits(), ttl_ms=30 * 86_400_000)
+    try:
+        for table in tables:
+            now = time.time_ns() // 1_000_000
+            t0 = time.perf_counter()
+            rows, _ = P.build_table_rows(table, ident, now_ms=now, lifetime_ms=30 * 86_400_000)
+            t1 = time.perf_counter()
+            groups = P.pack_rows(ident, rows, routes)
+            t2 = time.perf_counter()
+            store.put([e for g in groups for e in g], now_ms=now, local=True)
+            t3 = time.perf_counter()
+            for name, dt in zip(steps, (t1 - t0, t2 - t1, t3 - t2), strict=True):
+                steps[name].append(dt * 1e6)
+    finally:
+        store.close()
+    return {name: statistics.median(v) for name, v in steps.items()}
+
+
 def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {"article": {}, "qisd": {}, "floor": {}, "durable-floor": {}}
     a, q, floor = out["article"], out["qisd"], out["floor"]
@@ -326,7 +478,22 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
             out[name]["single_put_ratio"] = statistics.median(
                 r[name] / r["article"] for r in rounds
             )
+        q["single_put_vs_durable"] = statistics.median(
+            r["qisd"] / r["durable-floor"] for r in rounds
+        )
         floor["fdatasync_us"] = statistics.median(r["fdatasync_us"] for r in rounds)
+        # Eight writers at once, in turn within each round as above.
+        per = max(1, args.single // 8)
+        crowd = [
+            {
+                name: concurrent_puts(locations[name], 8, per, 20_000_000 + i * 8 * per)
+                for name in ("article", "durable-floor", "qisd")
+            }
+            for i in range(args.repeat)
+        ]
+        for name in ("article", "durable-floor", "qisd"):
+            out[name]["put8_per_s"] = statistics.median(r[name] for r in crowd)
+        q["put8_ratio"] = statistics.median(r["qisd"] / r["article"] for r in crowd)
         a["batched_put_rows_per_s"] = median(
             lambda i: batched_put(locations["article"], args.batched, 0), args.repeat
         )
@@ -334,71 +501,127 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
             lambda i: batched_put(locations["qisd"], args.batched, 10_000_000 * (i + 1)),
             args.repeat,
         )
+    with tempfile.TemporaryDirectory(prefix="qisd-bench-", dir=args.tmp) as tmp:
+        q.update(batched_steps(str(Path(tmp) / "steps"), args.batched))
+        q.update(single_steps(str(Path(tmp) / "single"), min(args.single, 1000)))
+    # DoGet. The article's server as its single-row deposits leave it (one batch per put), and
+    # holding one batch (the best case of its DoGet); qisd read live, cold, and as a holder.
+    for n in sorted({rows, *args.cold_rows}):
+        with server("article") as location:
+            fill_article(location, n, one_row_batches=False)
+            a[f"get_one_batch_{n}"] = median(
+                lambda i, loc=location, n=n: get_rate(loc, PATH.encode(), n), args.repeat
+            )
     with server("article") as location:
-        # Its store as single-row deposits leave it: one batch per row.
-        batched_put(location, rows, 0, one_row_batches=True)
-        a["get_rows_per_s"] = median(lambda i: get_rate(location, PATH.encode(), rows), args.repeat)
-    with server("article") as location:
-        batched_put(location, rows, 0)
-        a["get_rows_per_s_one_batch"] = median(
+        fill_article(location, rows, one_row_batches=True)
+        a["get_one_row_batches"] = median(
             lambda i: get_rate(location, PATH.encode(), rows), args.repeat
         )
-    with contextlib.ExitStack() as stack:
-        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="qisd-bench-", dir=args.tmp))
-        location = stack.enter_context(server("qisd", str(Path(tmp) / "gets")))
-        batched_put(location, rows, 0)
-        q["get_rows_per_s_cold"] = get_rate(location, PATH.encode(), rows)
-        q["get_rows_per_s"] = median(lambda i: get_rate(location, PATH.encode(), rows), args.repeat)
-        q["get_rows_per_s_local"] = median(
-            lambda i: get_rate(location, b"local:" + PATH.encode(), rows), args.repeat
-        )
+    with tempfile.TemporaryDirectory(prefix="qisd-bench-", dir=args.tmp) as tmp:
+        data = str(Path(tmp) / "live")
+        with server("qisd", data) as location:
+            fill_qisd(location, rows)
+            live = []
+            for i in range(args.repeat):
+                single_puts(location, 1, 30_000_000 + i)  # the key changes, then is read
+                live.append(get_rate(location, PATH.encode(), rows + i + 1))
+            q["get_live"] = statistics.median(live)
+            q["get_warm"] = get_rate(location, PATH.encode(), rows + args.repeat)
+        with server("qisd", data) as location:  # qisd stop, qisd start: a cold read
+            q[f"get_cold_{rows}"] = get_rate(location, PATH.encode(), rows + args.repeat)
+    for n in args.cold_rows:
+        if n == rows:
+            continue
+        with tempfile.TemporaryDirectory(prefix="qisd-bench-", dir=args.tmp) as tmp:
+            data = str(Path(tmp) / "cold")
+            with server("qisd", data) as location:
+                fill_qisd(location, n)
+            with server("qisd", data) as location:
+                q[f"get_cold_{n}"] = get_rate(location, PATH.encode(), n)
+    with tempfile.TemporaryDirectory(prefix="qisd-bench-", dir=args.tmp) as tmp:
+        data = str(Path(tmp) / "holder")
+        signed_by_many(data, rows, 20)
+        with server("qisd", data) as location:
+            q["get_holder_cold"] = get_rate(location, PATH.encode(), rows)
+            q["get_holder"] = median(lambda i: get_rate(location, PATH.encode(), rows), args.repeat)
     return out
 
 
 def report(result: dict[str, dict[str, float]], args: argparse.Namespace) -> str:
     a, q = result["article"], result["qisd"]
+    floor, durable = result["floor"], result["durable-floor"]
+    rows = args.get_rows
     lines = [
-        f"rows: single {args.single} x{args.repeat}, batched {args.batched}, "
-        f"DoGet of {args.get_rows} stored rows (medians of {args.repeat})",
-        f"{'measure':44} {'article':>12} {'qisd':>12} {'ratio':>7} {'goal':>6}",
+        f"single-row puts {args.single} x{args.repeat}; 8 writers x {max(1, args.single // 8)};"
+        f" batched {args.batched}; DoGet of {rows} rows (cold also {list(args.cold_rows)});"
+        f" medians of {args.repeat}",
+        "",
+        f"{'pattern (qisd against)':62} {'against':>11} {'qisd':>11} {'ratio':>7} {'goal':>7}",
     ]
 
-    def line(name: str, av: float, qv: float, goal: str = "") -> None:
-        lines.append(f"{name:44} {av:12,.0f} {qv:12,.0f} {qv / av:6.2f}x {goal:>6}")
+    def line(name: str, base: float, qv: float, goal: str, ratio: float | None = None) -> None:
+        r = qv / base if ratio is None else ratio
+        lines.append(f"{name:62} {base:11,.0f} {qv:11,.0f} {r:6.2f}x {goal:>7}")
 
-    floor = result["floor"]
-    lines.append(
-        f"{'single-row DoPut/s (stream per packet)':44} {a['single_put_per_s']:12,.0f} "
-        f"{q['single_put_per_s']:12,.0f} {q['single_put_ratio']:6.2f}x {'>=1.0x':>6}"
-    )
-    us = {name: 1e6 / v["single_put_per_s"] for name, v in (("article", a), ("qisd", q))}
-    lines.append(f"{'  us per single-row DoPut':44} {us['article']:12,.0f} {us['qisd']:12,.0f}")
-    floor_us = 1e6 / floor["single_put_per_s"]
-    lines.append(f"{'  us per DoPut that keeps nothing (floor)':44} {floor_us:12,.0f}")
-    lines.append(f"{'  us per 1 KiB append + fdatasync here':44} {floor['fdatasync_us']:12,.0f}")
-    # Read, sign once, one O_DSYNC write, reply: the ceiling of a server that acknowledges
-    # only durable puts (see DurableFloorFlightServer), measured in the same rounds.
-    durable = result["durable-floor"]
-    lines.append(
-        f"{'  durable floor (read, sign, O_DSYNC, reply)':44} {'':12} "
-        f"{1e6 / durable['single_put_per_s']:12,.0f} {durable['single_put_ratio']:6.2f}x"
-    )
-    line("batched DoPut rows/s", a["batched_put_rows_per_s"], q["batched_put_rows_per_s"])
+    one = a[f"get_one_batch_{rows}"]
     line(
-        "DoGet rows/s (warm; article: one-row batches)",
-        a["get_rows_per_s"],
-        q["get_rows_per_s"],
-        ">=3x",
+        f"DoGet rows/s, live key, {rows:,} rows (article: one batch)", one, q["get_live"], ">=1.0x"
     )
-    line("DoGet rows/s, local: ticket (warm)", a["get_rows_per_s"], q["get_rows_per_s_local"])
+    for n in sorted({rows, *args.cold_rows}):
+        line(
+            f"DoGet rows/s, cold after stop/start, {n:,} rows (one batch)",
+            a[f"get_one_batch_{n}"],
+            q[f"get_cold_{n}"],
+            ">=1.0x",
+        )
     line(
-        "DoGet rows/s, cold (first read from SQLite)", a["get_rows_per_s"], q["get_rows_per_s_cold"]
+        f"DoGet rows/s, {rows:,} one-row packets of 20 signers (one/put)",
+        a["get_one_row_batches"],
+        q["get_holder"],
+        ">=1.0x",
+    )
+    line("  the same against the article holding one batch", one, q["get_holder"], ">=0.5x")
+    line(
+        "single-row DoPut/s, one writer, against the durable floor",
+        durable["single_put_per_s"],
+        q["single_put_per_s"],
+        ">=0.8x",
+        q["single_put_vs_durable"],
     )
     line(
-        "DoGet rows/s vs article holding one big batch",
-        a["get_rows_per_s_one_batch"],
-        q["get_rows_per_s"],
+        "single-row DoPut/s, 8 concurrent writers (article: 8 writers)",
+        a["put8_per_s"],
+        q["put8_per_s"],
+        ">=1.0x",
+        q["put8_ratio"],
     )
+    line(
+        "batched DoPut rows/s, one stream",
+        a["batched_put_rows_per_s"],
+        q["batched_put_rows_per_s"],
+        "state",
+    )
+    lines += [
+        "",
+        "reference figures:",
+        f"  single-row DoPut/s: article {a['single_put_per_s']:,.0f}, qisd "
+        f"{q['single_put_per_s']:,.0f} ({q['single_put_ratio']:.2f}x), durable floor "
+        f"{durable['single_put_per_s']:,.0f} ({durable['single_put_ratio']:.2f}x), floor "
+        f"{floor['single_put_per_s']:,.0f}",
+        f"  us per single-row DoPut: article {1e6 / a['single_put_per_s']:,.0f}, qisd "
+        f"{1e6 / q['single_put_per_s']:,.0f}, durable floor "
+        f"{1e6 / durable['single_put_per_s']:,.0f}, floor {1e6 / floor['single_put_per_s']:,.0f};"
+        f" 1 KiB append + fdatasync {floor['fdatasync_us']:,.0f}",
+        f"  one-row emit in process, us: validate {q['validate_us']:,.0f}, seal (IPC, zlib, two"
+        f" signatures) {q['seal_us']:,.0f}, durable put {q['put_us']:,.0f}",
+        f"  8 writers, DoPut/s: durable floor {durable['put8_per_s']:,.0f}",
+        f"  batched emit of {args.batched:,} rows in process, s: validate "
+        f"{q['validate_s']:.2f}, seal {q['seal_s']:.2f}, commit {q['commit_s']:.2f}, view "
+        f"rows built on first read {q['view_build_s']:.2f}, a second full scan "
+        f"{q['scan_s']:.3f}",
+        f"  DoGet rows/s: qisd warm {q['get_warm']:,.0f}; holder's first read after start "
+        f"{q['get_holder_cold']:,.0f}",
+    ]
     return "\n".join(lines)
 
 
@@ -411,6 +634,13 @@ def main() -> None:
     parser.add_argument("--single", type=int, default=2000, help="single-row DoPuts per run")
     parser.add_argument("--batched", type=int, default=100_000, help="rows in the batched DoPut")
     parser.add_argument("--get-rows", type=int, default=100_000, help="stored rows to DoGet")
+    parser.add_argument(
+        "--cold-rows",
+        type=int,
+        nargs="*",
+        default=[100_000, 1_000_000],
+        help="stored rows for the cold DoGet after a restart",
+    )
     parser.add_argument("--repeat", type=int, default=3, help="runs per measure (median)")
     parser.add_argument("--tmp", default=None, help="where qisd's data directories go")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON too")

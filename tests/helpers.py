@@ -166,3 +166,20 @@ class LineReader:
         while (line := self.readline(timeout)) is not None:
             out.append(line)
         return out
+
+
+def assert_view_matches(store: Any, now_ms: int) -> int:
+    """Every packet key's columnar view (``store.scan``) equals a decode of its envelopes
+    (``store.decoded``), row for row; returns the rows compared."""
+    import pyarrow as pa
+
+    rows = 0
+    for key in dict(store.keys()):
+        viewed = pa.Table.from_batches(list(store.scan(key, now_ms=now_ms)), schema=P.RESULT_SCHEMA)
+        decoded = pa.Table.from_batches(
+            list(store.decoded(key, now_ms=now_ms)), schema=P.RESULT_SCHEMA
+        )
+        assert viewed.num_rows == decoded.num_rows, (key.hex(), viewed.num_rows, decoded.num_rows)
+        assert viewed.equals(decoded), key.hex()
+        rows += viewed.num_rows
+    return rows

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from helpers import LineReader
+from helpers import NOW, LineReader, assert_view_matches
 
 from qisd.config import StoreLimits
 from qisd.net.store import Store
@@ -54,3 +54,5 @@ def test_sigkill_mid_stream_loses_no_acknowledged_packet(tmp_path: Path) -> None
             missing = [(p, k.hex()) for p, k in all_acked if not store.has(k, p)]
             assert missing == []
             assert store.stats()["packets"] >= len(all_acked)
+            # The columnar view lost its unwritten tail with the writer: repaired at open.
+            assert assert_view_matches(store, NOW) >= len(all_acked)

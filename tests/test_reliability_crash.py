@@ -20,12 +20,16 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import pyarrow as pa
 import pytest
-from helpers import LineReader, clean_env, lone_daemon_argv, outcome_row
+from helpers import LineReader, assert_view_matches, clean_env, lone_daemon_argv, outcome_row
 
 from qisd import Client
 from qisd.config import StoreLimits
+from qisd.core.fingerprint import key_for_path
+from qisd.core.packet import RESULT_SCHEMA
 from qisd.errors import QisdError
 from qisd.net.datadir import init_identity
 from qisd.net.store import Store
@@ -95,6 +99,8 @@ def check_store(data_dir: Path, committed: list[str]) -> None:
         assert missing == [], f"{len(missing)} committed packets lost, e.g. {missing[:3]}"
         # Each packet is one envelope per routable level of the default template (2 levels).
         assert store.stats()["local_packets"] >= 2 * len(committed)
+        # The columnar view, repaired at open, shows exactly what the envelopes hold.
+        assert assert_view_matches(store, time.time_ns() // 1_000_000) >= len(committed)
 
 
 def soak(tmp_path: Path, cycles: int, seed: int, earliest: float = 0.05) -> dict[str, float]:
@@ -112,12 +118,19 @@ def soak(tmp_path: Path, cycles: int, seed: int, earliest: float = 0.05) -> dict
         committed += ids
         kills_mid_request += failed
         check_store(data_dir, committed)
-    # A last restart: the daemon itself serves every committed packet.
+    # A last restart: the daemon itself serves every committed packet, and exactly the
+    # rows its envelopes hold (its columnar view, repaired after each kill).
+    with Store.open(data_dir, limits=StoreLimits(), ttl_ms=30 * 86_400_000) as store:
+        held = pa.Table.from_batches(
+            list(store.decoded(key_for_path(PATH), now_ms=time.time_ns() // 1_000_000)),
+            schema=RESULT_SCHEMA,
+        )
     proc, _reader = start_daemon(data_dir)
     try:
         with Client(data_dir, timeout=60) as client:
             table = client.query(PATH, local=True)
             assert set(committed) <= set(table.column("packet_id").to_pylist())
+            assert table.equals(held)
             client.stop(timeout=30)
         assert proc.wait(timeout=30) == 0
     finally:
@@ -145,46 +158,73 @@ def test_crash_soak_random_sigkills_lose_nothing_committed(tmp_path: Path, qisd_
     assert figures["committed"] > cycles
 
 
-def test_a_sigkill_under_single_row_flight_puts_loses_no_acknowledged_row(tmp_path: Path) -> None:
-    # DoPut commits in the gRPC thread and replies after the commit: a put whose stream
-    # closed cleanly (and whose reply named its packet id) survives the daemon being killed.
-    import json
-
-    import pyarrow as pa
-    import pyarrow.flight as flight
-
-    from qisd.core.packet import SCHEMA
-
-    data_dir = tmp_path / "node"
-    init_identity(data_dir)
+def flight_daemon(data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """``qisd start --flight`` on 127.0.0.1 port 0; the process and the endpoint's URI."""
     seen: list[str] = []
     flags = ("--flight", "grpc://127.0.0.1:0", "--log-level", "info")
     proc, _reader = start_daemon(data_dir, *flags, seen=seen)
     uri = next(line.rsplit(" ", 1)[-1] for line in seen if "Arrow Flight endpoint at" in line)
+    return proc, uri
+
+
+def one_row_batch(i: int) -> Any:
+    """Row ``i`` as a one-row batch of the article's schema, stamped now."""
+    import json
+
+    import pyarrow as pa
+
+    from qisd.core.packet import SCHEMA
+
+    row = {name: outcome_row(i).get(name) for name in SCHEMA.names}
+    row["intervention_params"] = json.dumps(row["intervention_params"])
+    row["timestamp_utc"] = time.time_ns() // 1_000_000
+    row["node_id"], row["raw_data_hash"] = "replaced by the daemon", "5f2b1c0d9e8a7b6c"
+    return pa.RecordBatch.from_pylist([row], schema=SCHEMA)
+
+
+def put_until_refused(client: Any, start: int, acked: list[str], first: threading.Event) -> int:
+    """Single-row DoPuts (the article's pattern) until one fails; the failures (0 or 1).
+
+    A put counts as acknowledged once its reply names its packet id and the call's status is
+    OK (the daemon replies only after the commit)."""
+    import json
+
+    import pyarrow.flight as flight
+
+    from qisd.core.packet import SCHEMA
+
+    descriptor = flight.FlightDescriptor.for_path(*PATH.split("/"))
+    for i in range(start, start + 100_000):
+        try:
+            writer, reader = client.do_put(descriptor, SCHEMA)
+            writer.write_batch(one_row_batch(i))
+            writer.done_writing()
+            reply = reader.read()
+            writer.close()
+        except flight.FlightError:
+            return 1  # the kill landed on this put: nothing was promised
+        acked.extend(json.loads(reply.to_pybytes())["packet_ids"])
+        first.set()
+    return 0
+
+
+def test_a_sigkill_under_single_row_flight_puts_loses_no_acknowledged_row(tmp_path: Path) -> None:
+    # DoPut commits in the gRPC thread and replies after the commit: a put whose stream
+    # closed cleanly (and whose reply named its packet id) survives the daemon being killed.
+    import pyarrow.flight as flight
+
+    data_dir = tmp_path / "node"
+    init_identity(data_dir)
+    proc, uri = flight_daemon(data_dir)
+    first = threading.Event()
     timer = threading.Timer(0.8, proc.send_signal, (signal.SIGKILL,))
     acked: list[str] = []
-    failures = 0
-    descriptor = flight.FlightDescriptor.for_path(*PATH.split("/"))
     client = flight.connect(uri)
     try:
-        for i in range(100_000):
-            row = {name: outcome_row(i).get(name) for name in SCHEMA.names}
-            row["intervention_params"] = json.dumps(row["intervention_params"])
-            row["timestamp_utc"] = time.time_ns() // 1_000_000
-            row["node_id"], row["raw_data_hash"] = "replaced by the daemon", "5f2b1c0d9e8a7b6c"
-            batch = pa.RecordBatch.from_pylist([row], schema=SCHEMA)
-            try:
-                writer, reader = client.do_put(descriptor, SCHEMA)
-                writer.write_batch(batch)
-                writer.done_writing()
-                reply = reader.read()
-                writer.close()  # the call's status: OK only after the commit
-            except flight.FlightError:
-                failures += 1  # the kill landed on this put: nothing was promised
-                break
-            acked.extend(json.loads(reply.to_pybytes())["packet_ids"])
-            if i == 0:
-                timer.start()  # the kill lands 0.8 s into the stream of puts
+        first_put = threading.Thread(target=lambda: (first.wait(60), timer.start()))
+        first_put.start()  # the kill lands 0.8 s into the stream of puts
+        failures = put_until_refused(client, 0, acked, first)
+        first_put.join(60)
     finally:
         timer.cancel()
         client.close()
@@ -193,3 +233,43 @@ def test_a_sigkill_under_single_row_flight_puts_loses_no_acknowledged_row(tmp_pa
     assert len(acked) > 10, "the daemon died before a handful of puts"
     assert failures == 1
     check_store(data_dir, acked)
+
+
+def test_a_sigkill_under_eight_concurrent_writers_loses_no_acknowledged_row(
+    tmp_path: Path,
+) -> None:
+    # Eight clients put single rows at once: their puts share group commits. Each put is
+    # acknowledged only after its group's COMMIT, so every acknowledged id survives the kill.
+    import pyarrow.flight as flight
+
+    data_dir = tmp_path / "node"
+    init_identity(data_dir)
+    proc, uri = flight_daemon(data_dir)
+    first = threading.Event()
+    acked: list[list[str]] = [[] for _ in range(8)]
+    failures = [0] * 8
+    clients = [flight.connect(uri) for _ in range(8)]
+
+    def writer(w: int) -> None:
+        failures[w] = put_until_refused(clients[w], 1_000_000 * w, acked[w], first)
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(8)]
+    timer = threading.Timer(1.0, proc.send_signal, (signal.SIGKILL,))
+    try:
+        for t in threads:
+            t.start()
+        assert first.wait(60), "no put was acknowledged"
+        timer.start()
+        for t in threads:
+            t.join(120)
+        assert not any(t.is_alive() for t in threads)
+    finally:
+        timer.cancel()
+        for c in clients:
+            c.close()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    everyone = [pid for ids in acked for pid in ids]
+    assert all(len(ids) > 0 for ids in acked), [len(ids) for ids in acked]
+    assert sum(failures) == 8  # every writer was cut off by the kill, none by anything else
+    check_store(data_dir, everyone)

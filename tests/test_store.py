@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from helpers import NOW, coarse_key, make_envelopes, make_packets
+from helpers import NOW, assert_view_matches, coarse_key, make_envelopes, make_packets
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from qisd.config import StoreLimits
 from qisd.core import packet as P
@@ -375,28 +377,81 @@ def test_table_has_result_schema_in_seq_order(tmp_path: Path) -> None:
         assert empty.num_rows == 0 and empty.schema == P.RESULT_SCHEMA
 
 
-def test_table_is_cached_and_invalidated_on_change(tmp_path: Path) -> None:
+def test_table_follows_puts_time_and_expire(tmp_path: Path) -> None:
     ttl = 60_000
     envs = make_envelopes(3, timestamps=[NOW - 1000, NOW, NOW])
     with open_store(tmp_path, ttl_ms=ttl) as store:
         store.put(envs[:2], now_ms=NOW)
-        t1 = store.table(KEY, now_ms=NOW)
-        assert store.table(KEY, now_ms=NOW + 1) is t1  # cached: not decoded again
-        assert t1.num_rows == 2
+        assert store.table(KEY, now_ms=NOW).column("packet_id").to_pylist() == ids(envs[:2])
         store.put(envs[2:], now_ms=NOW)
-        t2 = store.table(KEY, now_ms=NOW)
-        assert t2 is not t1 and t2.num_rows == 3
-        assert store.table(KEY, now_ms=NOW) is t2
-        # A duplicate changes nothing, so the cache stays.
+        assert store.table(KEY, now_ms=NOW).num_rows == 3
+        # A duplicate changes nothing.
         store.put(envs[:1], now_ms=NOW)
-        assert store.table(KEY, now_ms=NOW) is t2
-        # Time passing the first row's expiry drops it even before expire() runs.
+        assert store.table(KEY, now_ms=NOW).num_rows == 3
+        # Time passing the first row's expiry hides it even before expire() runs.
         t3 = store.table(KEY, now_ms=NOW - 1000 + ttl)
         assert t3.column("packet_id").to_pylist() == ids(envs[1:])
-        # expire() invalidates too.
+        assert store.count(KEY, now_ms=NOW - 1000 + ttl) == 2
         assert store.table(KEY, now_ms=NOW).num_rows == 3
         store.expire(NOW - 1000 + ttl)
         assert store.table(KEY, now_ms=NOW).column("packet_id").to_pylist() == ids(envs[1:])
+
+
+def test_reads_come_from_the_view_without_decoding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import qisd.net.store as store_module
+
+    envs = make_envelopes(30)
+    with open_store(tmp_path) as store:
+        store.put(envs[:20], now_ms=NOW)
+    with open_store(tmp_path) as store:
+        store.put(envs[20:], now_ms=NOW)
+        decoded = pa.Table.from_batches(store.decoded(KEY, now_ms=NOW, max_rows=8))
+        # A put queues its rows; the first read builds them, once. From then on, and for the
+        # rows written out to the file, reads decode nothing.
+        assert store.table(KEY, now_ms=NOW).equals(decoded)
+
+        def no_decoding(*args: object) -> None:
+            raise AssertionError("decoded an envelope")
+
+        monkeypatch.setattr(store_module, "read_trusted", no_decoding)
+        monkeypatch.setattr(P.Envelope, "batch", no_decoding)
+        assert pa.Table.from_batches(store.scan(KEY, now_ms=NOW, max_rows=8)).equals(decoded)
+        assert store.table(KEY, now_ms=NOW).equals(decoded)
+        # The view is an Arrow IPC stream any Arrow reader opens (with two hidden columns).
+        view_file = tmp_path / "view" / (KEY.hex() + ".arrows")
+    assert view_file.exists()  # written out at close
+    on_disk = pa.ipc.open_stream(pa.memory_map(str(view_file))).read_all()
+    assert on_disk.num_rows == 30
+    assert on_disk.select(P.RESULT_SCHEMA.names).equals(decoded)
+
+
+def test_a_scan_keeps_the_rows_of_the_moment_it_began(tmp_path: Path) -> None:
+    held = make_envelopes(16, Identity.generate())
+    with Store.open(tmp_path, limits=StoreLimits(max_bytes=sizes(held)), ttl_ms=TTL) as capped:
+        capped.put(held, now_ms=NOW)
+        stream = capped.scan(KEY, now_ms=NOW, max_rows=8)
+        evicted = capped.put(make_envelopes(1, start=500), now_ms=NOW).evicted
+        assert evicted >= 1
+        # Begun before the eviction: it yields the 16 rows it began with.
+        assert pa.Table.from_batches(stream).column("packet_id").to_pylist() == ids(held)
+        after = capped.table(KEY, now_ms=NOW)["packet_id"].to_pylist()
+        assert held[0].packet_id not in after and len(after) == 17 - evicted
+
+
+def test_a_scan_begun_before_a_compaction_reads_the_file_it_began_with(tmp_path: Path) -> None:
+    envs = make_envelopes(40, timestamps=[NOW - 10_000] * 30 + [NOW] * 10)
+    with open_store(tmp_path) as store:
+        store.put(envs, now_ms=NOW)
+    with open_store(tmp_path) as store:  # the rows are in the file now, not in memory
+        stream = store.scan(KEY, now_ms=NOW, max_rows=7)
+        view_file = tmp_path / "view" / (KEY.hex() + ".arrows")
+        before = view_file.stat().st_ino
+        assert store.expire(NOW - 10_000 + TTL) == 30  # compacts: a new file replaces the old
+        assert view_file.stat().st_ino != before
+        assert pa.Table.from_batches(stream).column("packet_id").to_pylist() == ids(envs)
+        assert store.table(KEY, now_ms=NOW).column("packet_id").to_pylist() == ids(envs[30:])
 
 
 def test_batches_are_bounded_and_match_the_table(tmp_path: Path) -> None:
@@ -570,46 +625,6 @@ def test_an_empty_file_becomes_a_store(tmp_path: Path) -> None:
         assert store.put(make_envelopes(1), now_ms=NOW).accepted
 
 
-def test_batches_read_to_the_end_fill_the_cache(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import qisd.net.store as store_module
-
-    envs = make_envelopes(30)
-    with open_store(tmp_path) as store:
-        store.put(envs, now_ms=NOW)
-        streamed = pa.Table.from_batches(store.batches(KEY, now_ms=NOW, max_rows=8))
-
-        def no_decoding(raw: bytes) -> None:
-            raise AssertionError("decoded again")
-
-        monkeypatch.setattr(store_module, "read_trusted", no_decoding)
-        assert store.table(KEY, now_ms=NOW).equals(streamed)  # served from the cache
-        monkeypatch.undo()
-
-        # Rows evicted while a stream is under way: that stream must not cache what it read.
-        capped_dir = tmp_path / "capped"
-        capped_dir.mkdir()
-        held = make_envelopes(16, Identity.generate())
-        with Store.open(
-            capped_dir, limits=StoreLimits(max_bytes=sizes(held)), ttl_ms=TTL
-        ) as capped:
-            capped.put(held, now_ms=NOW)
-            stream = capped.batches(KEY, now_ms=NOW, max_rows=8)
-            assert next(stream).column("packet_id").to_pylist() == ids(held[:8])
-            assert capped.put(make_envelopes(1, start=500), now_ms=NOW).evicted >= 1
-            list(stream)
-            assert held[0].packet_id not in capped.table(KEY, now_ms=NOW)["packet_id"].to_pylist()
-
-        # A key too big for the cache streams without being cached.
-        small = Store.open(tmp_path, limits=BIG, ttl_ms=TTL, cache_bytes=1000)
-        try:
-            assert sum(b.num_rows for b in small.batches(KEY, now_ms=NOW, max_rows=8)) == 30
-            assert small.table(KEY, now_ms=NOW) is not small.table(KEY, now_ms=NOW)
-        finally:
-            small.close()
-
-
 def test_batches_never_decode_more_rows_at_once_than_max_rows(tmp_path: Path) -> None:
     # 40 envelopes of 128 rows: a step bounded by envelope count instead of rows would
     # decode all 5,120 rows to produce the first 128-row batch.
@@ -629,3 +644,215 @@ def test_batches_never_decode_more_rows_at_once_than_max_rows(tmp_path: Path) ->
         peak = max(peak, pa.total_allocated_bytes() - base)
     assert rows == 40 * P.MAX_ROWS
     assert peak < full_bytes / 4, (peak, full_bytes)
+
+
+# --------------------------------------------------------------------------- columnar view
+
+_SIGNERS = [Identity.generate() for _ in range(3)]
+_POOL = [
+    envs
+    for i, ident in enumerate(_SIGNERS)
+    for envs in make_packets(
+        14,
+        ident,
+        rows_per_packet=1 + i,
+        start=100 * i,
+        timestamps=[NOW - 1_000 * (j % 7) for j in range(14)],
+    )
+]
+"""42 packets (two envelopes each) of three signers, of 1-3 rows, timestamps 0-6 s old."""
+
+
+def _crash(store: Store) -> None:
+    """Leave ``store`` as SIGKILL leaves it: tails never written, compactions never made."""
+    import os
+
+    views = store._views
+    assert views is not None
+    os.close(views._lock_fd)
+    store._views = None
+    store.close()
+
+
+def test_a_torn_or_lost_view_is_repaired_from_the_envelopes(tmp_path: Path) -> None:
+    envs = [e for p in _POOL for e in p]
+    with open_store(tmp_path) as store:
+        store.put(envs, now_ms=NOW)
+    view_file = tmp_path / "view" / (KEY.hex() + ".arrows")
+    whole = view_file.read_bytes()
+    with open(view_file, "ab") as f:
+        f.write(whole[-300:])  # half a batch after the last whole one, as a crash mid-write
+    with open_store(tmp_path) as store:
+        assert store._views is not None and store._views.repaired["cut"] == 1
+        assert assert_view_matches(store, NOW) == 2 * sum(p[0].rows for p in _POOL)
+    assert view_file.read_bytes() == whole
+    view_file.write_bytes(b"not arrow at all")
+    with open_store(tmp_path) as store:
+        assert assert_view_matches(store, NOW) == 2 * sum(p[0].rows for p in _POOL)
+    for f in (tmp_path / "view").glob("*.arrows"):
+        f.unlink()
+    with open_store(tmp_path) as store:
+        assert assert_view_matches(store, NOW) == 2 * sum(p[0].rows for p in _POOL)
+
+
+def test_another_connections_writes_reach_the_view(tmp_path: Path) -> None:
+    envs = [p[0] for p in _POOL]
+    with open_store(tmp_path) as owner:
+        owner.put(envs[:10], now_ms=NOW)
+        assert owner.table(KEY, now_ms=NOW).num_rows == sum(e.rows for e in envs[:10])
+        # A second store on the same file does not own the view: it reads the envelopes.
+        with open_store(tmp_path) as other:
+            assert other._views is None
+            other.put(envs[10:20], now_ms=NOW)
+            assert other.table(KEY, now_ms=NOW).num_rows == sum(e.rows for e in envs[:20])
+            other.expire(NOW + TTL - 3_000)
+        assert_view_matches(owner, NOW)
+        assert owner.table(KEY, now_ms=NOW).num_rows == other_rows(envs[:20], NOW + TTL - 3_000)
+
+
+def other_rows(envs: list[P.Envelope], expired_at: int) -> int:
+    return sum(e.rows for e in envs if e.timestamp_ms + TTL > expired_at)
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(
+                st.just("put"),
+                st.lists(st.integers(0, len(_POOL) - 1), min_size=1, max_size=8),
+                st.booleans(),
+            ),
+            st.tuples(st.just("expire"), st.integers(0, 7_000), st.just(False)),
+            st.tuples(st.just("reopen"), st.just(0), st.just(False)),
+            st.tuples(st.just("crash"), st.just(0), st.just(False)),
+        ),
+        min_size=1,
+        max_size=12,
+    )
+)
+def test_the_view_always_equals_a_decode_of_the_envelopes(tmp_path: Path, ops: list) -> None:
+    """Puts (local and remote, with quota refusals, purges and evictions), expiry, clean
+    reopens and simulated crashes in any order: after each, every key's view equals a decode
+    of its envelopes, and the reads hide what is expired at the time asked."""
+    import shutil
+    import uuid
+
+    ttl = 20_000
+    directory = tmp_path / uuid.uuid4().hex
+    directory.mkdir()
+    limits = StoreLimits(per_key=30, per_signer_per_key=12, max_bytes=40 * 700)
+    store = Store.open(directory, limits=limits, ttl_ms=ttl)
+    now = NOW
+    try:
+        for op, arg, local in ops:
+            if op == "put":
+                store.put([e for i in arg for e in _POOL[i]], now_ms=now, local=local)
+            elif op == "expire":
+                now = NOW + arg + ttl - 7_000
+                store.expire(now)
+            elif op == "reopen":
+                store.close()
+                store = Store.open(directory, limits=limits, ttl_ms=ttl)
+            else:
+                _crash(store)
+                store = Store.open(directory, limits=limits, ttl_ms=ttl)
+            assert_view_matches(store, now)
+            assert_view_matches(store, now + 3_000)
+            assert store.integrity_check()
+    finally:
+        store.close()
+        shutil.rmtree(directory)
+
+
+# --------------------------------------------------------------------------- group commit
+
+
+def test_concurrent_puts_share_commits_and_each_gets_its_own_result(tmp_path: Path) -> None:
+    import threading
+
+    writers, per_writer = 8, 40
+    packets = [make_packets(per_writer, Identity.generate()) for _ in range(writers)]
+    results: dict[int, list[list[str]]] = {}
+    start = threading.Barrier(writers)
+    with open_store(tmp_path) as store:
+
+        def write(w: int) -> None:
+            start.wait(timeout=30)
+            results[w] = [store.put(p, now_ms=NOW).accepted for p in packets[w]]
+
+        threads = [threading.Thread(target=write, args=(w,)) for w in range(writers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert all(not t.is_alive() for t in threads)
+        # Each put was told exactly what it stored, and all of it is there.
+        for w in range(writers):
+            assert results[w] == [ids(p) for p in packets[w]]
+        for p in (p for ps in packets for p in ps):
+            assert all(store.has(e.key, e.packet_id) for e in p)
+        puts = writers * per_writer
+        assert store.groups["puts"] == puts
+        # Writers waiting while a commit was under way went together into the next one.
+        assert store.groups["commits"] < puts, store.groups
+        assert store.integrity_check()
+        assert assert_view_matches(store, NOW) == 2 * puts
+
+
+def test_a_failing_put_in_a_group_fails_alone(tmp_path: Path) -> None:
+    envs = make_envelopes(3)
+    with open_store(tmp_path) as store:
+        store.put(envs[:1], now_ms=NOW)
+        store._conn.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON envelopes WHEN NEW.packet_id = ?"
+            " BEGIN SELECT RAISE(ABORT, 'refused by a test trigger'); END".replace(
+                "?", f"'{envs[1].packet_id}'"
+            )
+        )
+        from qisd.net.store import _PutCall
+
+        calls = [_PutCall([e], NOW, False, "") for e in envs[1:]]
+        store._commit_group(calls)
+        assert isinstance(calls[0].error, StoreError) and "test trigger" in str(calls[0].error)
+        assert calls[1].error is None and calls[1].result.accepted == [envs[2].packet_id]
+        assert not store.has(KEY, envs[1].packet_id) and store.has(KEY, envs[2].packet_id)
+        assert store.table(KEY, now_ms=NOW).column("packet_id").to_pylist() == ids(
+            [envs[0], envs[2]]
+        )
+
+
+def test_view_files_are_owner_only(tmp_path: Path) -> None:
+    import os
+
+    old = os.umask(0o022)
+    try:
+        with open_store(tmp_path) as store:
+            store.put(make_envelopes(3), now_ms=NOW)
+    finally:
+        os.umask(old)
+    view = tmp_path / "view"
+    assert (view.stat().st_mode & 0o777) == 0o700
+    files = list(view.glob("*.arrows"))
+    assert files and all((f.stat().st_mode & 0o777) == 0o600 for f in files)
+
+
+def test_generation_changes_exactly_when_a_keys_rows_do(tmp_path: Path) -> None:
+    envs = make_envelopes(3, timestamps=[NOW - 10_000, NOW, NOW])
+    with open_store(tmp_path) as store:
+        g0 = store.generation(KEY)
+        store.put(envs, now_ms=NOW)
+        g1 = store.generation(KEY)
+        assert g1 != g0
+        store.put(envs[:1], now_ms=NOW)  # a duplicate changes nothing
+        assert store.generation(KEY) == g1
+        assert store.expire(NOW - 10_000 + TTL) == 1
+        g2 = store.generation(KEY)
+        assert g2 != g1
+        assert store.index(KEY, now_ms=NOW - 10_000 + TTL)[0] == g2
+        with open_store(tmp_path) as other:  # another connection's write
+            other.put(make_envelopes(1, start=900), now_ms=NOW)
+        assert store.table(KEY, now_ms=NOW).num_rows == 3
+        assert store.generation(KEY) != g2

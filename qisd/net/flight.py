@@ -21,7 +21,7 @@ The API a client sees (docs/flight.md has examples):
 * **DoGet** — ticket = fingerprint path as UTF-8 (``b"domain/problem_type"``), the network and
   the local store; ``b"local:" + path`` reads the local store only. Record batches of
   ``RESULT_SCHEMA`` (the packet columns plus ``packet_id`` and ``signer``) of at most
-  :data:`BATCH_ROWS` rows, read from the store as they are sent.
+  :data:`BATCH_ROWS` rows, mapped from the key's columnar view as they are sent.
 * **DoExchange** — descriptor as for DoPut: follow the path. The server first sends a
   metadata-only message ``{"following": path}`` (the follow is registered when it arrives), then
   each new packet as record batches, until the client ends its side (``done_writing()``/close).
@@ -37,10 +37,11 @@ are given (``grpc+tls://``).
 Threads: gRPC serves calls on its own threads; the node lives on the daemon's event loop. Calls
 reach the node with ``asyncio.run_coroutine_threadsafe`` and wait for the result, so the node's
 state is only driven from the loop (the store's blocking reads run in the loop's worker
-threads, as the node's own reads do). DoPut is the exception: it validates, signs and commits
-in its gRPC thread (:meth:`Node.emit_table_blocking`; the store serialises writers under its
-own lock) and hands the loop only the bookkeeping after the commit, because for a one-row put
-the two thread hops cost more than the work.
+threads, as the node's own reads do). Two exceptions, where the hops would cost more than the
+work: DoPut validates, signs and commits in its gRPC thread (:meth:`Node.emit_table_blocking`;
+concurrent puts share the store's group commits) and hands the loop only the bookkeeping after
+the commit; DoGet streams its snapshot of the store's view in its gRPC thread (the store is
+thread-safe; only the network fetch before it runs on the loop).
 """
 
 from __future__ import annotations
@@ -84,11 +85,6 @@ log = logging.getLogger(__name__)
 
 BATCH_ROWS = 16_384
 """Most rows in one record batch sent by DoGet or DoExchange."""
-WHOLE_KEY_PACKETS = 1_024
-"""Keys holding at most this many envelopes (<= 131,072 rows) are read as one cached table."""
-STORE_STEP_ROWS = 128
-"""Rows asked of the store per read: it decodes up to this many envelopes (<= 128 rows each)
-at a time, which bounds DoGet's memory whatever the size of the key."""
 MAX_PUT_ROWS = 100_000
 """Most rows one DoPut stream may carry (all of them are checked before any is stored)."""
 LOCAL_PREFIX = "local:"
@@ -727,37 +723,22 @@ class QisdFlightServer(flight.FlightServerBase):
         """The path's rows in bounded batches: the store's (the network's were fetched into
         it), then the fetched envelopes the store refused.
 
-        A key of at most ``WHOLE_KEY_PACKETS`` envelopes is read as the store's cached table
-        (decoded once, then sliced without copying); a larger one is read in small steps as
-        the batches are sent, so memory stays bounded whatever the key holds.
+        The store's rows are a snapshot of the key's columnar view taken when the stream
+        starts, read in this gRPC thread: mapped record batches (a deep path's rows picked out
+        with Arrow compute), no envelope decoded, memory bounded whatever the key's size.
         """
         node = self.node
         with _translated("DoGet"):
-            now = _now_ms()
-
-            def open_rows() -> Iterator[pa.RecordBatch]:
-                packets = dict(node.store.keys()).get(key, 0)
-                if packets <= WHOLE_KEY_PACKETS:
-                    table = node.store.table(key, now_ms=now)
-                    return iter(table.to_batches(max_chunksize=BATCH_ROWS))
-                return _regrouped(node.store.batches(key, now_ms=now, max_rows=STORE_STEP_ROWS))
-
-            batches = self._blocking(open_rows)
-        try:
-            while True:
-                with _translated("DoGet"):
-                    batch = self._blocking(lambda: next(batches, None))
-                if batch is None:
-                    break
-                batch = rows_matching(batch, wanted)
-                if batch.num_rows:
-                    yield batch
-            if refused:
-                table = rows_matching(_provenance_table(refused), wanted)
-                yield from table.to_batches(max_chunksize=BATCH_ROWS)
-        finally:
-            with contextlib.suppress(Exception):
-                batches.close()  # type: ignore[attr-defined]
+            batches = node.store.scan(key, now_ms=_now_ms(), max_rows=BATCH_ROWS, wanted=wanted)
+        while True:
+            with _translated("DoGet"):
+                batch = next(batches, None)
+            if batch is None:
+                break
+            yield batch
+        if refused:
+            table = rows_matching(_provenance_table(refused), wanted)
+            yield from table.to_batches(max_chunksize=BATCH_ROWS)
 
     # ------------------------------------------------------------------ DoExchange
 
@@ -904,12 +885,7 @@ class QisdFlightServer(flight.FlightServerBase):
             held = dict(node.store.keys())
         if key not in held:
             return 0
-        if not wanted:
-            return held[key]
-        ids: set[str] = set()
-        for batch in node.store.batches(key, now_ms=now, max_rows=STORE_STEP_ROWS):
-            ids.update(rows_matching(batch, wanted).column("packet_id").to_pylist())
-        return len(ids)
+        return node.store.count(key, now_ms=now, wanted=wanted)
 
     def _flights(self, prefix: str) -> list[tuple[str, int, bool]]:
         """``(path, packets, followed)`` of every known or followed path starting ``prefix``."""
@@ -918,10 +894,10 @@ class QisdFlightServer(flight.FlightServerBase):
         followed = node.followed()
         found: dict[str, int] = {}
         held = dict(node.store.keys())
-        for key, packets in held.items():
+        for key in held:
             path = self._path_of_key(key, now)
             if path is not None:
-                found[path] = packets
+                found[path] = node.store.count(key, now_ms=now)
         for path in followed:
             if path not in found:
                 found[path] = self._packets_at(path, now, held)
@@ -1028,22 +1004,6 @@ class QisdFlightServer(flight.FlightServerBase):
             self._stop_follower(follower)
 
 
-def _regrouped(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-    """The store's small batches regrouped into batches of up to ``BATCH_ROWS`` rows."""
-    group: list[pa.RecordBatch] = []
-    rows = 0
-    for batch in batches:
-        if group and rows + batch.num_rows > BATCH_ROWS:
-            yield (
-                pa.Table.from_batches(group, schema=RESULT_SCHEMA).combine_chunks().to_batches()[0]
-            )
-            group, rows = [], 0
-        group.append(batch)
-        rows += batch.num_rows
-    if group:
-        yield pa.Table.from_batches(group, schema=RESULT_SCHEMA).combine_chunks().to_batches()[0]
-
-
 def _now_ms() -> int:
     from qisd.net.node import now_ms
 
@@ -1117,5 +1077,23 @@ async def start_flight(
     except (pa.ArrowException, OSError) as exc:
         raise ConfigError(f"cannot serve Flight at {address.location()}: {exc}") from None
     handle = FlightHandle(server, address)
+    if not tls_cert:
+        await asyncio.to_thread(_warm_up, handle.uri, token)
     log.info("Arrow Flight endpoint at %s%s", handle.uri, " (token required)" if token else "")
     return handle
+
+
+WARM_UP_TICKET = LOCAL_PREFIX + "qisd-warm-up.invalid/first-read"
+"""What the endpoint reads from itself once at start (a path no packet has): the first call
+of a process pays ~50 ms of one-off set-up in gRPC, Flight and pyarrow, which belongs to
+start-up, not to the first client's read."""
+
+
+def _warm_up(uri: str, token: str) -> None:
+    headers = [(b"authorization", f"Bearer {token}".encode())] if token else []
+    options = flight.FlightCallOptions(timeout=5, headers=headers)
+    try:
+        with flight.connect(uri) as client:
+            client.do_get(flight.Ticket(WARM_UP_TICKET.encode()), options).read_all()
+    except Exception:  # a warm-up that fails costs the first reader the set-up, nothing else
+        log.debug("Flight warm-up read failed", exc_info=True)

@@ -22,10 +22,9 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from qisd import __version__
 from qisd.config import NodeConfig
@@ -58,7 +57,7 @@ from qisd.core.packet import (
 )
 from qisd.errors import IdentityError, PacketError, QisdError, UsageError
 from qisd.net import datadir
-from qisd.net.store import Store
+from qisd.net.store import Store, rows_matching
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +84,6 @@ MAX_FOLLOWED = 1_000
 """Paths one node may follow."""
 _SUBSCRIBER_QUEUE = 1_024
 """Tables buffered per subscriber; a subscriber that falls further behind loses the oldest."""
-
-
-_Rows = TypeVar("_Rows", pa.Table, pa.RecordBatch)
 
 
 def now_ms() -> int:
@@ -151,17 +147,6 @@ def _emitted(groups: list[list[Envelope]], rows: list[dict[str, Any]]) -> EmitRe
     return EmitResult(ids, len(rows), {pid: 0 for pid in ids})
 
 
-def rows_matching(data: _Rows, wanted: Mapping[str, str]) -> _Rows:
-    """The rows of a table or batch whose ``field`` equals ``value`` for every wanted pair."""
-    if not wanted or data.num_rows == 0:
-        return data
-    mask = None
-    for name, value in wanted.items():
-        equal = pc.equal(data.column(name), pa.scalar(value, pa.string()))
-        mask = equal if mask is None else pc.and_(mask, equal)
-    return data.filter(mask)
-
-
 def _warm_arrow() -> None:
     """Convert one row from Python objects, as every emit does: pyarrow's first such
     conversion imports pandas when it is installed (~0.6 s here), which belongs to start-up,
@@ -222,6 +207,9 @@ class Node:
         self._callbacks: set[asyncio.Task[Any]] = set()
         self._closed = False
         self._commit_lock = asyncio.Lock()
+        self._emitting = 0
+        """Emits of the loop committing in worker threads (close() waits for them)."""
+        self._emits_done = asyncio.Event()
         self._loop = asyncio.get_running_loop()
         self._publish_slots = asyncio.Semaphore(PUBLISH_CONCURRENCY)
         self._backlog = 0
@@ -325,7 +313,10 @@ class Node:
                 await self.dht.stop()
             except Exception:
                 log.exception("stopping the DHT failed")
-        async with self._commit_lock:  # an emit committing in a worker thread finishes first
+        while self._emitting:  # emits committing in worker threads finish first
+            self._emits_done.clear()
+            await self._emits_done.wait()
+        async with self._commit_lock:  # and so does a network store or a document's put
             self.store.close()
         self._lock.release()
 
@@ -602,9 +593,16 @@ class Node:
     async def _emit(
         self, build: _Build, wait_replicas: int, wait_timeout: float | None
     ) -> EmitResult:
-        async with self._commit_lock:
-            self._check_open()
+        # No lock around the commit: concurrent emits reach the store together and share one
+        # group commit (one fsync); the store orders them. close() waits for them (_emitting).
+        self._check_open()
+        self._emitting += 1
+        try:
             groups, rows, rejected = await asyncio.to_thread(self._commit, build)
+        finally:
+            self._emitting -= 1
+            if not self._emitting:
+                self._emits_done.set()
         if not rows:
             return EmitResult([], 0, {}, rejected)
         result = self._committed(groups, rows)
@@ -842,13 +840,13 @@ class Node:
         report = None
         if not local_only:
             extra, report = await self.fetch_into_store(key)
-        table = await asyncio.to_thread(self.store.table, key, now_ms=now_ms())
+        table = await asyncio.to_thread(self.store.table, key, now_ms=now_ms(), wanted=wanted)
         if extra:
             held = set(table.column("packet_id").to_pylist())
             missing = [e for e in extra if e.packet_id not in held]
             if missing:
-                table = pa.concat_tables([table, _table_of(missing)])
-        return completeness.attach_table(rows_matching(table, wanted), report)
+                table = pa.concat_tables([table, rows_matching(_table_of(missing), wanted)])
+        return completeness.attach_table(table, report)
 
     async def fetch_into_store(self, key: bytes) -> tuple[list[Envelope], dict[str, Any] | None]:
         """Read ``key`` from the network into the local store (only what it lacks moves).
@@ -1238,8 +1236,7 @@ class Node:
         key, wanted = route
         if fetch:
             await self.fetch_into_store(key)
-        table = await asyncio.to_thread(self.store.table, key, now_ms=now_ms())
-        table = rows_matching(table, wanted)
+        table = await asyncio.to_thread(self.store.table, key, now_ms=now_ms(), wanted=wanted)
         ids = table.column("packet_id").to_pylist()
         digest = (len(ids), ids[-1] if ids else "")
         if self._digests.get(path) == digest and path in self._syntheses:
@@ -1272,6 +1269,7 @@ class Node:
             "packets": stats["packets"],
             "local_packets": stats["local_packets"],
             "store_bytes": stats["bytes"],
+            "store_commits": dict(self.store.groups),
             "publish_backlog": self._backlog,
             "followed": self.followed(),
             "counters": dict(self.counters),

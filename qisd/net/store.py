@@ -26,6 +26,18 @@ Cursors. ``seq`` is an AUTOINCREMENT integer, so it only grows and is never reus
 deletes: :meth:`Store.page` with ``since=cursor`` returns exactly the envelopes stored after the
 cursor was issued. Cursors are local to one store file.
 
+Group commit. Concurrent :meth:`Store.put` calls (Flight DoPut threads, control-socket emits,
+DHT stores) commit in groups: the first caller to find no commit under way commits every put
+queued meanwhile in one transaction (one savepoint per put, so one put's failure is its own),
+and one fsync acknowledges them all; nobody returns before the group's COMMIT. A lone writer
+never waits for company: it finds no commit under way and commits at once.
+
+Reads. Each key's packet rows are also kept as an Arrow columnar view (:mod:`qisd.net.view`),
+maintained by :meth:`Store.put` and every delete after their COMMIT: :meth:`Store.scan` streams
+mapped record batches of it, never decoding an envelope. The envelopes stay the source of
+truth: the view is checked against them at open (and whenever another connection wrote the
+file) and repaired where it differs.
+
 Threads. One ``sqlite3`` connection, opened with ``check_same_thread=False`` and guarded by a
 lock: calls may come from the event loop or a worker thread, one at a time (they serialise).
 
@@ -40,13 +52,13 @@ import json
 import os
 import sqlite3
 import threading
-from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from qisd.config import StoreLimits
 from qisd.core.packet import (
@@ -58,6 +70,7 @@ from qisd.core.packet import (
     read_trusted,
 )
 from qisd.errors import StoreError
+from qisd.net.view import VIEW_DIR, Decoded, Pending, ViewSet
 
 STORE_FILE = "store.sqlite3"
 """Name of the store inside the data directory."""
@@ -68,7 +81,7 @@ SCHEMA_VERSION = 2
 PAGE_SIZE = 1024
 """SQLite page size of a new store (an existing file keeps the size it was created with)."""
 DEFAULT_CACHE_BYTES = 64 << 20
-"""Arrow bytes of assembled per-key tables kept in memory (least recently used dropped first)."""
+"""Kept for callers of ``Store.open(cache_bytes=...)``; reads come from the columnar view."""
 
 REFUSED_EXPIRED = "expired"
 REFUSED_KEY_QUOTA = "key quota"
@@ -77,6 +90,9 @@ REFUSED_STORE_FULL = "store full"
 
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 _T = TypeVar("_T")
+_Rows = TypeVar("_Rows", pa.Table, pa.RecordBatch)
+_DECODE_STEP = 4096
+"""Envelopes decoded per step when the view is repaired from the envelopes."""
 
 # Counters are kept by triggers in the same transaction as the row change, so they can never
 # drift from the rows (a crash rolls both back); quotas and eviction read them in O(1).
@@ -176,6 +192,34 @@ class PutResult:
     """Remote envelopes deleted to make room under the global byte cap."""
 
 
+@dataclass(eq=False)
+class _PutCall:
+    """One :meth:`Store.put` waiting for (or taking part in) a group commit."""
+
+    envelopes: Sequence[Envelope]
+    now_ms: int
+    local: bool
+    origin: str
+    result: PutResult = field(default_factory=PutResult)
+    error: BaseException | None = None
+    done: bool = False
+    added: list[tuple[bytes, int, Envelope, int]] = field(default_factory=list)
+    """Packet envelopes this put stored: ``(key, seq, envelope, expires_ms)``, seq order."""
+    deleted: list[tuple[bytes, int]] = field(default_factory=list)
+    """``(key, seq)`` of envelopes this put deleted (expired rows, eviction)."""
+
+
+def rows_matching(data: _Rows, wanted: Mapping[str, str]) -> _Rows:
+    """The rows of a table or batch whose ``field`` equals ``value`` for every wanted pair."""
+    if not wanted or data.num_rows == 0:
+        return data
+    mask = None
+    for name, value in wanted.items():
+        equal = pc.equal(data.column(name), pa.scalar(value, pa.string()))
+        mask = equal if mask is None else pc.and_(mask, equal)
+    return data.filter(mask)
+
+
 def store_path(path_or_data_dir: str | os.PathLike[str]) -> Path:
     """The store file for a data directory, or the path itself if it is not a directory."""
     p = Path(path_or_data_dir)
@@ -269,11 +313,16 @@ class Store:
         self.limits = limits
         self.ttl_ms = ttl_ms
         self._lock = threading.RLock()
-        self._cache: OrderedDict[bytes, tuple[pa.Table, int, int]] = OrderedDict()
-        self._cache_bytes = cache_bytes
-        self._cached_bytes = 0
-        # Bumped whenever a key's rows change: a read that overlapped a change must not cache.
+        self._views: ViewSet | None = None
+        self._data_version = -1
+        # Bumped whenever a key's rows change (see generation()).
         self._generation: dict[bytes, int] = {}
+        # Group commit: puts queue here; the one that finds no commit under way commits all.
+        self._group = threading.Condition(threading.Lock())
+        self._waiting: list[_PutCall] = []
+        self._committing = False
+        self.groups = {"commits": 0, "puts": 0}
+        """Group commits made and the puts they acknowledged (puts / commits = group size)."""
 
     # ------------------------------------------------------------------ open / close
 
@@ -337,16 +386,93 @@ class Store:
         except StoreError:
             conn.close()
             raise
-        return cls(conn, path, limits, ttl_ms, cache_bytes)
+        store = cls(conn, path, limits, ttl_ms, cache_bytes)
+        try:
+            store._open_views()
+        except (OSError, sqlite3.Error, pa.ArrowException) as exc:
+            store.close()
+            raise StoreError(f"cannot open the columnar view of {path}: {exc}") from None
+        return store
+
+    def _open_views(self) -> None:
+        """Take ownership of the view files (unless another open store has them) and repair
+        them against the envelopes."""
+        name = self.path.name
+        directory = (
+            self.path.parent / VIEW_DIR
+            if name == STORE_FILE
+            else self.path.with_name(name + "-" + VIEW_DIR)
+        )
+        views = ViewSet.open(directory)
+        if views is None:
+            return  # another store in use owns them: this one reads the envelopes
+        with self._lock:
+            self._views = views
+            self._sync_views(self._conn)
+            repaired = {k: v for k, v in views.repaired.items() if v}
+            if repaired:
+                import logging
+
+                logging.getLogger(__name__).warning("columnar view repaired: %s", repaired)
+
+    def _sync_views(self, conn: sqlite3.Connection) -> None:
+        """Bring the views in line with the envelopes (see :meth:`ViewSet.sync`)."""
+        assert self._views is not None
+        self._data_version = conn.execute("PRAGMA data_version").fetchone()[0]
+        held = {
+            bytes(key): (count, top)
+            for key, count, top, kind in conn.execute(
+                "SELECT k.key, k.packets,"
+                " (SELECT max(seq) FROM envelopes e WHERE e.key = k.key),"
+                " (SELECT kind FROM envelopes e WHERE e.key = k.key ORDER BY seq LIMIT 1)"
+                " FROM key_usage k"
+            )
+            if kind == KIND_PACKET
+        }
+
+        def seqs(key: bytes) -> list[int]:
+            return [
+                s
+                for (s,) in conn.execute(
+                    "SELECT seq FROM envelopes WHERE key = ? ORDER BY seq", (key,)
+                )
+            ]
+
+        def decode(key: bytes, after: int) -> list[Pending]:
+            out: list[Pending] = []
+            for seq, pid, raw, exp in conn.execute(
+                "SELECT seq, packet_id, raw, expires_ms FROM envelopes WHERE key = ?"
+                " AND seq > ? AND kind = ? ORDER BY seq LIMIT ?",
+                (key, after, KIND_PACKET, _DECODE_STEP),
+            ).fetchall():
+                env, batch = read_trusted(bytes(raw))
+                if batch is not None:
+                    out.append((seq, pid, env.public_key, exp, Decoded(batch.num_rows, batch)))
+            return out
+
+        self._views.sync(held, seqs, decode)
+
+    def _check_writers(self, conn: sqlite3.Connection) -> None:
+        """Resync the views if another connection committed since we last looked (its writes
+        did not go through this store's views, nor told ``generation()``)."""
+        if (
+            self._views is not None
+            and conn.execute("PRAGMA data_version").fetchone()[0] != self._data_version
+        ):
+            self._changed([bytes(k) for (k,) in conn.execute("SELECT key FROM key_usage")])
+            self._changed(list(self._generation))
+            self._sync_views(conn)
 
     def close(self) -> None:
         """Close the database (checkpointing the WAL). Further calls raise StoreError."""
         with self._lock:
+            if self._views is not None:
+                with contextlib.suppress(OSError, pa.ArrowException):
+                    self._views.close()  # tails written out; a failure is repaired at open
+                self._views = None
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None  # type: ignore[assignment]
-            self._cache.clear()
-            self._cached_bytes = 0
 
     def __enter__(self) -> Store:
         return self
@@ -387,94 +513,181 @@ class Store:
         (a duplicate put with ``local=True`` marks the stored row local; a duplicate document
         has its expiry renewed, so a document lives as long as someone republishes it).
         """
-        result = PutResult()
         if not envelopes:
-            return result
-        changed: set[bytes] = set()
+            return PutResult()
+        call = _PutCall(envelopes, now_ms, local, origin)
+        with self._group:
+            self._waiting.append(call)
+            while self._committing and not call.done:
+                self._group.wait()
+            group = None
+            if not call.done:
+                self._committing = True
+                group, self._waiting = self._waiting, []
+        if group is not None:
+            try:
+                self._commit_group(group)
+            finally:
+                with self._group:
+                    for member in group:
+                        member.done = True
+                    self._committing = False
+                    self._group.notify_all()
+        if call.error is not None:
+            raise call.error
+        return call.result
 
-        def tx(conn: sqlite3.Connection) -> None:
-            conn.execute("BEGIN IMMEDIATE")
-            floor = conn.execute("SELECT coalesce(max(seq), 0) FROM envelopes").fetchone()[0]
-            purged_keys: set[bytes] = set()
-            expired_purged = False
-            for env in envelopes:
-                pid = env.packet_id
-                ts = env.timestamp_ms or now_ms
-                expires = ts + self.ttl_ms
-                row = conn.execute(
-                    "SELECT seq, local, kind FROM envelopes WHERE key = ? AND packet_id = ?",
-                    (env.key, pid),
-                ).fetchone()
-                if row is not None:
-                    seq, was_local, kind = row
-                    if local and not was_local:
-                        conn.execute("UPDATE envelopes SET local = 1 WHERE seq = ?", (seq,))
-                    if env.timestamp_ms == 0 and kind != KIND_PACKET:
-                        conn.execute(
-                            "UPDATE envelopes SET expires_ms = max(expires_ms, ?) WHERE seq = ?",
-                            (expires, seq),
-                        )
-                    result.duplicates.append(pid)
+    def _commit_group(self, group: list[_PutCall]) -> None:
+        """Commit every queued put in one transaction (one savepoint each) and one fsync, then
+        bring the views up to date. Sets each put's result, or its error."""
+        try:
+            with self._lock:
+                conn = self._conn
+                if conn is None:
+                    raise StoreError("the store is closed")
+                try:
+                    self._check_writers(conn)
+                    conn.execute("BEGIN IMMEDIATE")
+                    floor = conn.execute("SELECT coalesce(max(seq), 0) FROM envelopes").fetchone()[
+                        0
+                    ]
+                    for call in group:
+                        conn.execute("SAVEPOINT put")
+                        try:
+                            self._put_one(conn, call, floor)
+                        except sqlite3.Error as exc:
+                            conn.execute("ROLLBACK TO put")
+                            call.result, call.added, call.deleted = PutResult(), [], []
+                            call.error = StoreError(f"store {self.path}: {exc}")
+                        conn.execute("RELEASE put")
+                    conn.execute("COMMIT")
+                except sqlite3.Error as exc:
+                    if conn.in_transaction:
+                        with contextlib.suppress(sqlite3.Error):
+                            conn.execute("ROLLBACK")
+                    raise StoreError(f"store {self.path}: {exc}") from None
+                self.groups["commits"] += 1
+                self.groups["puts"] += len(group)
+                self._changed(
+                    {k for c in group for k, *_ in c.added}
+                    | {k for c in group for k, _ in c.deleted}
+                )
+                self._apply(group)
+        except BaseException as exc:
+            for call in group:
+                if call.error is None and not call.done:
+                    call.error = (
+                        exc
+                        if isinstance(exc, StoreError)
+                        else StoreError(f"store {self.path}: {exc}")
+                    )
+            if not isinstance(exc, Exception):
+                raise
+
+    def _apply(self, group: list[_PutCall]) -> None:
+        """The committed changes of a group, in order, applied to the views."""
+        views = self._views
+        if views is None:
+            return
+        try:
+            for call in group:
+                by_key: dict[bytes, list[Pending]] = {}
+                for key, seq in call.deleted:
+                    if by_key.get(key):
+                        views.append(key, by_key.pop(key))  # in order: added, then deleted
+                    views.delete(key, (seq,))
+                for key, seq, env, expires in call.added:
+                    by_key.setdefault(key, []).append(
+                        (seq, env.packet_id, env.public_key, expires, env)
+                    )
+                for key, items in by_key.items():
+                    views.append(key, items)
+        except Exception:
+            # The envelopes are committed (and acknowledged); the views are rebuilt from them.
+            import logging
+
+            logging.getLogger(__name__).exception("updating the columnar view failed; resyncing")
+            with contextlib.suppress(Exception):
+                self._sync_views(self._conn)
+
+    def _put_one(self, conn: sqlite3.Connection, call: _PutCall, floor: int) -> None:
+        """The statements of one put inside its group's transaction."""
+        result = call.result
+        now_ms, local, origin = call.now_ms, call.local, call.origin
+        purged_keys: set[bytes] = set()
+        expired_purged = False
+        deleted = call.deleted
+        for env in call.envelopes:
+            pid = env.packet_id
+            ts = env.timestamp_ms or now_ms
+            expires = ts + self.ttl_ms
+            row = conn.execute(
+                "SELECT seq, local, kind FROM envelopes WHERE key = ? AND packet_id = ?",
+                (env.key, pid),
+            ).fetchone()
+            if row is not None:
+                seq, was_local, kind = row
+                if local and not was_local:
+                    conn.execute("UPDATE envelopes SET local = 1 WHERE seq = ?", (seq,))
+                if env.timestamp_ms == 0 and kind != KIND_PACKET:
+                    conn.execute(
+                        "UPDATE envelopes SET expires_ms = max(expires_ms, ?) WHERE seq = ?",
+                        (expires, seq),
+                    )
+                result.duplicates.append(pid)
+                continue
+            if expires <= now_ms:
+                result.refused.append(
+                    (pid, f"{REFUSED_EXPIRED}: timestamp {ts} + ttl is before now {now_ms}")
+                )
+                continue
+            size = len(env.raw)
+            if not local:
+                reason = self._quota_reason(conn, env, now_ms, purged_keys, deleted)
+                if reason is not None:
+                    result.refused.append((pid, reason))
                     continue
-                if expires <= now_ms:
+            total = conn.execute("SELECT bytes FROM totals").fetchone()[0]
+            if total + size > self.limits.max_bytes:
+                if not expired_purged:
+                    expired_purged = True
+                    self._delete_expired(conn, now_ms, deleted)
+                    total = conn.execute("SELECT bytes FROM totals").fetchone()[0]
+                if total + size > self.limits.max_bytes:
+                    result.evicted += self._evict(
+                        conn, total + size - self.limits.max_bytes, floor, deleted
+                    )
+                    total = conn.execute("SELECT bytes FROM totals").fetchone()[0]
+                if total + size > self.limits.max_bytes and not local:
                     result.refused.append(
-                        (pid, f"{REFUSED_EXPIRED}: timestamp {ts} + ttl is before now {now_ms}")
+                        (
+                            pid,
+                            f"{REFUSED_STORE_FULL}: {total} of {self.limits.max_bytes} "
+                            "bytes held and no remote packet left to evict",
+                        )
                     )
                     continue
-                size = len(env.raw)
-                if not local:
-                    reason = self._quota_reason(conn, env, now_ms, purged_keys, changed)
-                    if reason is not None:
-                        result.refused.append((pid, reason))
-                        continue
-                total = conn.execute("SELECT bytes FROM totals").fetchone()[0]
-                if total + size > self.limits.max_bytes:
-                    if not expired_purged:
-                        expired_purged = True
-                        self._delete_expired(conn, now_ms, changed)
-                        total = conn.execute("SELECT bytes FROM totals").fetchone()[0]
-                    if total + size > self.limits.max_bytes:
-                        result.evicted += self._evict(
-                            conn, total + size - self.limits.max_bytes, floor, changed
-                        )
-                        total = conn.execute("SELECT bytes FROM totals").fetchone()[0]
-                    if total + size > self.limits.max_bytes and not local:
-                        result.refused.append(
-                            (
-                                pid,
-                                f"{REFUSED_STORE_FULL}: {total} of {self.limits.max_bytes} "
-                                "bytes held and no remote packet left to evict",
-                            )
-                        )
-                        continue
-                conn.execute(
-                    "INSERT INTO envelopes (key, packet_id, kind, signer, timestamp_ms,"
-                    " expires_ms, rows, size, local, source, raw)"
-                    " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                    (
-                        env.key,
-                        pid,
-                        env.kind,
-                        env.public_key,
-                        ts,
-                        expires,
-                        env.rows,
-                        size,
-                        int(local),
-                        f"host:{origin}" if origin else f"signer:{env.public_key.hex()}",
-                        env.raw,
-                    ),
-                )
-                changed.add(env.key)
-                result.accepted.append(pid)
-            conn.execute("COMMIT")
-
-        try:
-            self._run(tx)
-        finally:
-            # Even on failure: a rolled-back transaction may have been partly cached around.
-            self._invalidate(changed)
-        return result
+            cur = conn.execute(
+                "INSERT INTO envelopes (key, packet_id, kind, signer, timestamp_ms,"
+                " expires_ms, rows, size, local, source, raw)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    env.key,
+                    pid,
+                    env.kind,
+                    env.public_key,
+                    ts,
+                    expires,
+                    env.rows,
+                    size,
+                    int(local),
+                    f"host:{origin}" if origin else f"signer:{env.public_key.hex()}",
+                    env.raw,
+                ),
+            )
+            if env.kind == KIND_PACKET:
+                call.added.append((env.key, cur.lastrowid or 0, env, expires))
+            result.accepted.append(pid)
 
     def _quota_reason(
         self,
@@ -482,7 +695,7 @@ class Store:
         env: Envelope,
         now_ms: int,
         purged_keys: set[bytes],
-        changed: set[bytes],
+        deleted: list[tuple[bytes, int]],
     ) -> str | None:
         limits = self.limits
         for attempt in (0, 1):
@@ -500,11 +713,12 @@ class Store:
             if attempt == 0 and env.key not in purged_keys:
                 # Expired rows still count until expire() runs: purge this key's, then recheck.
                 purged_keys.add(env.key)
-                cur = conn.execute(
-                    "DELETE FROM envelopes WHERE key = ? AND expires_ms <= ?", (env.key, now_ms)
-                )
-                if cur.rowcount:
-                    changed.add(env.key)
+                gone = conn.execute(
+                    "DELETE FROM envelopes WHERE key = ? AND expires_ms <= ? RETURNING seq",
+                    (env.key, now_ms),
+                ).fetchall()
+                if gone:
+                    deleted.extend((env.key, seq) for (seq,) in gone)
                     continue
             if key_full:
                 return f"{REFUSED_KEY_QUOTA}: {limits.per_key} packets already held under this key"
@@ -514,14 +728,18 @@ class Store:
             )
         return None
 
-    def _delete_expired(self, conn: sqlite3.Connection, now_ms: int, changed: set[bytes]) -> int:
-        keys = conn.execute(
-            "DELETE FROM envelopes WHERE expires_ms <= ? RETURNING key", (now_ms,)
+    def _delete_expired(
+        self, conn: sqlite3.Connection, now_ms: int, deleted: list[tuple[bytes, int]]
+    ) -> int:
+        gone = conn.execute(
+            "DELETE FROM envelopes WHERE expires_ms <= ? RETURNING key, seq", (now_ms,)
         ).fetchall()
-        changed.update(k for (k,) in keys)
-        return len(keys)
+        deleted.extend((bytes(k), seq) for k, seq in gone)
+        return len(gone)
 
-    def _evict(self, conn: sqlite3.Connection, need: int, floor: int, changed: set[bytes]) -> int:
+    def _evict(
+        self, conn: sqlite3.Connection, need: int, floor: int, deleted: list[tuple[bytes, int]]
+    ) -> int:
         """Delete remote rows (seq <= floor) until ``need`` bytes are freed; returns rows.
 
         The heaviest source (delivering host, else signer) goes first, oldest rows first."""
@@ -549,7 +767,7 @@ class Store:
             doomed = []
             for seq, key, size in victims:
                 doomed.append((seq,))
-                changed.add(key)
+                deleted.append((bytes(key), seq))
                 need -= size
                 if need <= 0:
                     break
@@ -565,24 +783,40 @@ class Store:
         """
         total = 0
         while True:
-            changed: set[bytes] = set()
+            deleted: list[tuple[bytes, int]] = []
 
-            def tx(conn: sqlite3.Connection, changed: set[bytes] = changed) -> int:
+            def tx(conn: sqlite3.Connection, deleted: list[tuple[bytes, int]] = deleted) -> int:
+                self._check_writers(conn)
                 conn.execute("BEGIN IMMEDIATE")
-                keys = conn.execute(
+                gone = conn.execute(
                     "DELETE FROM envelopes WHERE seq IN (SELECT seq FROM envelopes"
-                    " WHERE expires_ms <= ? LIMIT 5000) RETURNING key",
+                    " WHERE expires_ms <= ? LIMIT 5000) RETURNING key, seq",
                     (now_ms,),
                 ).fetchall()
                 conn.execute("COMMIT")
-                changed.update(k for (k,) in keys)
-                return len(keys)
+                deleted.extend((bytes(k), seq) for k, seq in gone)
+                self._forget(deleted)
+                return len(gone)
 
             n = self._run(tx)
-            self._invalidate(changed)
             total += n
             if n < 5000:
                 return total
+
+    def _changed(self, keys: Iterable[bytes]) -> None:
+        for key in keys:
+            self._generation[key] = self._generation.get(key, 0) + 1
+
+    def _forget(self, deleted: list[tuple[bytes, int]]) -> None:
+        """Hide the rows of committed deletes from the views."""
+        self._changed({key for key, _ in deleted})
+        if self._views is None:
+            return
+        by_key: dict[bytes, list[int]] = {}
+        for key, seq in deleted:
+            by_key.setdefault(key, []).append(seq)
+        for key, seqs in by_key.items():
+            self._views.delete(key, seqs)
 
     def set_meta(self, name: str, value: Any) -> None:
         """Store a small JSON-serialisable value under ``name`` (durable on return)."""
@@ -721,58 +955,82 @@ class Store:
             schema=RESULT_SCHEMA,
         )
 
-    def table(self, key: bytes, *, now_ms: int) -> pa.Table:
-        """Unexpired packet rows under ``key`` as one table (``RESULT_SCHEMA``), in seq order.
-
-        Assembled from the stored IPC bytes and cached per key until the key changes or its
-        first row expires, so repeated reads (Flight DoGet) do not decode again.
-        """
-        with self._lock:
-            hit = self._cache.get(key)
-            if hit is not None:
-                table, built_at, valid_until = hit
-                if built_at <= now_ms < valid_until:
-                    self._cache.move_to_end(key)
-                    return table
-                self._drop(key)
-            parts: list[pa.Table] = []
-            valid_until = 2**63 - 1
-            since = 0
-            while True:
-                rows = self._rows_after(key, since, now_ms, 4096)
-                if not rows:
-                    break
-                parts.append(self._assemble(rows))
-                valid_until = min(valid_until, min(r[3] for r in rows))
-                since = rows[-1][0]
-            table = pa.concat_tables(parts) if parts else RESULT_SCHEMA.empty_table()
-            return self._remember(key, table, now_ms, valid_until)
-
-    def batches(
-        self, key: bytes, *, now_ms: int, max_rows: int = 65_536
+    def scan(
+        self,
+        key: bytes,
+        *,
+        now_ms: int,
+        max_rows: int = 65_536,
+        wanted: Mapping[str, str] | None = None,
     ) -> Iterator[pa.RecordBatch]:
-        """The rows of :meth:`table` as record batches of at most ``max_rows`` rows each.
+        """The unexpired packet rows under ``key`` (``RESULT_SCHEMA``), in seq order, as record
+        batches of at most ``max_rows`` rows, keeping only rows whose fields equal ``wanted``
+        (field -> value) when given.
 
-        Reads the store in chunks, so a huge key streams without one giant table in memory.
-        A cached table is sliced instead, and a key read to the end whose table fits the cache
-        is cached, so the next read (Flight DoGet) does not decode again. Rows stored while
-        iterating may or may not appear.
+        Streamed from the key's columnar view: mapped batches, no envelope decoded, memory
+        bounded whatever the key's size. The rows are those committed when ``scan`` is called;
+        iterate without hurry, later puts do not change what it yields.
         """
         if max_rows < 1:
             raise StoreError("max_rows must be at least 1")
         with self._lock:
-            hit = self._cache.get(key)
-            cached = hit[0] if hit is not None and hit[1] <= now_ms < hit[2] else None
-        if cached is not None:
-            yield from cached.to_batches(max_chunksize=max_rows)
-            return
-        with self._lock:
-            generation = self._generation.get(key, 0)
-        kept: list[pa.Table] | None = []
-        kept_bytes = 0
-        valid_until = 2**63 - 1
-        pending: pa.Table | None = None
+            if self._conn is None:
+                raise StoreError("the store is closed")
+            views = self._views
+            if views is not None:
+                try:
+                    self._check_writers(self._conn)
+                except sqlite3.Error as exc:
+                    raise StoreError(f"store {self.path}: {exc}") from None
+                snapshot = views.snapshot(key)
+        if views is None:
+            return self.decoded(key, now_ms=now_ms, max_rows=max_rows, wanted=wanted)
+        if snapshot is None:
+            return iter(())
+        return snapshot.batches(now_ms=now_ms, max_rows=max_rows, wanted=wanted)
+
+    def batches(
+        self, key: bytes, *, now_ms: int, max_rows: int = 65_536
+    ) -> Iterator[pa.RecordBatch]:
+        """:meth:`scan` (the name earlier callers use)."""
+        return self.scan(key, now_ms=now_ms, max_rows=max_rows)
+
+    def table(
+        self, key: bytes, *, now_ms: int, wanted: Mapping[str, str] | None = None
+    ) -> pa.Table:
+        """The rows of :meth:`scan` as one table (its chunks are the mapped batches: no copy)."""
+        return pa.Table.from_batches(
+            list(self.scan(key, now_ms=now_ms, max_rows=1 << 30, wanted=wanted)),
+            schema=RESULT_SCHEMA,
+        )
+
+    def count(self, key: bytes, *, now_ms: int, wanted: Mapping[str, str] | None = None) -> int:
+        """Unexpired packets under ``key`` with at least one row matching ``wanted``."""
+        if not wanted:
+            with self._lock:
+                snapshot = self._views.snapshot(key) if self._views is not None else None
+            if snapshot is not None and snapshot.min_expires > now_ms:
+                return snapshot.packets  # nothing expired: the view's count, no scan
+        ids: set[str] = set()
+        for batch in self.scan(key, now_ms=now_ms, wanted=wanted):
+            ids.update(pc.unique(batch.column("packet_id")).to_pylist())
+        return len(ids)
+
+    def decoded(
+        self,
+        key: bytes,
+        *,
+        now_ms: int,
+        max_rows: int = 65_536,
+        wanted: Mapping[str, str] | None = None,
+    ) -> Iterator[pa.RecordBatch]:
+        """What :meth:`scan` yields, decoded from the envelopes instead of the view (the
+        source of truth: what the view is checked against; reads of a store whose view another
+        open store owns)."""
+        if max_rows < 1:
+            raise StoreError("max_rows must be at least 1")
         since = 0
+        pending: pa.Table | None = None
         while True:
             # An envelope holds 1..MAX_ROWS rows: read few enough envelopes that one step can
             # never hold more than max_rows rows (one envelope at the least).
@@ -780,14 +1038,7 @@ class Store:
             if not rows:
                 break
             since = rows[-1][0]
-            part = self._assemble(rows)
-            valid_until = min(valid_until, min(r[3] for r in rows))
-            if kept is not None:
-                kept_bytes += part.nbytes
-                if kept_bytes <= self._cache_bytes:
-                    kept.append(part)
-                else:
-                    kept = None  # too big to cache: stream without holding on to it
+            part = rows_matching(self._assemble(rows), wanted or {})
             pending = part if pending is None else pa.concat_tables([pending, part])
             if pending.num_rows >= max_rows:
                 chunks = pending.combine_chunks().to_batches(max_chunksize=max_rows)
@@ -795,11 +1046,6 @@ class Store:
                 yield from full
                 rest = chunks[len(full) :]
                 pending = pa.Table.from_batches(rest, schema=RESULT_SCHEMA) if rest else None
-        if kept is not None:
-            with self._lock:
-                if self._generation.get(key, 0) == generation and key not in self._cache:
-                    table = pa.concat_tables(kept) if kept else RESULT_SCHEMA.empty_table()
-                    self._remember(key, table, now_ms, valid_until)
         if pending is not None and pending.num_rows:
             yield from pending.combine_chunks().to_batches(max_chunksize=max_rows)
 
@@ -883,32 +1129,3 @@ class Store:
             return all(n == 0 for (n,) in mismatches)
 
         return self._run(check)
-
-    # ------------------------------------------------------------------ cache
-
-    def _drop(self, key: bytes) -> None:
-        hit = self._cache.pop(key, None)
-        if hit is not None:
-            self._cached_bytes -= hit[0].nbytes
-
-    def _remember(self, key: bytes, table: pa.Table, built_at: int, valid_until: int) -> pa.Table:
-        """Cache ``table`` for ``key`` if it fits, dropping the least recently used.
-
-        Returns the table as cached: in one chunk, so every later slice into batches of N rows
-        gives full batches but the last.
-        """
-        if table.nbytes > self._cache_bytes:
-            return table
-        table = table.combine_chunks()
-        self._drop(key)
-        self._cache[key] = (table, built_at, valid_until)
-        self._cached_bytes += table.nbytes
-        while self._cached_bytes > self._cache_bytes:
-            self._drop(next(iter(self._cache)))
-        return table
-
-    def _invalidate(self, keys: Iterable[bytes]) -> None:
-        with self._lock:
-            for key in keys:
-                self._generation[key] = self._generation.get(key, 0) + 1
-                self._drop(key)
