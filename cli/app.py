@@ -24,7 +24,7 @@ from typing import Annotated, Any
 import typer
 
 from qisd import __version__
-from qisd.config import DEFAULT_FLIGHT_URI
+from qisd.config import DEFAULT_FLIGHT_URI, DEFAULT_METRICS_ADDRESS
 from qisd.errors import FieldError, PacketError, QisdError, UsageError
 
 app = typer.Typer(
@@ -176,10 +176,36 @@ def start(
         str | None,
         typer.Option(help="PEM private key of --flight-tls-cert.", envvar="QISD_FLIGHT_TLS_KEY"),
     ] = None,
+    metrics: Annotated[
+        str | None,
+        typer.Option(
+            metavar="[HOST:PORT]",
+            help="Serve Prometheus /metrics and the dashboard at / (given alone: "
+            f"{DEFAULT_METRICS_ADDRESS}).",
+            envvar="QISD_METRICS",
+        ),
+    ] = None,
+    metrics_token: Annotated[
+        str | None,
+        typer.Option(
+            help="Token the metrics server requires (needed off loopback).",
+            envvar="QISD_METRICS_TOKEN",
+        ),
+    ] = None,
     log_level: Annotated[
         str | None,
         typer.Option(
-            help="debug, info, warning or error [default: info].", envvar="QISD_LOG_LEVEL"
+            help="debug, info, warning or error [default: info]; LOGGER=LEVEL pairs may "
+            "follow (debug,kademlia=info).",
+            envvar="QISD_LOG_LEVEL",
+        ),
+    ] = None,
+    log_format: Annotated[
+        str | None,
+        typer.Option(
+            metavar="text|json",
+            help="Log lines as text or as JSON objects [default: text].",
+            envvar="QISD_LOG_FORMAT",
         ),
     ] = None,
     election_seconds: Annotated[
@@ -207,7 +233,10 @@ def start(
             "flight_token": flight_token,
             "flight_tls_cert": flight_tls_cert,
             "flight_tls_key": flight_tls_key,
+            "metrics": metrics,
+            "metrics_token": metrics_token,
             "log_level": log_level,
+            "log_format": log_format,
             "election_seconds": election_seconds,
         },
     )
@@ -846,22 +875,28 @@ def main(argv: list[str] | None = None) -> None:
     raise SystemExit(code if isinstance(code, int) else 0)
 
 
-def _with_flight_default(args: list[str]) -> list[str]:
-    """``qisd start --flight`` with no URI after it means the default URI.
+_OPTIONAL_VALUES = {"--flight": DEFAULT_FLIGHT_URI, "--metrics": DEFAULT_METRICS_ADDRESS}
+"""Options of ``start`` whose value may be left out, and the value that then means."""
 
-    The option parser only knows options that always or never take a value; ``--flight``
-    takes an optional one, so a bare ``--flight`` (last, or followed by another option) gets
-    the default filled in here.
+
+def _with_flight_default(args: list[str]) -> list[str]:
+    """``qisd start --flight`` (or ``--metrics``) with no value after it means the default.
+
+    The option parser only knows options that always or never take a value; these take an
+    optional one, so a bare ``--flight`` (last, or followed by another option) gets the
+    default filled in here.
     """
     if not args or args[0] != "start":
         return args
     out = list(args)
-    for i, arg in enumerate(out):
+    i = 0
+    while i < len(out):
+        arg = out[i]
         if arg == "--":
             break
-        if arg == "--flight" and (i + 1 == len(out) or out[i + 1].startswith("-")):
-            out.insert(i + 1, DEFAULT_FLIGHT_URI)
-            break
+        if arg in _OPTIONAL_VALUES and (i + 1 == len(out) or out[i + 1].startswith("-")):
+            out.insert(i + 1, _OPTIONAL_VALUES[arg])
+        i += 1
     return out
 
 
