@@ -550,17 +550,17 @@ def _plural(n: int, word: str) -> str:
 
 
 def _committed_line(result: dict[str, Any]) -> str:
-    """``qisd: committed ...``: new packets, and duplicates the store already held."""
+    """``qisd: committed ...``: new packets, and the duplicates that were not stored again."""
     packets = len(result["packet_ids"])
-    dupes = len(result.get("duplicates") or ())
+    repeated = int(result.get("duplicate_count") or 0)
     rows = _plural(result["rows"], "row")
-    if not dupes:
+    if not repeated:
         return f"qisd: committed {_plural(packets, 'packet')} ({rows})"
-    new = packets - dupes
+    new = packets - len(result.get("duplicates") or ())
     return (
-        f"qisd: committed {_plural(new, 'new packet')} ({rows}); {dupes} of the "
-        f"{_plural(packets, 'packet')} were duplicates of packets already stored (the same "
-        "rows emitted again), kept once"
+        f"qisd: committed {_plural(new, 'new packet')} ({rows}); "
+        f"{_plural(repeated, 'duplicate packet')} (the same rows again) "
+        f"{'were' if repeated != 1 else 'was'} not stored again"
     )
 
 

@@ -403,7 +403,9 @@ class Client:
         nothing. ``on_chunk`` is called after each commit with its packet ids. If the daemon
         goes away midway the error raised carries ``committed``: the ids stored before it.
         The result lists each packet id once; ``duplicates`` holds those the daemon held
-        before this call (the same rows emitted again make the same packets).
+        before this call (the same rows emitted again make the same packets), and
+        ``duplicate_count`` how many of the packets the rows made were not new (those, and
+        repeats within the input).
         """
         if chunk_rows < 1:
             raise UsageError("chunk_rows must be at least 1")
@@ -416,6 +418,7 @@ class Client:
             raise UsageError("nothing to emit: the input has no rows")
         ids: dict[str, None] = {}
         new: set[str] = set()
+        repeated = 0
         replicas: dict[str, int] = {}
         done = 0
         try:
@@ -434,6 +437,7 @@ class Client:
                     n = len(part)
                 done += n
                 held = set(result.get("duplicates", ()))
+                repeated += int(result.get("duplicate_count", len(held)))
                 new.update(pid for pid in result["packet_ids"] if pid not in held)
                 ids.update(dict.fromkeys(result["packet_ids"]))
                 replicas.update(result.get("replicas", {}))
@@ -449,6 +453,7 @@ class Client:
             "replicas": replicas,
             "rejected": [],
             "duplicates": [pid for pid in ids if pid not in new],
+            "duplicate_count": repeated,
         }
 
     def emit_file(

@@ -377,9 +377,16 @@ def test_bad_field_values_exit_1_naming_the_field(
     assert stored(daemon) == before
 
 
-def test_missing_required_field_is_named(daemon: Daemon) -> None:
+def test_missing_required_flag_is_a_usage_error_naming_it(daemon: Daemon) -> None:
     args = [f for f in FLAGS if not f.startswith("--intervention=")]
-    one_line_error(daemon.cli("emit", *args), 1, "intervention_type", "required")
+    before = stored(daemon)
+    one_line_error(daemon.cli("emit", *args), 2, "--intervention", "required unless --from")
+    assert stored(daemon) == before
+    # --help marks every option one packet from flags needs.
+    shown = " ".join(qisd("emit", "--help").stdout.split())
+    for flag in ("--domain", "--problem-type", "--metric", "--delta", "--confidence"):
+        assert re.search(re.escape(flag) + r" [^\[]*\[required unless --from\]", shown), flag
+    assert shown.count("[required unless --from]") == 7
 
 
 def test_flags_and_from_together_are_refused(daemon: Daemon, tmp_path: Path) -> None:

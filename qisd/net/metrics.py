@@ -75,7 +75,6 @@ _DHT_TABLES: dict[str, tuple[str, str, str]] = {
     "malformed": ("dht_malformed", "reason", "Undecodable datagrams or replies, by reason."),
     "busy": ("dht_busy_replies", "direction", "'Busy, retry later' replies, sent or received."),
 }
-_DOCUMENTED_ZERO = ("rate_limited", "rate_limited_envelopes", "timeouts", "stored_packets")
 _GAUGE_WORDS = ("backlog", "queue", "queued", "pending", "contacts", "following", "peers")
 _NOT_METRICS = {"bootstrap_unreachable"}
 _NAME = re.compile(r"[^a-zA-Z0-9_]")
@@ -331,7 +330,7 @@ class NodeCollector(Collector):
             yield family
         for key, (name, doc) in _DHT_COUNTERS.items():
             seen.add(key)
-            number = _number(stats.get(key, 0 if key in _DOCUMENTED_ZERO else None))
+            number = _number(stats.get(key))
             yield CounterMetricFamily(f"qisd_{name}", doc, value=number or 0.0)
         for key, (name, doc) in _DHT_GAUGES.items():
             seen.add(key)
@@ -340,9 +339,14 @@ class NodeCollector(Collector):
                 number = float(len(peers))
             yield GaugeMetricFamily(f"qisd_{name}", doc, value=number or 0.0)
         # Everything else the DHT reports: numbers, and tables of numbers by one label.
+        taken = {name for name, *_ in (*_DHT_TABLES.values(), *_DHT_COUNTERS.values())}
+        taken |= {name for name, _ in _DHT_GAUGES.values()}
         for key in sorted(set(stats) - seen):
             value = stats[key]
             name = _metric_name(key)
+            if f"dht_{name}" in taken:
+                continue  # a name the fixed families already use
+            taken.add(f"dht_{name}")
             gauge = any(word in name for word in _GAUGE_WORDS)
             doc = f"DhtNode.stats()[{key!r}]."
             if isinstance(value, Mapping):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -114,7 +115,8 @@ class EmitResult:
     emit did not wait for the network); ``rejected`` lists ``(row_index, reason)`` of rows left
     out by a partial emit; ``duplicates`` the packet ids (of ``packet_ids``) that the store
     already held, so this emit did not store them again (the same rows emitted twice make the
-    same packets).
+    same packets); ``duplicate_count`` how many of the packets the rows made were not new
+    (those, and repeats within this emit).
     """
 
     packet_ids: list[str]
@@ -122,6 +124,7 @@ class EmitResult:
     replicas: dict[str, int] = field(default_factory=dict)
     rejected: list[tuple[int, str]] = field(default_factory=list)
     duplicates: list[str] = field(default_factory=list)
+    duplicate_count: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for JSON output."""
@@ -131,6 +134,7 @@ class EmitResult:
             "replicas": dict(self.replicas),
             "rejected": [list(r) for r in self.rejected],
             "duplicates": list(self.duplicates),
+            "duplicate_count": self.duplicate_count,
         }
 
 
@@ -152,7 +156,13 @@ def _emitted(
 ) -> EmitResult:
     """What a committed emit returns: each packet id once, no replicas counted yet."""
     ids = list(dict.fromkeys(group[0].packet_id for group in groups))
-    return EmitResult(ids, len(rows), {pid: 0 for pid in ids}, duplicates=duplicates)
+    return EmitResult(
+        ids,
+        len(rows),
+        {pid: 0 for pid in ids},
+        duplicates=duplicates,
+        duplicate_count=len(groups) - len(ids) + len(duplicates),
+    )
 
 
 def _duplicates(groups: list[list[Envelope]], accepted: Sequence[str]) -> list[str]:
@@ -626,7 +636,7 @@ class Node:
         if not rows:
             return EmitResult([], 0, {}, rejected)
         result = self._committed_threadsafe(groups, rows, duplicates)
-        return EmitResult(result.packet_ids, result.rows, result.replicas, rejected, duplicates)
+        return dataclasses.replace(result, rejected=rejected)
 
     async def _emit(
         self, build: _Build, wait_replicas: int, wait_timeout: float | None, continues: bool
@@ -645,7 +655,7 @@ class Node:
             log.debug("emit: replicas per packet %s", result.replicas)
         else:
             self._enqueue_publish(groups)
-        return EmitResult(result.packet_ids, result.rows, result.replicas, rejected, duplicates)
+        return dataclasses.replace(result, rejected=rejected)
 
     def _emit_records(self, records: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
         """The argument checks every emit of rows makes before any work."""
@@ -737,10 +747,10 @@ class Node:
         self.counters["emit_commits"] += 1
         self.counters["rows_emitted"] += len(rows)
         self.counters["packets_emitted"] += len(result.packet_ids) - len(duplicates)
-        # Every packet body beyond the first of its id is a duplicate too (rows repeated
-        # within one commit seal into the same packet).
-        self.counters["duplicate_packets"] += len(groups) - len(result.packet_ids) + len(duplicates)
+        self.counters["duplicate_packets"] += result.duplicate_count
         self._remember([group[0] for group in groups], "emitted here")
+        if any(env.key in self._follow_keys for group in groups for env in group):
+            self._dirty.set()  # a followed path's synthesis includes this site's own packets
         self._domains.update(row["domain"] for row in rows)
         self._deliver([env for group in groups for env in group])
         if self._recommended:
