@@ -731,6 +731,11 @@ def one_site(result: dict[str, Any]) -> bool:
     return result.get("distinct_signers") == 1
 
 
+def one_backer(result: dict[str, Any]) -> bool:
+    """True if the best intervention is backed by one signer (its interval has no width)."""
+    return result.get("best_signers") == 1
+
+
 ONE_SITE_NOTE = (
     "Evidence from one site: all {packets} packets come from one signer, and The Math keeps one "
     "vote per signer (its latest, so that a site cannot outvote others by emitting more). One "
@@ -758,6 +763,12 @@ def _print_synthesis(result: dict[str, Any]) -> None:
                 f"  That site reported '{result['best_intervention']}' with median delta "
                 f"{_cell(result.get('best_delta'))}."
             )
+    elif one_backer(result):
+        lines.append(
+            f"  Only one site backs '{result['best_intervention']}' (median delta "
+            f"{_cell(result.get('best_delta'))}): one signer is one vote, and one vote has no "
+            "interval, so this is not a recommendation yet."
+        )
     elif result.get("recommendation"):
         lines.append(f"  {result['recommendation']}")
     elif result.get("reason"):
@@ -854,7 +865,7 @@ def status(data_dir: DataDir = None, as_json: Json = False) -> None:
     for path, syn in (s.get("syntheses") or {}).items():
         best = syn.get("best_intervention")
         shown = f"best {best} ({_cell(syn.get('best_delta'))})" if best else syn.get("status")
-        if one_site(syn):
+        if one_site(syn) or one_backer(syn):
             shown = "one site only, no recommendation" + (f" (it reported {best})" if best else "")
         lines.append(f"  {path}: {shown}, {syn.get('packets_analyzed')} packets")
     sys.stdout.write("\n".join(lines) + "\n")

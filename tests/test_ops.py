@@ -445,3 +445,147 @@ def test_the_readme_config_example_works_as_written(tmp_path: Path) -> None:
         assert shown.returncode == 0 and "learning_rate_schedule" in shown.stdout
     finally:
         assert d.terminate() == 0
+
+
+# --------------------------------------------------------------------------- the dashboard
+
+
+def _chromium() -> str | None:
+    import shutil
+
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def _browse(url: str, profile: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """Headless Chromium on ``url``; virtual time lets the page's fetch and drawing finish."""
+    browser = _chromium()
+    assert browser is not None
+    return subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",  # tests may run as root, where the sandbox cannot start
+            "--disable-gpu",
+            "--no-first-run",
+            f"--user-data-dir={profile}",
+            "--enable-logging=stderr",
+            "--v=0",
+            "--virtual-time-budget=8000",
+            "--window-size=1200,1800",
+            *extra,
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.skipif(
+    _chromium() is None, reason="no chromium: apt-get install -y chromium (Debian's package)"
+)
+def test_the_dashboard_draws_the_followed_path_in_a_real_browser(
+    pair: tuple[Daemon, Daemon], tmp_path: Path
+) -> None:
+    a, b = pair
+    assert b.cli("follow", PATH).returncode == 0
+    assert a.cli("emit", *FLAGS, "--intervention=warmup", "--wait=1").returncode == 0
+    assert b.cli("emit", *FLAGS, "--intervention=cosine_annealing", "--delta=0.05").returncode == 0
+    b.wait_for_line(re.compile(rf".*election: {re.escape(PATH)} re-synthesized .* of 2 "), 30)
+    with Client(b.data_dir) as client:
+        synthesis = client.status()["syntheses"][PATH]
+    names = {i["intervention"] for i in synthesis["interventions"]}
+    assert {"warmup", "cosine_annealing"} <= names
+
+    url = metrics_url(b)
+    dom = _browse(url, tmp_path / "profile", "--dump-dom")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    console = [line for line in dom.stderr.splitlines() if ":CONSOLE" in line]
+    assert not console, console  # no script error, CSP violation or failed request
+    assert 'data-state="ready"' in dom.stdout
+    chart = re.search(
+        rf'data-path="{re.escape(PATH)}".*?<svg[^>]*class="synthesis".*?</svg>', dom.stdout, re.S
+    )
+    assert chart is not None, dom.stdout[-3000:]
+    drawn = set(re.findall(r'data-intervention="([^"]+)"', chart[0]))
+    assert drawn == names
+    assert chart[0].count('class="median"') == len(names)
+    for i in synthesis["interventions"]:
+        assert f'data-signers="{i["signers"]}"' in chart[0]
+    assert b.node_id in dom.stdout and a.node_id in dom.stdout  # peers by node id
+
+    artifacts = ROOT / "artifacts"
+    artifacts.mkdir(exist_ok=True)
+    shot = artifacts / "dashboard.png"
+    picture = _browse(url, tmp_path / "profile", f"--screenshot={shot}")
+    assert picture.returncode == 0, picture.stderr[-2000:]
+    assert shot.stat().st_size > 10_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert b.cli("unfollow", PATH).returncode == 0
+
+
+def test_peers_status_and_query_show_one_node_id_scheme(pair: tuple[Daemon, Daemon]) -> None:
+    a, b = pair
+    assert a.cli("emit", *FLAGS, "--intervention=ids", "--wait=1").returncode == 0
+    peers = json.loads(b.cli("peers", "--json").stdout)
+    assert [p["node_id"] for p in peers] == [a.node_id]  # the id of A's `node=` line
+    assert len(peers[0]["dht_id"]) == 40
+    human = b.cli("peers")
+    assert human.returncode == 0 and a.node_id in human.stdout.splitlines()[1]
+    assert json.loads(a.cli("status", "--json").stdout)["node_id"] == a.node_id
+    assert a.node_id in a.cli("status").stdout.splitlines()[0]
+    rows = json.loads(b.cli("query", PATH, "--json").stdout)
+    assert a.node_id in {r["node_id"] for r in rows}
+    table = b.cli("query", PATH).stdout.splitlines()
+    shown = {line.split()[2] for line in table[1:]}  # TIME is two words, then NODE
+    assert a.node_id[:12] in shown  # the same id, shortened as git shortens hashes
+
+
+def test_a_one_site_synthesis_says_so_and_recommends_nothing(tmp_path: Path) -> None:
+    d = Daemon(tmp_path / "solo")
+    try:
+        rows = [dict(FLAG_ROW, intervention_type="warmup", metric_delta=0.023)] * 1
+        source = tmp_path / "solo.jsonl"
+        source.write_text(
+            "".join(
+                json.dumps(dict(r, metric_delta=0.02 + 0.001 * i)) + "\n"
+                for i, r in enumerate(rows * 30)
+            )
+        )
+        assert d.cli("emit", "--from", str(source)).returncode == 0
+        shown = d.cli("synthesize", PATH, "--local")
+        assert shown.returncode == 0, shown.stderr
+        text = " ".join(shown.stdout.split())
+        assert "Evidence from one site" in text and "one vote per signer" in text
+        assert "Try '" not in text and "95% interval" not in text
+        assert "- (one signer)" in shown.stdout  # no zero-width interval in the table
+        data = json.loads(d.cli("synthesize", PATH, "--local", "--json").stdout)
+        assert data["distinct_signers"] == 1  # the data still says what The Math found
+    finally:
+        assert d.terminate() == 0
+
+
+def test_version_json_and_shell_completion() -> None:
+    from qisd import __version__
+
+    assert qisd("--version").stdout == f"qisd {__version__}\n"
+    assert qisd("-V").returncode == 0
+    data = json.loads(qisd("version", "--json").stdout)
+    assert data["qisd"] == __version__ and data["wire_version"] == 1
+    script = qisd("--show-completion", "bash", env={"SHELL": "/bin/bash"})
+    assert script.returncode == 0 and "_QISD_COMPLETE" in script.stdout
+    words = qisd(
+        env={"_QISD_COMPLETE": "complete_bash", "COMP_WORDS": "qisd sta", "COMP_CWORD": "1"}
+    )
+    assert set(words.stdout.split()) == {"start", "status"}
+    flags = qisd(
+        env={
+            "_QISD_COMPLETE": "complete_bash",
+            "COMP_WORDS": "qisd start --metr",
+            "COMP_CWORD": "2",
+        }
+    )
+    assert set(flags.stdout.split()) == {"--metrics", "--metrics-token"}
