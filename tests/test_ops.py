@@ -589,3 +589,101 @@ def test_version_json_and_shell_completion() -> None:
         }
     )
     assert set(flags.stdout.split()) == {"--metrics", "--metrics-token"}
+
+
+# --------------------------------------------------------------------------- docs and the unit
+
+
+def _slug(heading: str) -> str:
+    """A heading's anchor as GitHub makes it."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def _anchors(markdown: str) -> set[str]:
+    return {_slug(m[1]) for m in re.finditer(r"^#+ (.*)$", markdown, re.M)}
+
+
+@pytest.mark.parametrize("document", ["README.md", "docs/cli.md", "docs/DESIGN.md"])
+def test_every_link_leads_somewhere(document: str) -> None:
+    path = ROOT / document
+    text = path.read_text(encoding="utf-8")
+    # Code blocks hold shell and TOML, not links.
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)
+    links = re.findall(r"\[[^\]]*\]\(([^)\s]+)\)", prose)
+    assert links or document == "docs/DESIGN.md"
+    for link in links:
+        if link.startswith(("http://", "https://", "mailto:")):
+            continue
+        target, _, anchor = link.partition("#")
+        file = (path.parent / target).resolve() if target else path
+        assert file.exists(), f"{document}: {link} does not exist"
+        if anchor and file.suffix == ".md":
+            assert anchor in _anchors(file.read_text(encoding="utf-8")), f"{document}: {link}"
+    # Files named in code spans of the prose (`docs/cli.md`, `DESIGN.md`) exist too.
+    for name in re.findall(r"`([\w./-]+\.md)`", prose):
+        found = [p for p in (path.parent / name, ROOT / name, ROOT / "docs" / name) if p.exists()]
+        assert found, f"{document} names {name}, which is not in the repository"
+
+
+def test_the_cli_reference_is_what_the_program_says() -> None:
+    from qisd_cli.reference import reference
+
+    assert (ROOT / "docs" / "cli.md").read_text(encoding="utf-8") == reference(), (
+        "docs/cli.md is stale: python -m qisd_cli.reference > docs/cli.md"
+    )
+
+
+def _install_steps() -> list[str]:
+    """The README's systemd install lines that put files in place (not pip, not systemctl)."""
+    block = _block_after("### Running under systemd", "sh")
+    steps = []
+    for line in block.splitlines():
+        command = line.split("#", 1)[0].strip()
+        if command.startswith(("sudo install ", "sudo ln -s ")):
+            steps.append(command.removeprefix("sudo "))
+    assert len(steps) == 3, block
+    return steps
+
+
+def test_the_unit_verifies_after_the_readme_install_steps(tmp_path: Path) -> None:
+    import shutil
+
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("no systemd-analyze: apt-get install -y systemd")
+    venv_qisd = Path(QISD[0]) if Path(QISD[0]).name == "qisd" else None
+    if venv_qisd is None:
+        pytest.skip("the qisd console script is not installed beside this Python")
+    unit = (ROOT / "deploy/systemd/qisd.service").read_text(encoding="utf-8")
+    docs = re.findall(r"file://(\S+)", re.search(r"^Documentation=(.*)$", unit, re.M)[1])
+    assert docs
+    steps = [s.replace("/opt/qisd/bin/qisd", str(venv_qisd)) for s in _install_steps()]
+    script = " && ".join(
+        [
+            "set -e",
+            "for d in /usr/local/bin /etc/systemd/system /usr/share/doc; do "
+            "mkdir -p $d; mount -t tmpfs tmpfs $d; done",
+            f"cd {shlex.quote(str(ROOT))}",
+            *steps,
+            f"{analyze} verify /etc/systemd/system/qisd.service",
+            *(f"test -f {shlex.quote(d)}" for d in docs),
+            "echo verified",
+        ]
+    )
+    done = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", script], capture_output=True, text=True, timeout=120
+    )
+    if "verified" in done.stdout:
+        assert done.returncode == 0 and not done.stderr.strip(), done.stderr
+        return
+    if "unshare" not in done.stderr and "mount" not in done.stderr:
+        raise AssertionError(f"the unit does not verify after the install steps: {done.stderr}")
+    # No private mount namespace here: verify a copy pointed at the virtualenv's qisd, and
+    # check that what the install lines copy to Documentation= exists in the checkout.
+    copy = tmp_path / "qisd.service"
+    copy.write_text(unit.replace("/usr/local/bin/qisd", str(venv_qisd)))
+    checked = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True)
+    assert checked.returncode == 0 and not checked.stderr.strip(), checked.stderr
+    for doc in docs:
+        assert (ROOT / ("docs/" if doc.endswith("cli.md") else "") / Path(doc).name).exists()
