@@ -687,3 +687,14 @@ def test_the_unit_verifies_after_the_readme_install_steps(tmp_path: Path) -> Non
     assert checked.returncode == 0 and not checked.stderr.strip(), checked.stderr
     for doc in docs:
         assert (ROOT / ("docs/" if doc.endswith("cli.md") else "") / Path(doc).name).exists()
+
+
+def test_the_grafana_dashboard_queries_only_documented_families() -> None:
+    board = json.loads((ROOT / "deploy/grafana/qisd.json").read_text(encoding="utf-8"))
+    documented = set(documented_families())
+    exprs = [t["expr"] for p in board["panels"] for t in p["targets"]]
+    assert len(exprs) > 20
+    for expr in exprs:
+        for name in re.findall(r"\b(qisd_[a-z_]+)", expr):
+            family = re.sub(r"_(total|bucket|count|sum)$", "", name)
+            assert family in documented, (name, expr)
