@@ -502,11 +502,13 @@ def test_the_dashboard_draws_the_followed_path_in_a_real_browser(
     assert {"warmup", "cosine_annealing"} <= names
 
     url = metrics_url(b)
-    dom = _browse(url, tmp_path / "profile", "--dump-dom")
+    dom = _browse(url + "?refresh=1", tmp_path / "profile", "--dump-dom")
     assert dom.returncode == 0, dom.stderr[-2000:]
     console = [line for line in dom.stderr.splitlines() if ":CONSOLE" in line]
     assert not console, console  # no script error, CSP violation or failed request
     assert 'data-state="ready"' in dom.stdout
+    refreshes = re.search(r'data-refreshes="(\d+)"', dom.stdout)
+    assert refreshes is not None and int(refreshes[1]) >= 3  # it keeps itself up to date
     chart = re.search(
         rf'data-path="{re.escape(PATH)}".*?<svg[^>]*class="synthesis".*?</svg>', dom.stdout, re.S
     )
