@@ -568,6 +568,10 @@ class _ReplicasShort(QisdError):
     exit_code = 5
 
 
+class _Incomplete(QisdError):
+    exit_code = 5
+
+
 # --------------------------------------------------------------------------- query / follow
 
 
@@ -622,17 +626,29 @@ def query(
     arrow: Annotated[
         str | None, typer.Option("--arrow", metavar="FILE", help="Write an Arrow IPC file.")
     ] = None,
+    strict: Annotated[
+        bool,
+        typer.Option("--strict", help="Exit 5 if the network read may be incomplete."),
+    ] = False,
     data_dir: DataDir = None,
 ) -> None:
     """Every packet under a fingerprint path, from the network and the local store."""
+    from qisd.core import completeness
+
     if sum((as_json, as_csv, arrow is not None)) > 1:
         raise UsageError("choose one of --json, --csv and --arrow")
+    if strict and local:
+        raise UsageError("--strict judges a network read: drop --local")
     table = _client(data_dir).query(path, local=local)
+    report = completeness.read(table.schema)
+    warning = completeness.warning(report, path)
+    if warning is not None:
+        _err(warning)
     if arrow is not None:
         _write_arrow(table, arrow)
         _err(f"qisd: {table.num_rows} row{'s' * (table.num_rows != 1)} written to {arrow}")
     elif as_json:
-        _print_json(_json_rows(table))
+        _print_json({"path": path, "rows": _json_rows(table), **(report or {"complete": None})})
     elif as_csv:
         rows = _json_rows(table)
         writer = csv.DictWriter(sys.stdout, fieldnames=table.schema.names, lineterminator="\n")
@@ -660,6 +676,8 @@ def query(
         if rows:
             sys.stdout.write(_human_table(rows, columns) + "\n")
         _err(f"qisd: {table.num_rows} row{'s' * (table.num_rows != 1)} under {path}")
+    if strict and warning is not None:
+        raise _Incomplete(f"the read of {path} may be incomplete (--strict)")
 
 
 def _write_arrow(table: Any, target: str) -> None:

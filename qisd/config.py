@@ -35,7 +35,7 @@ class DhtConfig:
     """A packet expires this long after its timestamp, on every node that holds it."""
     republish_seconds: int = 3_600
     """How often a node re-stores its own unexpired packets at the current k closest nodes."""
-    rejoin_seconds: float = 60.0
+    rejoin_seconds: float = 15.0
     """How often a node re-contacts its bootstrap peers and its most recently evicted contacts
     that are missing from its routing table, so halves of a healed partition find each other."""
     listen_seconds: int = 300
@@ -46,6 +46,9 @@ class DhtConfig:
     """Token bucket size: requests one source may send in a burst."""
     max_datagram_bytes: int = 8_192
     """No request or reply is larger; replies are paged to fit."""
+    upkeep_seconds: float = 5.0
+    """How often stale contacts are pinged and a round of replica anti-entropy runs (a few
+    dozen keys reconciled with one random co-holder each)."""
 
 
 @dataclass(frozen=True)

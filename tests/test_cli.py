@@ -311,8 +311,9 @@ def test_emit_prints_the_committed_packet_id_and_query_finds_it(daemon: Daemon) 
     assert done.returncode == 0, done.stderr
     (pid,) = done.stdout.split()
     assert re.fullmatch(r"[0-9a-f]{32}", pid)
-    rows = json.loads(daemon.cli("query", PATH, "--json", "--local").stdout)
-    mine = [r for r in rows if r["packet_id"] == pid]
+    read = json.loads(daemon.cli("query", PATH, "--json", "--local").stdout)
+    assert read["path"] == PATH and read["complete"] is None  # a local read claims nothing
+    mine = [r for r in read["rows"] if r["packet_id"] == pid]
     assert len(mine) == 1
     assert mine[0]["node_id"] == daemon.node_id
     assert mine[0]["metric_delta"] == 0.023 and mine[0]["confidence"] == 0.91

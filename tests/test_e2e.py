@@ -47,7 +47,10 @@ def five(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Daemon]]:
 def query_json(d: Daemon, path: str, *extra: str) -> list[dict[str, Any]]:
     done = d.cli("query", path, "--json", *extra)
     assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
+    read = json.loads(done.stdout)
+    if "--local" not in extra:
+        assert read["replicas_answered"] >= 1, read
+    return read["rows"]
 
 
 def test_emitted_on_three_found_on_five_then_on_four_after_the_seed_dies(

@@ -98,7 +98,15 @@ async def barrier(friend: DhtNode, target: DhtNode) -> bool:
     return bool(ok)
 
 
-def store_requests(sender_id: bytes, envs: list[Envelope]) -> list[bytes]:
+def token_for(target: DhtNode, addr: tuple) -> bytes:
+    """The address token ``target`` hands a requester at ``addr``: a flooder that receives
+    at its address has it after one round trip (a spoofer never does: test_dataplane)."""
+    return target.protocol.tokens.issue((addr[0], addr[1]))
+
+
+def store_requests(
+    sender_id: bytes, envs: list[Envelope], token: bytes | None = None
+) -> list[bytes]:
     """store_packets datagrams carrying ``envs``, grouped by key, each within one datagram."""
     by_key: dict[bytes, list[bytes]] = {}
     for env in envs:
@@ -106,9 +114,8 @@ def store_requests(sender_id: bytes, envs: list[Envelope]) -> list[bytes]:
     out = []
     for key, raws in by_key.items():
         for batch in batches_within(raws, wire.MAX_DATAGRAM_BYTES - 200):
-            out.append(
-                wire.encode_request(os.urandom(20), "store_packets", [sender_id, key, batch])
-            )
+            args = [sender_id, key, batch]
+            out.append(wire.encode_request(os.urandom(20), "store_packets", args, token))
     return out
 
 
@@ -129,8 +136,10 @@ def test_one_signer_flooding_cannot_push_out_honest_packets(tmp_path: Path) -> N
         honest = [net.nodes[2], net.nodes[3]]
         await net.settle()
         rss_before = rss_bytes()
-        requests = store_requests(os.urandom(20), flood)
         sock = await blaster()
+        requests = store_requests(
+            os.urandom(20), flood, token_for(target, sock.get_extra_info("sockname"))
+        )
         half = len(requests) // 2
         honest_envs: list[Envelope] = []
         t0 = time.perf_counter()
@@ -301,7 +310,10 @@ def test_sybil_flood_over_the_wire_from_one_host_evicts_its_own_packets(tmp_path
         assert all(target.store.has(e.key, e.packet_id) for e in honest)
         target.protocol.transport = LoopbackOnly(target.protocol.transport)
         for i, data in enumerate(store_requests(os.urandom(20), sybils)):
-            target.protocol.datagram_received(data, (REMOTE_HOST, 50_000 + i))
+            addr = (REMOTE_HOST, 50_000 + i)
+            name, args, _token = wire.split_request(wire.decode_datagram(data)[2])
+            data = wire.encode_request(os.urandom(20), name, args, token_for(target, addr))
+            target.protocol.datagram_received(data, addr)
         assert target.stats()["stored_packets"] >= len(honest) + 100
         assert target.store.stats()["bytes"] <= limits.max_bytes
         lost = [e.packet_id for e in honest if not target.store.has(e.key, e.packet_id)]
@@ -310,12 +322,12 @@ def test_sybil_flood_over_the_wire_from_one_host_evicts_its_own_packets(tmp_path
     run_net(tmp_path, limits, config, body)
 
 
-def forged_request(sender: bytes, template: Envelope, count: int) -> bytes:
+def forged_request(sender: bytes, template: Envelope, count: int, token: bytes) -> bytes:
     """A store_packets request of ``count`` envelopes with random bodies: each costs a
     signature check before it is refused, and none is a duplicate of another."""
     v, kind, key, fb, pub, _body, sig = msgpack.unpackb(template.raw)
     raws = [msgpack.packb([v, kind, key, fb, pub, os.urandom(16), sig]) for _ in range(count)]
-    return wire.encode_request(os.urandom(20), "store_packets", [sender, key, raws])
+    return wire.encode_request(os.urandom(20), "store_packets", [sender, key, raws], token)
 
 
 def test_one_source_within_its_burst_cannot_stall_the_node(tmp_path: Path) -> None:
@@ -326,9 +338,10 @@ def test_one_source_within_its_burst_cannot_stall_the_node(tmp_path: Path) -> No
     async def body(net: LimitedNetwork) -> None:
         await net.add(3)
         target, friend = net.nodes[0], net.nodes[1]
-        requests = [forged_request(os.urandom(20), template, 50) for _ in range(300)]
-        assert all(len(r) <= wire.HEADER_BYTES + wire.MAX_DATAGRAM_BYTES for r in requests)
         sock = await blaster()
+        token = token_for(target, sock.get_extra_info("sockname"))
+        requests = [forged_request(os.urandom(20), template, 50, token) for _ in range(300)]
+        assert all(len(r) <= wire.HEADER_BYTES + wire.MAX_DATAGRAM_BYTES for r in requests)
         for data in requests:
             sock.sendto(data, target.address)
         t0 = time.perf_counter()

@@ -143,6 +143,12 @@ class _Crawl(SpiderCrawl, abc.ABC):
         self._answered.sort(key=lambda n: n.long_id ^ self.node.long_id)
         return self._answered[: self.ksize]
 
+    @property
+    def expected(self) -> int:
+        """How many of the k closest contacts this lookup heard of, answered or not: what a
+        read of the key should have reached (a dead or silent one among them counts)."""
+        return min(self.ksize, len(self._candidates))
+
 
 def _consume(task: asyncio.Task[Any]) -> None:
     with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -150,11 +156,31 @@ def _consume(task: asyncio.Task[Any]) -> None:
 
 
 class NodeCrawl(_Crawl):
-    """Find the k closest nodes to a target id (``find_node``)."""
+    """Find the k closest nodes to a target id (``find_node``).
+
+    ``meter`` ([bytes, requests]) counts the replies' datagram bytes and the requests sent.
+    """
+
+    def __init__(
+        self,
+        protocol: Any,
+        node: Node,
+        peers: list[Node],
+        ksize: int,
+        alpha: int,
+        *,
+        stall_after: Callable[[], float],
+        meter: list[int] | None = None,
+    ) -> None:
+        super().__init__(protocol, node, peers, ksize, alpha, stall_after=stall_after)
+        self.meter = meter
 
     async def _ask(self, node: Node) -> tuple[bool, list[Node]]:
         self.messages += 1
-        ok, found = await self.protocol.call_find_node(node, self.node)
+        if self.meter is None:
+            ok, found = await self.protocol.call_find_node(node, self.node)
+        else:
+            ok, found = await self.protocol.call_find_node(node, self.node, meter=self.meter)
         return ok, found if ok else []
 
     async def find(self) -> list[Node]:

@@ -22,6 +22,7 @@ import contextlib
 import ipaddress
 import logging
 import os
+import random
 import socket
 import time
 from collections import Counter, OrderedDict
@@ -39,6 +40,7 @@ from kademlia.storage import IStorage
 from rpcudp.protocol import RPCProtocol
 
 from qisd.config import DhtConfig
+from qisd.core import reconcile
 from qisd.core.crypto import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Identity, dht_id_for, verify
 from qisd.core.packet import (
     KIND_PACKET,
@@ -46,7 +48,6 @@ from qisd.core.packet import (
     RESULT_SCHEMA,
     Envelope,
     open_envelope,
-    packet_id_of,
     read_trusted,
     with_provenance,
 )
@@ -54,7 +55,17 @@ from qisd.errors import PacketError, QisdError, UsageError
 from qisd.net import wire
 from qisd.net.crawl import NodeCrawl, PacketCrawl
 from qisd.net.datadir import read_json, write_json_atomic
+from qisd.net.pacing import BACKGROUND, FOREGROUND, Pacer
 from qisd.net.routing import Contact, QisdRoutingTable
+from qisd.net.sync import FetchResult, ReplicaSync
+from qisd.net.wire import (
+    BUSY,
+    MAX_ENVELOPES_PER_REQUEST,
+    RATE_LIMITED,
+    REQUEST_OVERHEAD,
+    batches_within,
+)
+from qisd.net.wire import envelope_id as _envelope_id
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +81,9 @@ INTRO_WINDOW_MS = MAX_FUTURE_MS + 60_000
 clock tolerance (two nodes within +-2.5 minutes of true time) plus a minute for delivery."""
 MAX_INTRODUCED = 100_000
 STATE_VERSION = 1
-MAX_ENVELOPES_PER_REQUEST = 64
-"""store_packets / notify carry at most this many envelopes (a request is <= 8,192 bytes)."""
 MAX_LISTENERS_PER_KEY = 64
 MAX_LISTENED_KEYS = 4_096
 MAX_PENDING_VERIFICATIONS = 256
-REQUEST_OVERHEAD = 320
-"""Bytes of a store_packets/notify request besides its envelopes (name, intro, key, headers)."""
 REPLY_CONTACTS_BYTES = 40
 """Upper bound of one packed contact triple (id, IPv4/IPv6 text, port) in a reply."""
 PROOF_BYTES = 176
@@ -87,6 +94,37 @@ MAX_HANDED_OFF = 100_000
 MAX_PEER_KEYS = 8_192
 """Public keys of proven ids remembered (a routing table holds at most 160 x k contacts)."""
 RECEIVE_BUFFER_BYTES = 4 << 20
+MAX_VALIDATED = 65_536
+VALIDATED_SECONDS = 600.0
+"""An address that answered one of our requests (or echoed our token) counts as validated this
+long: large replies, pages and pushes may go to it."""
+BUSY_REPLIES_PER_SECOND = 50.0
+"""Busy replies one source can draw a second; past that its excess requests are dropped."""
+MAX_SYNC_RANGES = 512
+MAX_SYNC_IDS = 4_096
+MAX_IDS_PER_GET = 256
+SYNC_WORKERS = 4
+"""Replica reconciliations (hand-off, anti-entropy) running at once, all peers together."""
+MAX_SYNC_JOBS = 1_000_000
+LIVENESS_SECONDS = 60.0
+"""A contact not heard from for this long is pinged by the upkeep loop before it is trusted
+again; one that failed its last call is never handed out in a ``find_node`` reply."""
+UPKEEP_SECONDS = 5.0
+"""The upkeep tick: liveness pings and one round of periodic anti-entropy."""
+ANTI_ENTROPY_KEYS = 32
+"""Keys reconciled per upkeep tick with one random co-holder each (periodic anti-entropy)."""
+LIVENESS_PINGS = 16
+"""Stale contacts pinged per upkeep tick."""
+MAX_CACHED_ITEM_SETS = 256
+
+
+@dataclass(frozen=True)
+class _Request:
+    """What a handler knows of the datagram it answers."""
+
+    addr: tuple
+    size: int
+    validated: bool
 
 
 def _spawn_into(
@@ -136,18 +174,6 @@ def _packed_seen(seen: list[Any]) -> bytes:
     return msgpack.packb([seen[0], seen[1]])
 
 
-def _envelope_id(raw: bytes) -> str | None:
-    """The packet id an envelope's bytes claim, without verifying it (None if unframed)."""
-    try:
-        frame = msgpack.unpackb(raw, raw=False, max_array_len=16, max_map_len=0)
-        _v, kind, _key, _fb, pub, body, _sig = frame
-        if not isinstance(pub, bytes) or not isinstance(body, bytes) or not isinstance(kind, int):
-            return None
-        return packet_id_of(kind, pub, body)
-    except Exception:  # hostile bytes: the full check in open_envelope reports the reason
-        return None
-
-
 # --------------------------------------------------------------------------- replies
 
 
@@ -168,6 +194,10 @@ class StoreReply:
     accepted: list[str]
     duplicates: list[str]
     refused: list[tuple[str, str]]
+    limited: int = 0
+    """Envelopes refused only because the sender was past its rate (send them again later)."""
+    retry_after: float = 0.0
+    """Seconds the receiver asked the sender to wait before sending those again."""
 
 
 @dataclass
@@ -280,6 +310,15 @@ class QisdProtocol(KademliaProtocol):
         self.limiter = wire.TokenBuckets(config.rate_limit_per_source, config.rate_burst_per_source)
         self.max_datagram = min(config.max_datagram_bytes, wire.MAX_DATAGRAM_BYTES)
         self.counters: Counter[str] = Counter()
+        self.tokens = wire.AddressTokens()
+        self.pacer = Pacer()
+        self.busy_limiter = wire.TokenBuckets(BUSY_REPLIES_PER_SECOND, int(BUSY_REPLIES_PER_SECOND))
+        self._validated: OrderedDict[tuple, float] = OrderedDict()
+        self._peer_tokens: OrderedDict[tuple, bytes] = OrderedDict()
+        self._items: OrderedDict[bytes, tuple[int, reconcile.ItemSet]] = OrderedDict()
+        self._meters: dict[bytes, list[int]] = {}
+        self.sync = ReplicaSync(self, workers=SYNC_WORKERS, max_jobs=MAX_SYNC_JOBS)
+        self._returning: set[bytes] = set()
         self.srtt = 0.0
         self.family = socket.AF_INET
         self.dual_stack = False
@@ -299,13 +338,15 @@ class QisdProtocol(KademliaProtocol):
         self._seen_votes: OrderedDict[str, set[str]] = OrderedDict()
         self.peer_keys: OrderedDict[bytes, bytes] = OrderedDict()
         """Public keys of ids that proved holding them (so peers can be shown by node id)."""
-        self._handlers: dict[str, Callable[[tuple, list[Any]], Any]] = {
+        self._handlers: dict[str, Callable[[_Request, list[Any]], Any]] = {
             "ping": self._rpc_ping,
             "find_node": self._rpc_find_node,
             "store_packets": self._rpc_store_packets,
             "find_packets": self._rpc_find_packets,
             "listen": self._rpc_listen,
             "notify": self._rpc_notify,
+            "sync": self._rpc_sync,
+            "get_packets": self._rpc_get_packets,
         }
 
     def __getattr__(self, name: str) -> Any:
@@ -359,16 +400,17 @@ class QisdProtocol(KademliaProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple) -> None:
         """Decode and dispatch one datagram; bad input is counted and dropped, never raised."""
+        self.counters["bytes_received"] += len(data)
         try:
             kind, msg_id, payload = wire.decode_datagram(data)
         except wire.WireError as exc:
             self.counters[f"malformed.{exc.args[0]}"] += 1
             return
         if kind == wire.REPLY:
-            self._accept_response(msg_id, payload, addr)
+            self._accept_response(msg_id, payload, addr, len(data))
             return
         try:
-            name, args = wire.split_request(payload)
+            name, args, token = wire.split_request(payload)
         except wire.WireError as exc:
             self.counters[f"malformed.{exc.args[0]}"] += 1
             return
@@ -376,12 +418,19 @@ class QisdProtocol(KademliaProtocol):
         if handler is None:
             self.counters["malformed.unknown_rpc"] += 1
             return
-        if not self.limiter.allow(wire.source_of(addr)):
+        where = (addr[0], addr[1])
+        validated = self.is_validated(where)
+        if not validated and self.tokens.valid(where, token):
+            self._validate(where)
+            validated = True
+        source = wire.source_of(addr)
+        if not self.limiter.allow(source):
             self.counters["rate_limited"] += 1
+            self._busy(msg_id, addr, source, validated, 1.0 / max(1e-3, self.limiter.rate))
             return
         self.counters[f"received.{name}"] += 1
         try:
-            reply = handler(addr, args)
+            reply = handler(_Request(where, len(data), validated), args)
         except wire.WireError as exc:
             self.counters[f"rejected.{exc.args[0]}"] += 1
             return
@@ -389,18 +438,59 @@ class QisdProtocol(KademliaProtocol):
             self.counters["handler_errors"] += 1
             log.debug("handler %s failed for %s", name, addr, exc_info=True)
             return
-        self._reply(msg_id, reply, addr)
+        self._reply(msg_id, reply, addr, None if validated else len(data))
 
-    def _reply(self, msg_id: bytes, value: Any, addr: tuple) -> None:
+    def _busy(
+        self, msg_id: bytes, addr: tuple, source: str, validated: bool, retry_after: float
+    ) -> None:
+        """Tell a validated requester we cannot serve it now (never larger than its request);
+        others, and a source that keeps on past its share of busy replies, get silence."""
+        if not validated or not self.busy_limiter.allow(source):
+            return
+        self.counters["busy_sent"] += 1
+        wait_ms = max(10, min(int(retry_after * 1000), 5_000))
+        self._reply(msg_id, {"busy": wait_ms}, addr, None)
+
+    def is_validated(self, where: tuple) -> bool:
+        """True if ``where`` is known to receive what is sent to it (see :meth:`_validate`)."""
+        until = self._validated.get(where)
+        return until is not None and until > time.monotonic()
+
+    def _validate(self, where: tuple) -> None:
+        """``where`` answered a request of ours, or echoed our token: it is no spoofed source."""
+        self._validated.pop(where, None)
+        self._validated[where] = time.monotonic() + VALIDATED_SECONDS
+        while len(self._validated) > MAX_VALIDATED:
+            self._validated.popitem(last=False)
+
+    def _reply(self, msg_id: bytes, value: Any, addr: tuple, request_bytes: int | None) -> None:
+        """Send a reply; to an unvalidated address (``request_bytes`` given) with our token and
+        at most :data:`wire.AMPLIFICATION_FACTOR` times the request's bytes."""
+        if request_bytes is not None:
+            token = self.tokens.issue((addr[0], addr[1]))
+            if isinstance(value, dict):
+                value["token"] = token
+            elif isinstance(value, list):
+                value = [*value, token]
         data = wire.encode_reply(msg_id, value)
+        if request_bytes is not None and len(data) > wire.AMPLIFICATION_FACTOR * request_bytes:
+            # Handlers size their replies to fit; this is a last guard: only the token goes.
+            self.counters["unvalidated_replies_cut"] += 1
+            data = wire.encode_reply(msg_id, self._validate_first(addr))
         if len(data) - wire.HEADER_BYTES > self.max_datagram:
             # Handlers size replies to fit; this is a last guard (defect 6).
             self.counters["reply_too_large"] += 1
             data = wire.encode_reply(msg_id, {"error": "reply too large"})
         if self.transport is not None and not self.closed:
+            self.counters["bytes_sent"] += len(data)
             self.transport.sendto(data, addr)
 
-    def _accept_response(self, msg_id: bytes, data: Any, address: tuple) -> None:
+    def _validate_first(self, addr: tuple) -> dict[str, Any]:
+        """The whole reply to a data request from an unvalidated address: our token, to echo."""
+        self.counters["validation_requests_sent"] += 1
+        return {"validate": True, "token": self.tokens.issue((addr[0], addr[1]))}
+
+    def _accept_response(self, msg_id: bytes, data: Any, address: tuple, size: int = 0) -> None:
         entry = self._outstanding.get(msg_id)
         if entry is None:
             self.counters["malformed.unexpected_reply"] += 1
@@ -411,6 +501,10 @@ class QisdProtocol(KademliaProtocol):
             return
         del self._outstanding[msg_id]
         timer.cancel()
+        self._validate((address[0], address[1]))
+        meter = self._meters.pop(msg_id, None)
+        if meter is not None:
+            meter[0] += size
         sent = self._sent_at.pop(msg_id, None)
         if sent is not None:
             rtt = time.monotonic() - sent
@@ -422,15 +516,18 @@ class QisdProtocol(KademliaProtocol):
         """A call got no reply in time; tolerate a future already cancelled (defect 9)."""
         entry = self._outstanding.pop(msg_id, None)
         self._sent_at.pop(msg_id, None)
+        self._meters.pop(msg_id, None)
         if entry is None:
             return
         self.counters["timeouts"] += 1
+        self.pacer.timed_out(entry[2][:2])
         if not entry[0].done():
             entry[0].set_result((False, None))
 
     def _forget(self, msg_id: bytes) -> None:
         entry = self._outstanding.pop(msg_id, None)
         self._sent_at.pop(msg_id, None)
+        self._meters.pop(msg_id, None)
         if entry is not None:
             entry[1].cancel()
 
@@ -446,7 +543,11 @@ class QisdProtocol(KademliaProtocol):
 
     # -- sending: explicit stubs
 
-    def _call(self, address: tuple | None, name: str, args: list[Any]) -> asyncio.Future[Any]:
+    def _call(
+        self, address: tuple | None, name: str, args: list[Any], meter: list[int] | None = None
+    ) -> asyncio.Future[Any]:
+        """Send a request; a future of (replied, reply). ``meter`` ([bytes, messages]) adds
+        the reply's datagram bytes and one message when a reply comes."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         if address is None or self.transport is None or self.closed:
@@ -454,14 +555,19 @@ class QisdProtocol(KademliaProtocol):
             future.set_result((False, None))
             return future
         msg_id = os.urandom(wire.MSG_ID_BYTES)
-        data = wire.encode_request(msg_id, name, args)
+        token = self._peer_tokens.get((address[0], address[1]))
+        data = wire.encode_request(msg_id, name, args, token)
         if len(data) - wire.HEADER_BYTES > self.max_datagram:
             self.counters["request_too_large"] += 1
             future.set_result((False, None))
             return future
         self.counters[f"sent.{name}"] += 1
+        self.counters["bytes_sent"] += len(data)
         timer = loop.call_later(self._wait_timeout, self._timeout, msg_id)
         self._outstanding[msg_id] = (future, timer, address)
+        if meter is not None:
+            meter[1] += 1
+            self._meters[msg_id] = meter
         self._sent_at[msg_id] = time.monotonic()
         future.add_done_callback(lambda _f: self._forget(msg_id))
         self.transport.sendto(data, address)
@@ -498,12 +604,17 @@ class QisdProtocol(KademliaProtocol):
         return self._introduced_request(address, name, to, rest)[0]
 
     def _introduced_request(
-        self, address: tuple | None, name: str, to: bytes | None, rest: list[Any]
+        self,
+        address: tuple | None,
+        name: str,
+        to: bytes | None,
+        rest: list[Any],
+        meter: list[int] | None = None,
     ) -> tuple[asyncio.Future[Any], bytes | None]:
         """Send a request; also the nonce of its introduction (None if it carries none)."""
         me = self._me(to)
         args = [me, *rest]
-        future = self._call(address, name, args)
+        future = self._call(address, name, args, meter)
         if to is not None:
             future.add_done_callback(lambda f: self._introduce(f, to, args))
         return future, (me[3] if isinstance(me, list) else None)
@@ -626,6 +737,8 @@ class QisdProtocol(KademliaProtocol):
         ok, reply = await self.ping(address, nonce, to=expect)
         if not ok:
             return None
+        if isinstance(reply, list) and len(reply) == 5 and address is not None:
+            self._learn_token(address, reply.pop())
         if (
             not isinstance(reply, list)
             or len(reply) != 4
@@ -667,39 +780,80 @@ class QisdProtocol(KademliaProtocol):
         nid = await self.verified_ping(self._address(head), head.id)
         return nid is not None
 
-    async def _exchange(
-        self, node: Node, name: str, args: list[Any], parse: Callable[[dict[str, Any]], Any]
-    ) -> tuple[bool, Any]:
-        """Send one introduced request and parse its reply: (ok, parsed).
+    def _learn_token(self, address: tuple, token: Any) -> None:
+        """Keep the address token a peer handed us, to echo in our next requests to it."""
+        if isinstance(token, bytes) and len(token) == wire.TOKEN_BYTES:
+            where = (address[0], address[1])
+            self._peer_tokens.pop(where, None)
+            self._peer_tokens[where] = token
+            while len(self._peer_tokens) > MAX_VALIDATED:
+                self._peer_tokens.popitem(last=False)
 
-        No reply: the contact's failure is recorded. A reply ``parse`` refuses (WireError)
-        is counted as bad and dropped. A good reply refreshes (or, proven, adds) the contact.
+    async def _exchange(
+        self,
+        node: Node,
+        name: str,
+        args: list[Any],
+        parse: Callable[[dict[str, Any]], Any],
+        *,
+        priority: int = FOREGROUND,
+        meter: list[int] | None = None,
+    ) -> tuple[bool, Any]:
+        """Send one introduced request, paced per destination, and parse its reply.
+
+        Returns (ok, parsed). No reply: the contact's failure is recorded. A *busy* reply is
+        no failure: (False, :data:`BUSY`), and the destination is held back as it asked. A
+        request to a node that has not validated our address yet is answered with its token
+        only; the request goes again at once, echoing it. A reply ``parse`` refuses
+        (WireError) is counted as bad and dropped. A good reply refreshes (or, proven, adds)
+        the contact.
         """
-        future, nonce = self._introduced_request(self._address(node), name, node.id, args)
-        ok, reply = await future
-        if not ok:
+        address = self._address(node)
+        if address is None:
             return self.handle_call_response((False, None), node)
-        try:
+        where = (address[0], address[1])
+        for _attempt in range(2):
+            async with self.pacer.slot(where, priority):
+                future, nonce = self._introduced_request(address, name, node.id, args, meter)
+                ok, reply = await future
+            if not ok:
+                return self.handle_call_response((False, None), node)
             if not isinstance(reply, dict):
-                raise wire.WireError("shape")
-            parsed = parse(reply)
-        except wire.WireError:
-            return self._bad_reply(node, name)
-        self.welcome_if_new(node, proven=self._proven(reply, nonce, node))
-        return True, parsed
+                return self._bad_reply(node, name)
+            self._learn_token(address, reply.get("token"))
+            busy = reply.get("busy")
+            if type(busy) is int and len(reply) == 1:
+                self.counters["busy_received"] += 1
+                self.pacer.busy(where, busy / 1000)
+                self.router.touch(node)
+                return False, BUSY
+            if reply.get("validate") is True and "token" in reply:
+                self.counters["validation_requests_received"] += 1
+                continue
+            self.pacer.answered(where)
+            try:
+                parsed = parse(reply)
+            except wire.WireError:
+                return self._bad_reply(node, name)
+            self.welcome_if_new(node, proven=self._proven(reply, nonce, node))
+            return True, parsed
+        return self._bad_reply(node, f"{name}_unvalidated")
 
     def _reachable_contacts(self, value: Any) -> list[Contact]:
         return [
             c for c in (Contact(i, h, p) for i, h, p in wire.contacts(value)) if self.reachable(c)
         ]
 
-    async def call_find_node(self, node_to_ask: Node, node_to_find: Node) -> tuple[bool, Any]:
+    async def call_find_node(
+        self, node_to_ask: Node, node_to_find: Node, *, meter: list[int] | None = None
+    ) -> tuple[bool, Any]:
         """``find_node``: (ok, contacts as Nodes)."""
         return await self._exchange(
             node_to_ask,
             "find_node",
             [node_to_find.id],
             lambda reply: self._reachable_contacts(reply.get("nodes")),
+            meter=meter,
         )
 
     async def call_find_packets(
@@ -718,7 +872,13 @@ class QisdProtocol(KademliaProtocol):
         return await self._exchange(node_to_ask, "find_packets", [key, cursor], parse)
 
     async def call_store_packets(
-        self, node_to_ask: Node, key: bytes, raws: list[bytes]
+        self,
+        node_to_ask: Node,
+        key: bytes,
+        raws: list[bytes],
+        *,
+        priority: int = FOREGROUND,
+        meter: list[int] | None = None,
     ) -> tuple[bool, Any]:
         """``store_packets``: (ok, StoreReply)."""
 
@@ -737,9 +897,64 @@ class QisdProtocol(KademliaProtocol):
                 )
             ):
                 raise wire.WireError("shape")
-            return StoreReply(accepted, duplicates, [(a, b) for a, b in refused])
+            retry_ms = reply.get("retry_ms", 0)
+            if type(retry_ms) is not int or not 0 <= retry_ms <= 60_000:
+                raise wire.WireError("shape")
+            pairs = [(a, b) for a, b in refused]
+            limited = sum(1 for _pid, why in pairs if why == RATE_LIMITED)
+            return StoreReply(accepted, duplicates, pairs, limited, retry_ms / 1000)
 
-        return await self._exchange(node_to_ask, "store_packets", [key, raws], parse)
+        return await self._exchange(
+            node_to_ask, "store_packets", [key, raws], parse, priority=priority, meter=meter
+        )
+
+    async def call_sync(
+        self,
+        node_to_ask: Node,
+        key: bytes,
+        ranges: list[reconcile.Range],
+        *,
+        priority: int = FOREGROUND,
+        meter: list[int] | None = None,
+    ) -> tuple[bool, Any]:
+        """``sync``: (ok, (answer ranges, how many asked ranges they cover))."""
+
+        def parse(reply: dict[str, Any]) -> tuple[list[reconcile.Range], int]:
+            covered = reply.get("covered")
+            if type(covered) is not int:
+                raise wire.WireError("shape")
+            try:
+                answer = reconcile.parse_ranges(
+                    reply.get("ranges"), max_ranges=MAX_SYNC_RANGES, max_ids=MAX_SYNC_IDS
+                )
+            except reconcile.ReconcileError:
+                raise wire.WireError("shape") from None
+            return answer, covered
+
+        wire_ranges = [r.wire() for r in ranges]
+        return await self._exchange(
+            node_to_ask, "sync", [key, wire_ranges], parse, priority=priority, meter=meter
+        )
+
+    async def call_get_packets(
+        self,
+        node_to_ask: Node,
+        key: bytes,
+        ids: list[bytes],
+        *,
+        priority: int = FOREGROUND,
+        meter: list[int] | None = None,
+    ) -> tuple[bool, Any]:
+        """``get_packets``: (ok, (envelope bytes, ids the peer does not hold))."""
+
+        def parse(reply: dict[str, Any]) -> tuple[list[bytes], list[bytes]]:
+            packets = wire.byte_list(reply.get("packets"), max_items=MAX_IDS_PER_GET)
+            missing = wire.byte_list(reply.get("missing"), max_items=MAX_IDS_PER_GET)
+            return packets, missing
+
+        return await self._exchange(
+            node_to_ask, "get_packets", [key, ids], parse, priority=priority, meter=meter
+        )
 
     async def call_listen(self, node_to_ask: Node, key: bytes) -> bool:
         """``listen``: True if the holder registered us."""
@@ -754,8 +969,9 @@ class QisdProtocol(KademliaProtocol):
         return bool(ok)
 
     async def call_notify(self, address: tuple, key: bytes, raws: list[bytes]) -> bool:
-        """``notify`` a listener at ``address``."""
-        ok, _reply = await self.notify(address, key, raws)
+        """``notify`` a listener at ``address`` (paced with the background work to it)."""
+        async with self.pacer.slot((address[0], address[1]), BACKGROUND):
+            ok, _reply = await self.notify(address, key, raws)
         return bool(ok)
 
     async def call_store(self, node_to_ask: Node, key: bytes, value: Any) -> tuple[bool, Any]:
@@ -808,24 +1024,32 @@ class QisdProtocol(KademliaProtocol):
         self._add_verified(node)
 
     def _evicted(self, contact: Contact) -> None:
-        # A contact that comes back after eviction is handed off to again: while it was gone
-        # (a partition), its keys' packets may have changed.
-        self._handed_off.pop(contact.id, None)
+        # A contact that comes back after eviction is reconciled with again: while it was
+        # gone (a partition), its keys' packets may have changed. Reconciling costs a summary
+        # per key that agrees, and jobs still queued for it are not queued twice, so a peer
+        # that comes and goes never multiplies the work (no livelock).
+        self._returning.add(contact.id)
+        while len(self._returning) > MAX_HANDED_OFF:
+            self._returning.pop()
 
     def _add_verified(self, node: Contact) -> None:
         self.router.add_contact(node)
-        if node.id not in self._handed_off:
+        if node.id not in self._handed_off or node.id in self._returning:
+            self._returning.discard(node.id)
             self._handed_off[node.id] = None
             while len(self._handed_off) > MAX_HANDED_OFF:
                 self._handed_off.popitem(last=False)
             self.hand_off(node)
 
     def hand_off(self, node: Node) -> int:
-        """Send ``node`` the keys it should now hold (Kademlia paper, 2.5); returns keys sent.
+        """Queue reconciliation with ``node`` of the keys it should now hold (Kademlia paper,
+        2.5); returns the keys queued.
 
         A key goes to ``node`` if it is among the k closest to the key and this node is closer
         to the key than every contact it knows, so one node, not all, hands each key off. The
-        key itself is the DHT id (stock hashes it again, defect 10).
+        key itself is the DHT id (stock hashes it again, defect 10). The work is a queue of
+        reconciliations (:class:`~qisd.net.sync.ReplicaSync`) worked by a few tasks and paced
+        per peer: only envelopes ``node`` lacks cross the network, whatever the number of keys.
         """
         ids = [c.long_id for c in self.router.contacts() if c.id != node.id]
         me, newcomer, sent = self.source_node.long_id, node.long_id, 0
@@ -838,25 +1062,10 @@ class QisdProtocol(KademliaProtocol):
             theirs = newcomer ^ k
             if sum(1 for i in ids if i ^ k < theirs) >= self.ksize:
                 continue  # the newcomer is not among the k closest
-            sent += 1
-            self.spawn(self.push_key(node, key))
+            if self.sync.enqueue(key, node):
+                sent += 1
+        self.counters["hand_off_keys"] += sent
         return sent
-
-    async def push_key(self, node: Node, key: bytes, cursor: int = 0) -> int:
-        """Store every packet held under ``key`` at ``node``, one request per page."""
-        budget = self.max_datagram - REQUEST_OVERHEAD
-        accepted = 0
-        while True:
-            raws, cursor, more = self.store.page(
-                key, since=cursor, max_bytes=budget, now_ms=_now_ms(self.clock)
-            )
-            for batch in batches_within(raws, budget):
-                ok, reply = await self.call_store_packets(node, key, batch)
-                if not ok:
-                    return accepted
-                accepted += len(reply.accepted)
-            if not more:
-                return accepted
 
     # -- handlers: (address, args) -> reply; WireError = bad arguments (counted)
 
@@ -901,7 +1110,8 @@ class QisdProtocol(KademliaProtocol):
             self._intro_nonces.popitem(last=False)
         return contact, True, nonce
 
-    def _rpc_ping(self, addr: tuple, args: list[Any]) -> list[bytes]:
+    def _rpc_ping(self, req: _Request, args: list[Any]) -> list[bytes]:
+        addr = req.addr
         if len(args) != 2:
             raise wire.WireError("bad_args")
         sender, proven, _intro = self._sender(addr, args[0])
@@ -921,27 +1131,44 @@ class QisdProtocol(KademliaProtocol):
             reply["proof"] = self._proof(nonce, sender.id, addr)
         return reply
 
-    def _contacts_reply(self, target: bytes, exclude: Node) -> list[list[Any]]:
-        neighbors = self.router.find_neighbors(Node(target), exclude=exclude)
+    def _contacts_reply(
+        self, target: bytes, exclude: Node, req: _Request, spent: int = 0
+    ) -> list[list[Any]]:
+        """The closest contacts to ``target`` for a reply: none that failed its last call
+        (a dead contact is not handed out), and to an unvalidated requester only as many as
+        keep the reply within the amplification bound (``spent``: the reply's other bytes)."""
+        neighbors = [
+            n
+            for n in self.router.find_neighbors(Node(target), self.ksize + 8, exclude=exclude)
+            if not self.suspect(n.id)
+        ][: self.ksize]
+        if not req.validated:
+            room = wire.AMPLIFICATION_FACTOR * req.size - spent - 48 - wire.TOKEN_BYTES
+            neighbors = neighbors[: max(0, room // REPLY_CONTACTS_BYTES)]
         return [[n.id, n.ip, n.port] for n in neighbors]
 
-    def _rpc_find_node(self, addr: tuple, args: list[Any]) -> dict[str, Any]:
+    def _rpc_find_node(self, req: _Request, args: list[Any]) -> dict[str, Any]:
+        addr = req.addr
         if len(args) != 2:
             raise wire.WireError("bad_args")
         sender, proven, nonce = self._sender(addr, args[0])
         target = wire.node_id(args[1])
         self.welcome_if_new(sender, proven=proven)
-        reply: dict[str, Any] = {"nodes": self._contacts_reply(target, sender)}
+        spent = PROOF_BYTES if nonce is not None else 0
+        reply: dict[str, Any] = {"nodes": self._contacts_reply(target, sender, req, spent)}
         return self._proved(reply, nonce, sender, addr)
 
-    def _rpc_find_packets(self, addr: tuple, args: list[Any]) -> dict[str, Any]:
+    def _rpc_find_packets(self, req: _Request, args: list[Any]) -> dict[str, Any]:
+        addr = req.addr
         if len(args) != 3:
             raise wire.WireError("bad_args")
         sender, proven, nonce = self._sender(addr, args[0])
         key = wire.node_id(args[1])
         cursor = wire.cursor(args[2])
         self.welcome_if_new(sender, proven=proven)
-        nodes = self._contacts_reply(key, sender)
+        if not req.validated:
+            return self._validate_first(addr)
+        nodes = self._contacts_reply(key, sender, req)
         budget = self.max_datagram - 64 - PROOF_BYTES - REPLY_CONTACTS_BYTES * len(nodes)
         raws, next_cursor, more = self.store.page(
             key, since=cursor or 0, max_bytes=budget, now_ms=_now_ms(self.clock)
@@ -949,18 +1176,44 @@ class QisdProtocol(KademliaProtocol):
         reply = {"nodes": nodes, "packets": raws, "cursor": next_cursor, "more": more}
         return self._proved(reply, nonce, sender, addr)
 
-    def _rpc_store_packets(self, addr: tuple, args: list[Any]) -> dict[str, Any]:
+    def _rpc_store_packets(self, req: _Request, args: list[Any]) -> dict[str, Any]:
+        addr = req.addr
         if len(args) != 3:
             raise wire.WireError("bad_args")
         sender, proven, nonce = self._sender(addr, args[0])
         key = wire.node_id(args[1])
         raws = wire.byte_list(args[2], max_items=MAX_ENVELOPES_PER_REQUEST)
         self.welcome_if_new(sender, proven=proven)
-        source = wire.source_of(addr)
+        if not req.validated:
+            return self._validate_first(addr)
+        stored = self.accept_raws(key, raws, wire.source_of(addr), exclude=addr)
+        reply: dict[str, Any] = {
+            "accepted": stored.accepted,
+            "duplicates": stored.duplicates,
+            "refused": [list(r) for r in stored.refused],
+        }
+        if stored.limited:
+            reply["retry_ms"] = max(10, min(5_000, int(1000 * stored.limited / self.limiter.rate)))
+        return self._proved(reply, nonce, sender, addr)
+
+    def accept_raws(
+        self,
+        key: bytes,
+        raws: Sequence[bytes],
+        source: str,
+        *,
+        charge: bool = True,
+        exclude: tuple | None = None,
+    ) -> StoreReply:
+        """Verify and store envelopes that came from ``source``; what was accepted, already
+        held and refused (with reasons). With ``charge``, each envelope to verify costs the
+        source a token (a request's cost is weighed, so one source inside its burst cannot
+        keep the loop busy verifying); those past its tokens are refused as rate limited
+        (``limited`` counts them). New packets are pushed to the key's listeners."""
         now = _now_ms(self.clock)
         valid: list[Envelope] = []
         duplicates: list[str] = []
-        refused: list[list[str]] = []
+        refused: list[tuple[str, str]] = []
         seen: set[str] = set()
         fresh_raws: list[tuple[int, str | None, bytes]] = []
         for i, raw in enumerate(raws):
@@ -971,24 +1224,22 @@ class QisdProtocol(KademliaProtocol):
             if claimed is not None:
                 seen.add(claimed)
             fresh_raws.append((i, claimed, raw))
-        # Each envelope to verify costs its source one more token: a request's cost is
-        # weighed, so one source inside its burst cannot keep the loop busy verifying.
-        granted = self._charge(source, len(fresh_raws))
+        granted = self._charge(source, len(fresh_raws)) if charge else len(fresh_raws)
         for i, claimed, _raw in fresh_raws[granted:]:
-            refused.append([claimed or f"#{i}", "rate limited: retry later"])
+            refused.append((claimed or f"#{i}", RATE_LIMITED))
         for i, claimed, raw in fresh_raws[:granted]:
             try:
                 env = open_envelope(raw, now_ms=now, expected_key=key)
             except PacketError as exc:
                 self.counters[f"rejected.{_counter_name(exc)}"] += 1
-                refused.append([claimed or f"#{i}", _reason(exc)])
+                refused.append((claimed or f"#{i}", _reason(exc)))
                 continue
             valid.append(env)
         # Everything was verified above; only now is anything stored (one transaction).
         result = self.store.put(valid, now_ms=now, origin=source)
         for pid, why in result.refused:
             self.counters[f"rejected.{why.split(':')[0].replace(' ', '_')}"] += 1
-            refused.append([pid, why[:96]])
+            refused.append((pid, why[:96]))
         duplicates.extend(result.duplicates)
         if result.accepted:
             self.counters["stored_packets"] += len(result.accepted)
@@ -996,9 +1247,10 @@ class QisdProtocol(KademliaProtocol):
                 self.on_stored(key, len(result.accepted))
             accepted_ids = set(result.accepted)
             fresh = [e for e in valid if e.packet_id in accepted_ids]
-            self.push_to_listeners(key, fresh, exclude=(addr[0], addr[1]))
-        reply = {"accepted": result.accepted, "duplicates": duplicates, "refused": refused}
-        return self._proved(reply, nonce, sender, addr)
+            self.push_to_listeners(key, fresh, exclude=exclude)
+        return StoreReply(
+            list(result.accepted), duplicates, refused, limited=len(fresh_raws) - granted
+        )
 
     def _charge(self, source: str, envelopes: int) -> int:
         """Take one token per envelope to verify from ``source``; how many it may verify."""
@@ -1008,12 +1260,15 @@ class QisdProtocol(KademliaProtocol):
             self.counters["rate_limited_envelopes"] += envelopes - granted
         return granted
 
-    def _rpc_listen(self, addr: tuple, args: list[Any]) -> dict[str, Any]:
+    def _rpc_listen(self, req: _Request, args: list[Any]) -> dict[str, Any]:
+        addr = req.addr
         if len(args) != 2:
             raise wire.WireError("bad_args")
         sender, proven, nonce = self._sender(addr, args[0])
         key = wire.node_id(args[1])
         self.welcome_if_new(sender, proven=proven)
+        if not req.validated:
+            return self._validate_first(addr)  # no push ever goes to an address that did not ask
         now = self.clock()
         listeners = self._listeners.get(key)
         if listeners is None:
@@ -1031,7 +1286,8 @@ class QisdProtocol(KademliaProtocol):
         reply: dict[str, Any] = {"ttl": int(self.config.listen_seconds)}
         return self._proved(reply, nonce, sender, addr)
 
-    def _rpc_notify(self, addr: tuple, args: list[Any]) -> dict[str, Any]:
+    def _rpc_notify(self, req: _Request, args: list[Any]) -> dict[str, Any]:
+        addr = req.addr
         if len(args) != 3:
             raise wire.WireError("bad_args")
         sender, proven, nonce = self._sender(addr, args[0])
@@ -1050,6 +1306,74 @@ class QisdProtocol(KademliaProtocol):
         if envs:
             self.on_notify(key, envs)
         return {"accepted": len(envs)}
+
+    def items(self, key: bytes) -> reconcile.ItemSet:
+        """The reconciliation items of ``key`` (kept until the key's rows change)."""
+        generation = self.store.generation(key)
+        cached = self._items.get(key)
+        if cached is not None and cached[0] == generation:
+            self._items.move_to_end(key)
+            return cached[1]
+        generation, index = self.store.index(key, now_ms=_now_ms(self.clock))
+        items = reconcile.ItemSet((ts, bytes.fromhex(pid)) for ts, pid in index)
+        self._items[key] = (generation, items)
+        while len(self._items) > MAX_CACHED_ITEM_SETS:
+            self._items.popitem(last=False)
+        return items
+
+    def _rpc_sync(self, req: _Request, args: list[Any]) -> dict[str, Any]:
+        addr = req.addr
+        if len(args) != 3:
+            raise wire.WireError("bad_args")
+        sender, proven, nonce = self._sender(addr, args[0])
+        key = wire.node_id(args[1])
+        try:
+            ranges = reconcile.parse_ranges(
+                args[2], max_ranges=MAX_SYNC_RANGES, max_ids=reconcile.ID_LIST_MAX
+            )
+        except reconcile.ReconcileError:
+            raise wire.WireError("bad_ranges") from None
+        self.welcome_if_new(sender, proven=proven)
+        if not req.validated:
+            return self._validate_first(addr)
+        budget = self.max_datagram - 64 - (PROOF_BYTES if nonce is not None else 0)
+        try:
+            answer, covered = reconcile.respond(self.items(key), ranges, budget)
+        except reconcile.ReconcileError:
+            raise wire.WireError("bad_ranges") from None
+        reply = {"ranges": [r.wire() for r in answer], "covered": covered}
+        return self._proved(reply, nonce, sender, addr)
+
+    def _rpc_get_packets(self, req: _Request, args: list[Any]) -> dict[str, Any]:
+        addr = req.addr
+        if len(args) != 3:
+            raise wire.WireError("bad_args")
+        sender, proven, nonce = self._sender(addr, args[0])
+        key = wire.node_id(args[1])
+        ids = wire.byte_list(args[2], max_items=MAX_IDS_PER_GET)
+        if any(len(pid) != reconcile.ID_BYTES for pid in ids):
+            raise wire.WireError("bad_ids")
+        self.welcome_if_new(sender, proven=proven)
+        if not req.validated:
+            return self._validate_first(addr)
+        budget = self.max_datagram - 96 - (PROOF_BYTES if nonce is not None else 0)
+        packets: list[bytes] = []
+        missing: list[bytes] = []
+        used = 0
+        for pid in ids:
+            raw = self.store.get(pid.hex(), key)
+            if raw is None:
+                missing.append(pid)
+                used += reconcile.ID_ENTRY_BYTES
+                continue
+            if packets and used + len(raw) + 5 > budget:
+                break  # the rest are neither sent nor missing: the requester asks again
+            packets.append(raw)
+            used += len(raw) + 5
+        self.counters["served_packets"] += len(packets)
+        self.counters["served_bytes"] += sum(len(p) for p in packets)
+        reply = {"packets": packets, "missing": missing}
+        return self._proved(reply, nonce, sender, addr)
 
     # -- listeners
 
@@ -1088,23 +1412,6 @@ class QisdProtocol(KademliaProtocol):
         for task in list(self._tasks):
             task.cancel()
         self.router.cancel()
-
-
-def batches_within(raws: Sequence[bytes], budget: int) -> list[list[bytes]]:
-    """Split envelopes into lists whose packed size stays within ``budget`` bytes."""
-    out: list[list[bytes]] = []
-    current: list[bytes] = []
-    used = 0
-    for raw in raws:
-        size = len(raw) + 5
-        if current and (used + size > budget or len(current) >= MAX_ENVELOPES_PER_REQUEST):
-            out.append(current)
-            current, used = [], 0
-        current.append(raw)
-        used += size
-    if current:
-        out.append(current)
-    return out
 
 
 # --------------------------------------------------------------------------- server
@@ -1185,11 +1492,20 @@ class DhtServer(Server):
         """The k closest live nodes to ``target`` (an iterative ``find_node``)."""
         return (await self.crawl_nodes_counted(target))[0]
 
-    async def crawl_nodes_counted(self, target: bytes) -> tuple[list[Node], int]:
+    async def crawl_nodes_counted(
+        self, target: bytes, meter: list[int] | None = None
+    ) -> tuple[list[Node], int]:
         """:meth:`crawl_nodes`, and the RPCs the lookup sent."""
-        crawl = self._crawl(NodeCrawl, target)
+        crawl = self._crawl(NodeCrawl, target, meter=meter)
         found = await crawl.find()
         return found, crawl.messages
+
+    async def crawl_replicas(self, key: bytes, meter: list[int]) -> tuple[list[Node], int]:
+        """The k closest live nodes to ``key``, and how many of the k closest the lookup
+        heard of, live or not (what a read should reach)."""
+        crawl = self._crawl(NodeCrawl, key, meter=meter)
+        found = await crawl.find()
+        return found, crawl.expected
 
     async def crawl_packets(self, key: bytes, since: dict[bytes, int | None] | None = None) -> Any:
         """Every packet the k closest nodes to ``key`` hold (see :class:`PacketCrawl`)."""
@@ -1291,7 +1607,6 @@ class _Follow:
     callback: Callable[[list[Envelope]], None]
     seen: set[str] = field(default_factory=set)
     holders: dict[bytes, Node] = field(default_factory=dict)
-    cursors: dict[bytes, int | None] = field(default_factory=dict)
     task: asyncio.Task[Any] | None = None
 
 
@@ -1323,6 +1638,8 @@ class DhtNode:
         self._peer_addresses: dict[tuple[str, int], None] = {}
         self._counters: Counter[str] = Counter()
         self.address: tuple[str, int] | None = None
+        self._anti_entropy_at = 0
+        self._rng = random.Random()
 
     # -- lifecycle
 
@@ -1351,6 +1668,7 @@ class DhtNode:
         self._spawn(self._republish_loop())
         self._spawn(self._expire_loop())
         self._spawn(self._rejoin_loop())
+        self._spawn(self._upkeep_loop())
         if self.state_path is not None and read_state_contacts(self.state_path):
             self._spawn(self.bootstrap(()))
         return self.address
@@ -1496,31 +1814,40 @@ class DhtNode:
 
     # -- publish / fetch
 
-    async def publish(self, envelopes: Sequence[Envelope]) -> PublishResult:
-        """Store ``envelopes`` (already stored locally) at the k closest nodes of their keys."""
+    async def publish(
+        self, envelopes: Sequence[Envelope], *, priority: int = FOREGROUND
+    ) -> PublishResult:
+        """Store ``envelopes`` (already stored locally) at the k closest nodes of their keys.
+
+        Each destination is paced: a busy one is waited for, and what it refused as rate
+        limited is sent again.
+        """
         result = PublishResult()
         by_key: dict[bytes, list[Envelope]] = {}
         for env in envelopes:
             by_key.setdefault(env.key, []).append(env)
             result.replicas.setdefault(env.packet_id, 0)
-        await asyncio.gather(*(self._publish_key(k, envs, result) for k, envs in by_key.items()))
+        await asyncio.gather(
+            *(self._publish_key(k, envs, result, priority) for k, envs in by_key.items())
+        )
         return result
 
-    async def _publish_key(self, key: bytes, envs: list[Envelope], result: PublishResult) -> None:
+    async def _publish_key(
+        self, key: bytes, envs: list[Envelope], result: PublishResult, priority: int
+    ) -> None:
         # Count this key's own RPCs: keys are published concurrently, so a delta of the
         # node's sent counters would count every other key's traffic too.
         proto = self.protocol
         nodes, lookup_messages = await self.server.crawl_nodes_counted(key)
         result.messages += lookup_messages
         result.contacted += len(nodes)
-        batches = batches_within([e.raw for e in envs], proto.max_datagram - REQUEST_OVERHEAD)
+        raws = [e.raw for e in envs]
 
         async def store_at(node: Node) -> None:
-            for batch in batches:
-                result.messages += 1
-                ok, reply = await proto.call_store_packets(node, key, batch)
-                if not ok:
-                    return
+            meter = [0, 0]
+            replies = await proto.sync.push(node, key, raws, priority=priority, meter=meter)
+            result.messages += meter[1]
+            for reply in replies:
                 for pid in {*reply.accepted, *reply.duplicates}:
                     if pid in result.replicas:
                         result.replicas[pid] += 1
@@ -1531,14 +1858,34 @@ class DhtNode:
         result.messages += proto.push_to_listeners(key, envs)
 
     async def fetch(self, key: bytes) -> list[Envelope]:
-        """Every packet under ``key``: the k closest replicas' merged with local, verified.
+        """Every packet under ``key``: the k closest replicas' merged with local, verified
+        (see :meth:`fetch_report`, which also says how complete the read is)."""
+        report = await self.fetch_report(key)
+        return self._merge(key, (e.raw for e in report.envelopes))
 
-        Keeps crawling to the k closest (never stops at the first reply), deduplicates by
-        packet id, verifies every remote envelope, and never waits on a caching store.
+    async def fetch_report(self, key: bytes) -> FetchResult:
+        """The packets under ``key`` this node lacks, from the key's k closest replicas, and
+        how complete the read is (:class:`~qisd.net.sync.FetchResult`).
+
+        A lookup finds the k closest nodes (it never stops at the first reply); then the
+        node reconciles its own id set with theirs (two first, the rest against what those
+        gave), downloads each envelope it lacks once, verifies every one, tells each replica
+        what it lacks, and never waits on a caching store.
         """
-        replies = await self.server.crawl_packets(key)
+        lookup = [0, 0]
+        nodes, expected = await self.server.crawl_replicas(key, lookup)
+        result = await self.protocol.sync.fetch(key, nodes, expected, lookup)
         self._counters["fetches"] += 1
-        self._counters["fetch_messages"] += replies.messages
+        self._counters["fetch_messages"] += result.messages
+        self._counters["fetch_bytes_received"] += result.bytes_received
+        if not result.complete:
+            self._counters["fetches_incomplete"] += 1
+        return result
+
+    async def fetch_full(self, key: bytes) -> list[Envelope]:
+        """The read before reconciliation: every packet paged from every replica (kept as
+        ``bench/fetch.py``'s baseline)."""
+        replies = await self.server.crawl_packets(key)
         return self._merge(key, (r for raws in replies.raws.values() for r in raws))
 
     async def fetch_table(self, key: bytes) -> pa.Table:
@@ -1613,12 +1960,15 @@ class DhtNode:
         self._deliver(follow, envs)
 
     async def _refresh_follow(self, key: bytes, follow: _Follow, *, first: bool = False) -> None:
+        """Catch up by reconciliation (only what this node lacks moves), then (re-)register
+        with the closest holders."""
         proto = self.protocol
-        replies = await self.server.crawl_packets(key, since=dict(follow.cursors))
-        follow.cursors.update(replies.cursors)
-        envs = self._merge(key, (r for raws in replies.raws.values() for r in raws))
-        self._deliver(follow, envs)
-        holders = replies.nodes[: max(LISTEN_FANOUT, self.config.alpha)]
+        lookup = [0, 0]
+        nodes, expected = await self.server.crawl_replicas(key, lookup)
+        report = await proto.sync.fetch(key, nodes, expected, lookup)
+        envs = self._local(key) if first else []
+        self._deliver(follow, [*envs, *report.envelopes])
+        holders = nodes[: max(LISTEN_FANOUT, self.config.alpha)]
         follow.holders = {n.id: n for n in holders}
         await asyncio.gather(*(proto.call_listen(n, key) for n in holders))
 
@@ -1635,11 +1985,58 @@ class DhtNode:
     # -- upkeep
 
     async def republish(self) -> int:
-        """Re-store this node's own unexpired packets at the current k closest; returns count."""
+        """Re-store this node's own unexpired packets at the current k closest; returns count.
+
+        Background work: it waits behind fresh emits and lookups at every destination.
+        """
         own = self.store.own_envelopes(now_ms=_now_ms(self.clock))
         if own:
-            await self.publish(own)
+            await self.publish(own, priority=BACKGROUND)
         return len(own)
+
+    async def _upkeep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(max(0.05, float(self.config.upkeep_seconds)))
+            try:
+                self.upkeep()
+            except Exception:
+                self._counters["upkeep_errors"] += 1
+                log.debug("upkeep failed", exc_info=True)
+
+    def upkeep(self) -> tuple[int, int]:
+        """One upkeep tick; returns (contacts pinged, reconciliations queued).
+
+        Liveness: the contacts not heard from for :data:`LIVENESS_SECONDS` are pinged (the
+        stalest first, :data:`LIVENESS_PINGS` a tick); a dead one fails its pings, stops being
+        handed out, is evicted after ``evict_after_failures`` and replaced from the bucket's
+        replacement cache. Anti-entropy: the next :data:`ANTI_ENTROPY_KEYS` keys this node
+        holds as one of their k closest are each reconciled with one random other holder.
+        """
+        proto = self.protocol
+        now = self.clock()
+        stale = [c for c in proto.router.contacts() if now - c.last_seen > LIVENESS_SECONDS]
+        stale.sort(key=lambda c: c.last_seen)
+        for contact in stale[:LIVENESS_PINGS]:
+            proto.spawn(proto.call_ping(contact))
+        keys = [k for k, _n in self.store.keys()]  # noqa: SIM118 (a Store, not a dict)
+        queued = 0
+        if keys:
+            start = self._anti_entropy_at % len(keys)
+            batch = (keys[start:] + keys[:start])[:ANTI_ENTROPY_KEYS]
+            self._anti_entropy_at = start + len(batch)
+            me = proto.source_node.long_id
+            for key in batch:
+                target = int.from_bytes(key, "big")
+                holders = proto.router.find_neighbors(Node(key), self.config.ksize)
+                if len(holders) >= self.config.ksize and all(
+                    h.long_id ^ target < me ^ target for h in holders
+                ):
+                    continue  # not one of this key's k closest: its holders sync it
+                others = [h for h in holders if not proto.suspect(h.id)]
+                if others and proto.sync.enqueue(key, self._rng.choice(others)):
+                    queued += 1
+        self._counters["anti_entropy_queued"] += queued
+        return min(len(stale), LIVENESS_PINGS), queued
 
     async def _republish_loop(self) -> None:
         while True:
@@ -1675,6 +2072,7 @@ class DhtNode:
                 k[len(prefix) :]: v for k, v in sorted(counters.items()) if k.startswith(prefix)
             }
 
+        running = self.server.protocol is not None
         return {
             "rpcs_sent": group("sent."),
             "rpcs_received": group("received."),
@@ -1682,6 +2080,13 @@ class DhtNode:
             "malformed": group("malformed."),
             "rate_limited": counters.get("rate_limited", 0),
             "timeouts": counters.get("timeouts", 0),
+            "busy_sent": counters.get("busy_sent", 0),
+            "busy_received": counters.get("busy_received", 0),
+            "bytes_sent": counters.get("bytes_sent", 0),
+            "bytes_received": counters.get("bytes_received", 0),
+            "sync_backlog": self.protocol.sync.backlog() if running else 0,
+            "send_queue": self.protocol.pacer.queued() if running else 0,
+            "peer_queues": self.protocol.pacer.stats() if running else {},
             "stored_packets": counters.get("stored_packets", 0),
             "contacts": len(self.protocol.router.contacts())
             if self.server.protocol is not None

@@ -64,6 +64,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 
 from qisd.config import DEFAULT_FLIGHT_URI
+from qisd.core import completeness
 from qisd.core.fingerprint import normalize_path
 from qisd.core.packet import (
     COLUMNS,
@@ -685,11 +686,22 @@ class QisdFlightServer(flight.FlightServerBase):
 
     def do_get(self, context: flight.ServerCallContext, ticket: flight.Ticket) -> Any:
         path, local = _ticket_request(ticket)
-        return flight.GeneratorStream(RESULT_SCHEMA, self._rows_of(path, local))
+        node = self.node
+        with _translated("DoGet"):
+            key, wanted = node.query_route(path)
+            refused: list[Envelope] = []
+            report = None
+            if not local:
+                refused, report = self._run(lambda: node.fetch_into_store(key))
+        # The read's completeness rides in the schema's metadata (qisd.core.completeness).
+        schema = completeness.attach(RESULT_SCHEMA, report)
+        return flight.GeneratorStream(schema, self._rows_of(key, wanted, refused))
 
-    def _rows_of(self, path: str, local: bool) -> Iterator[pa.RecordBatch]:
-        """The path's rows in bounded batches: the network's first (fetched into the store,
-        except what the store refuses), then the store's.
+    def _rows_of(
+        self, key: bytes, wanted: dict[str, str], refused: list[Envelope]
+    ) -> Iterator[pa.RecordBatch]:
+        """The path's rows in bounded batches: the store's (the network's were fetched into
+        it), then the fetched envelopes the store refused.
 
         A key of at most ``WHOLE_KEY_PACKETS`` envelopes is read as the store's cached table
         (decoded once, then sliced without copying); a larger one is read in small steps as
@@ -697,10 +709,6 @@ class QisdFlightServer(flight.FlightServerBase):
         """
         node = self.node
         with _translated("DoGet"):
-            key, wanted = node.query_route(path)
-            refused: list[Envelope] = []
-            if not local:
-                refused = self._run(lambda: fetch_into_store(node, key))
             now = _now_ms()
 
             def open_rows() -> Iterator[pa.RecordBatch]:
@@ -1016,29 +1024,6 @@ def _now_ms() -> int:
     from qisd.net.node import now_ms
 
     return now_ms()
-
-
-async def fetch_into_store(node: Any, key: bytes) -> list[Envelope]:
-    """Fetch a key's packets from the network into the local store.
-
-    Returns the fetched envelopes the store refused (a quota), so a reader can still see them.
-    A streaming cousin of :meth:`Node.query`: the caller then streams the store in batches.
-    """
-    if node.dht is None or not node.dht.peers():
-        return []  # no peer to ask: the network's packets are the store's
-    fetched = await node.dht.fetch(key)  # the network's and the store's, merged
-    if not fetched:
-        return []
-    store = node.store
-
-    def new_ones() -> list[Envelope]:
-        return [e for e in fetched if not store.has(key, e.packet_id)]
-
-    fresh = await asyncio.to_thread(new_ones)
-    if not fresh:
-        return []
-    # Node.query keeps fetched packets the same way (Node._keep: one durable put).
-    return list(await node._keep(fresh))
 
 
 # --------------------------------------------------------------------------- entry point

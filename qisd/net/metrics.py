@@ -75,6 +75,8 @@ _DHT_TABLES: dict[str, tuple[str, str, str]] = {
     "malformed": ("dht_malformed", "reason", "Undecodable datagrams or replies, by reason."),
     "busy": ("dht_busy_replies", "direction", "'Busy, retry later' replies, sent or received."),
 }
+_DHT_FOLDED = {"busy_sent": ("busy", "sent"), "busy_received": ("busy", "received")}
+"""Numbers the DHT reports one by one that belong in a table above (key: (table, label))."""
 _GAUGE_WORDS = ("backlog", "queue", "queued", "pending", "contacts", "following", "peers")
 _NOT_METRICS = {"bootstrap_unreachable"}
 _NAME = re.compile(r"[^a-zA-Z0-9_]")
@@ -90,6 +92,14 @@ def _number(value: Any) -> float | None:
     return float(value)
 
 
+LOOKUPS = {
+    "crawl_nodes_counted": "nodes",
+    "crawl_replicas": "replicas",
+    "crawl_packets": "packets",
+}
+"""The DHT server's lookup methods, timed by kind."""
+
+
 class Timings:
     """The histograms: durations observed as they happen (thread-safe)."""
 
@@ -103,7 +113,7 @@ class Timings:
         )
         self.lookup = Histogram(
             "qisd_dht_lookup_seconds",
-            "Iterative lookups, by kind: nodes (find_node) or packets (find_packets).",
+            "Iterative lookups, by kind: nodes and replicas (find_node), packets (find_packets).",
             ["kind"],
             buckets=WORK_BUCKETS,
             registry=registry,
@@ -133,16 +143,14 @@ class Timings:
         proto = dht.protocol
         server = dht.server
         send = getattr(proto, "_call", None)
-        crawl_nodes = getattr(server, "crawl_nodes_counted", None)
-        crawl_packets = getattr(server, "crawl_packets", None)
-        if send is None or crawl_nodes is None or crawl_packets is None:
-            log.warning("the DHT has no _call/crawl methods to time: RPC histograms stay empty")
+        if send is None:
+            log.warning("the DHT has no _call to time: the RPC histogram stays empty")
             return False
         rpc = self.rpc
         lookup = self.lookup
 
-        def timed_call(address: Any, name: str, args: list[Any]) -> Any:
-            future = send(address, name, args)
+        def timed_call(address: Any, name: str, *args: Any, **kwargs: Any) -> Any:
+            future = send(address, name, *args, **kwargs)
             if future.done():  # not sent (unreachable, too large): no round trip
                 return future
             started = time.perf_counter()
@@ -156,17 +164,18 @@ class Timings:
             future.add_done_callback(done)
             return future
 
-        async def timed_nodes(target: bytes) -> Any:
-            with lookup.labels("nodes").time():
-                return await crawl_nodes(target)
+        def timed_lookup(kind: str, crawl: Callable[..., Any]) -> Callable[..., Any]:
+            async def timed(*args: Any, **kwargs: Any) -> Any:
+                with lookup.labels(kind).time():
+                    return await crawl(*args, **kwargs)
 
-        async def timed_packets(key: bytes, since: Any = None) -> Any:
-            with lookup.labels("packets").time():
-                return await crawl_packets(key, since)
+            return timed
 
         proto._call = timed_call
-        server.crawl_nodes_counted = timed_nodes
-        server.crawl_packets = timed_packets
+        for method, kind in LOOKUPS.items():
+            crawl = getattr(server, method, None)
+            if crawl is not None:
+                setattr(server, method, timed_lookup(kind, crawl))
         return True
 
 
@@ -317,7 +326,12 @@ class NodeCollector(Collector):
             "Bootstrap peers that have not answered yet (retried in the background).",
             value=len(stats.get("bootstrap_unreachable") or {}),
         )
-        seen: set[str] = set(_NOT_METRICS)
+        seen: set[str] = set(_NOT_METRICS) | set(_DHT_FOLDED)
+        for single, (key, item) in _DHT_FOLDED.items():
+            if _number(stats.get(single)) is not None:
+                folded = dict(stats.get(key) or {})
+                folded.setdefault(item, stats[single])
+                stats[key] = folded
         for key, (name, label, doc) in _DHT_TABLES.items():
             seen.add(key)
             table = stats.get(key)
@@ -338,6 +352,28 @@ class NodeCollector(Collector):
             if key == "contacts" and number is None:
                 number = float(len(peers))
             yield GaugeMetricFamily(f"qisd_{name}", doc, value=number or 0.0)
+        # Per-destination tables (keyed by peer address) are summed, never labelled by peer.
+        for key, value in stats.items():
+            if key in seen or not isinstance(value, Mapping) or not value:
+                continue
+            rows = list(value.values())
+            if not all(isinstance(r, Mapping) for r in rows):
+                continue
+            seen.add(key)
+            name = _metric_name(key)
+            yield GaugeMetricFamily(
+                f"qisd_dht_{name}_entries",
+                f"Entries of DhtNode.stats()[{key!r}] (e.g. peers with queued sends).",
+                value=len(rows),
+            )
+            fields = sorted({f for r in rows for f, v in r.items() if _number(v) is not None})
+            for field in fields:
+                total = sum(_number(r.get(field)) or 0.0 for r in rows)
+                yield GaugeMetricFamily(
+                    f"qisd_dht_{name}_{_metric_name(field)}",
+                    f"Sum over the entries of DhtNode.stats()[{key!r}] of {field!r}.",
+                    value=total,
+                )
         # Everything else the DHT reports: numbers, and tables of numbers by one label.
         taken = {name for name, *_ in (*_DHT_TABLES.values(), *_DHT_COUNTERS.values())}
         taken |= {name for name, _ in _DHT_GAUGES.values()}

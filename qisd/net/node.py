@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 
 from qisd import __version__
 from qisd.config import NodeConfig
+from qisd.core import completeness
 from qisd.core.crypto import Identity, node_id_for
 from qisd.core.darwin import Darwinism, DarwinStateError
 from qisd.core.fingerprint import Template, key_for_path, normalize_path, split_path
@@ -450,10 +451,7 @@ class Node:
 
     async def _refresh_documents(self, domain: str) -> None:
         """Fetch the domain's template documents from the network into the store."""
-        if self.dht is not None:
-            fetched = await self._fetch(templates_key(domain))
-            if fetched:
-                await self._keep(fetched)
+        await self.fetch_into_store(templates_key(domain))
         self._hires.pop(domain, None)
 
     async def _publish_document(self, domain: str, body: bytes, kind: int) -> dict[str, Any]:
@@ -890,17 +888,38 @@ class Node:
         key, wanted = self.query_route(path)
         extra: list[Envelope] = []
         log.debug("query %s: key %s, rows where %s", path, key.hex(), wanted or "all")
-        if not local_only and self.dht is not None:
-            fetched = await self._fetch(key)
-            if fetched:
-                extra = await self._keep(fetched)
+        report = None
+        if not local_only:
+            extra, report = await self.fetch_into_store(key)
         table = await asyncio.to_thread(self.store.table, key, now_ms=now_ms())
         if extra:
             held = set(table.column("packet_id").to_pylist())
             missing = [e for e in extra if e.packet_id not in held]
             if missing:
                 table = pa.concat_tables([table, _table_of(missing)])
-        return rows_matching(table, wanted)
+        return completeness.attach_table(rows_matching(table, wanted), report)
+
+    async def fetch_into_store(self, key: bytes) -> tuple[list[Envelope], dict[str, Any] | None]:
+        """Read ``key`` from the network into the local store (only what it lacks moves).
+
+        Returns the fetched envelopes the store refused (a quota), so a reader can still see
+        them, and the read's report (:mod:`qisd.core.completeness`; None without a network).
+        """
+        if self.dht is None:
+            return [], None
+        started = time.perf_counter()
+        fetched = await self.dht.fetch_report(key)
+        elapsed = time.perf_counter() - started
+        if self.on_timing is not None:
+            self.on_timing("fetch", elapsed)
+        log.debug(
+            "fetch of key %s: %d envelopes from the network (verified) in %.1f ms",
+            key.hex(),
+            len(fetched.envelopes),
+            elapsed * 1000,
+        )
+        refused = await self._keep(fetched.envelopes) if fetched.envelopes else []
+        return refused, fetched.report()
 
     def query_route(self, path: str) -> tuple[bytes, dict[str, str]]:
         """Where a query for ``path`` reads: ``(key, wanted)``.
@@ -958,21 +977,6 @@ class Node:
         for env in envelopes[-RECENT_PACKETS:]:
             if env.kind == KIND_PACKET:
                 self.recent.append({"envelope": env, "source": source, "at": now})
-
-    async def _fetch(self, key: bytes) -> list[Envelope]:
-        """The DHT's fetch of ``key``, timed and logged."""
-        started = time.perf_counter()
-        fetched: list[Envelope] = await self.dht.fetch(key)
-        elapsed = time.perf_counter() - started
-        if self.on_timing is not None:
-            self.on_timing("fetch", elapsed)
-        log.debug(
-            "fetch of key %s: %d envelopes (local and network, verified) in %.1f ms",
-            key.hex(),
-            len(fetched),
-            elapsed * 1000,
-        )
-        return fetched
 
     async def _store_remote(
         self, envelopes: Sequence[Envelope]
@@ -1198,7 +1202,11 @@ class Node:
     async def synthesize(self, path: str, *, local_only: bool = False) -> dict[str, Any]:
         """The synthesis of a fingerprint path's packets (network and local)."""
         table = await self.query(path, local_only=local_only)
-        return self._synthesize(normalize_path(path), table)
+        result = self._synthesize(normalize_path(path), table)
+        report = completeness.read(table.schema)
+        if report is not None:
+            result["read"] = report
+        return result
 
     def _synthesize(self, path: str, table: pa.Table) -> dict[str, Any]:
         from qisd.core.synthesis import synthesize
@@ -1307,10 +1315,8 @@ class Node:
         self, path: str, route: tuple[bytes, dict[str, str]], *, fetch: bool
     ) -> None:
         key, wanted = route
-        if fetch and self.dht is not None:
-            fetched = await self._fetch(key)
-            if fetched:
-                await self._keep(fetched)
+        if fetch:
+            await self.fetch_into_store(key)
         table = await asyncio.to_thread(self.store.table, key, now_ms=now_ms())
         table = rows_matching(table, wanted)
         ids = table.column("packet_id").to_pylist()

@@ -626,6 +626,25 @@ class Store:
         row = self._run(lambda c: c.execute(sql, args).fetchone())
         return None if row is None else bytes(row[0])
 
+    def index(self, key: bytes, *, now_ms: int) -> tuple[int, list[tuple[int, str]]]:
+        """``(generation, [(timestamp_ms, packet_id), ...])`` of the unexpired envelopes under
+        ``key``: what replica reconciliation summarises. The generation changes whenever the
+        key's rows do, so a caller may keep the list until it does."""
+        with self._lock:
+            generation = self._generation.get(key, 0)
+        rows = self._run(
+            lambda c: c.execute(
+                "SELECT timestamp_ms, packet_id FROM envelopes WHERE key = ? AND expires_ms > ?",
+                (key, now_ms),
+            ).fetchall()
+        )
+        return generation, [(int(ts), str(pid)) for ts, pid in rows]
+
+    def generation(self, key: bytes) -> int:
+        """A number that changes whenever the rows under ``key`` change."""
+        with self._lock:
+            return self._generation.get(key, 0)
+
     def page(
         self, key: bytes, *, since: int = 0, max_bytes: int, now_ms: int
     ) -> tuple[list[bytes], int, bool]:

@@ -1,9 +1,11 @@
 """rpcudp's datagram framing with the C ``msgpack`` codec, reply shapes and rate limits.
 
 A datagram is ``kind (1 byte) + message id (20 bytes) + msgpack payload``: kind 0 is a request
-whose payload is ``[name, [args...]]``, kind 1 a reply whose payload is the handler's result.
-This is byte for byte what rpcudp 5.0.1 sends with ``u-msgpack``; the C ``msgpack`` codec
-produces the same bytes many times faster, and its unpacker takes explicit size bounds.
+whose payload is ``[name, [args...]]`` or ``[name, [args...], token]``, kind 1 a reply whose
+payload is the handler's result. Without the token this is byte for byte what rpcudp 5.0.1
+sends with ``u-msgpack``; the C ``msgpack`` codec produces the same bytes many times faster, and
+its unpacker takes explicit size bounds. The token (wire version 2) is the requester's echo of
+an address token (:class:`AddressTokens`) the responder handed it earlier.
 
 Everything here is pure and raises :class:`WireError` (with a short reason used as a counter
 name) on bad input; the protocol counts and drops, it never lets bad remote data raise.
@@ -12,14 +14,18 @@ name) on bad input; the protocol counts and drops, it never lets bad remote data
 from __future__ import annotations
 
 import functools
+import hashlib
 import ipaddress
 import math
+import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgpack
+
+from qisd.core.packet import packet_id_of
 
 REQUEST = 0
 REPLY = 1
@@ -56,9 +62,12 @@ def _unpackb(data: bytes) -> Any:
     )
 
 
-def encode_request(msg_id: bytes, name: str, args: list[Any] | tuple[Any, ...]) -> bytes:
-    """A request datagram (rpcudp framing)."""
-    return bytes((REQUEST,)) + msg_id + packb([name, list(args)])
+def encode_request(
+    msg_id: bytes, name: str, args: list[Any] | tuple[Any, ...], token: bytes | None = None
+) -> bytes:
+    """A request datagram (rpcudp framing; ``token`` echoes the receiver's address token)."""
+    payload: list[Any] = [name, list(args)] if token is None else [name, list(args), token]
+    return bytes((REQUEST,)) + msg_id + packb(payload)
 
 
 def encode_reply(msg_id: bytes, value: Any) -> bytes:
@@ -82,14 +91,59 @@ def decode_datagram(data: bytes) -> tuple[int, bytes, Any]:
     return kind, bytes(data[1:HEADER_BYTES]), payload
 
 
-def split_request(payload: Any) -> tuple[str, list[Any]]:
-    """(name, args) of a request payload; raises WireError."""
-    if not isinstance(payload, list) or len(payload) != 2:
+def split_request(payload: Any) -> tuple[str, list[Any], bytes | None]:
+    """(name, args, echoed token or None) of a request payload; raises WireError."""
+    if not isinstance(payload, list) or len(payload) not in (2, 3):
         raise WireError("bad_request_shape")
-    name, args = payload
+    name, args = payload[0], payload[1]
+    token = payload[2] if len(payload) == 3 else None
     if not isinstance(name, str) or not isinstance(args, list):
         raise WireError("bad_request_shape")
-    return name, args
+    if token is not None and (not isinstance(token, bytes) or len(token) != TOKEN_BYTES):
+        raise WireError("bad_token")
+    return name, args, token
+
+
+MAX_ENVELOPES_PER_REQUEST = 64
+"""store_packets / notify carry at most this many envelopes (a request is <= 8,192 bytes)."""
+REQUEST_OVERHEAD = 320
+"""Bytes of a store_packets/notify request besides its envelopes (name, intro, key, headers)."""
+RATE_LIMITED = "rate limited: retry later"
+"""The refusal reason of an envelope a receiver had no tokens left to verify."""
+MAX_BUSY_RETRIES = 8
+"""A request a busy peer turned away is sent again at most this many times (each after the
+wait the peer asked for, at most ``pacing.MAX_BUSY_SECONDS``)."""
+BUSY = object()
+"""The parsed value of a call a peer answered with *busy, retry later*: not a failure."""
+
+
+def envelope_id(raw: bytes) -> str | None:
+    """The packet id an envelope's bytes claim, without verifying it (None if unframed)."""
+    try:
+        frame = msgpack.unpackb(raw, raw=False, max_array_len=16, max_map_len=0)
+        _v, kind, _key, _fb, pub, body, _sig = frame
+        if not isinstance(pub, bytes) or not isinstance(body, bytes) or not isinstance(kind, int):
+            return None
+        return packet_id_of(kind, pub, body)
+    except Exception:  # hostile bytes: the full check in open_envelope reports the reason
+        return None
+
+
+def batches_within(raws: Sequence[bytes], budget: int) -> list[list[bytes]]:
+    """Split envelopes into lists whose packed size stays within ``budget`` bytes."""
+    out: list[list[bytes]] = []
+    current: list[bytes] = []
+    used = 0
+    for raw in raws:
+        size = len(raw) + 5
+        if current and (used + size > budget or len(current) >= MAX_ENVELOPES_PER_REQUEST):
+            out.append(current)
+            current, used = [], 0
+        current.append(raw)
+        used += size
+    if current:
+        out.append(current)
+    return out
 
 
 # --------------------------------------------------------------------------- typed fields
@@ -177,6 +231,57 @@ def cursor(value: Any) -> int | None:
     if type(value) is not int or not 0 <= value < 2**63:
         raise WireError("bad_cursor")
     return value
+
+
+# --------------------------------------------------------------------------- address tokens
+
+TOKEN_BYTES = 8
+TOKEN_SECONDS = 300.0
+"""The token secret rotates this often; a token stays valid for one more period after that."""
+AMPLIFICATION_FACTOR = 3
+"""To an address not yet validated, a reply is at most this many times its request's bytes
+(the rule QUIC follows before address validation)."""
+
+
+class AddressTokens:
+    """Stateless address tokens: a keyed hash of the requester's address under a rotating secret.
+
+    A node hands its token to a requester in small replies; a request that echoes it proves
+    the requester receives datagrams at the address it sends from (an off-path spoofer never
+    sees the token), so large replies may go there. Nothing is kept per requester: checking a
+    token is one hash (as DNS cookies and BEP 5's tokens work).
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._epoch = -1
+        self._secrets = (os.urandom(32), os.urandom(32))
+
+    def _current(self) -> tuple[bytes, bytes]:
+        epoch = int(self.clock() // TOKEN_SECONDS)
+        if epoch != self._epoch:
+            if epoch == self._epoch + 1:
+                self._secrets = (os.urandom(32), self._secrets[0])
+            else:
+                self._secrets = (os.urandom(32), os.urandom(32))
+            self._epoch = epoch
+        return self._secrets
+
+    @staticmethod
+    def _mac(secret: bytes, addr: tuple) -> bytes:
+        where = f"{addr[0]}|{addr[1]}".encode()
+        return hashlib.blake2b(where, key=secret, digest_size=TOKEN_BYTES).digest()
+
+    def issue(self, addr: tuple) -> bytes:
+        """The token of ``addr`` now."""
+        return self._mac(self._current()[0], addr)
+
+    def valid(self, addr: tuple, token: bytes | None) -> bool:
+        """True if ``token`` is ``addr``'s token of this period or the last."""
+        if token is None:
+            return False
+        now, before = self._current()
+        return token in (self._mac(now, addr), self._mac(before, addr))
 
 
 # --------------------------------------------------------------------------- rate limit

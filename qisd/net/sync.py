@@ -1,0 +1,421 @@
+"""Moving a key's packets between nodes by reconciling id sets first (the I/O side).
+
+:mod:`qisd.core.reconcile` says which ids differ; this module runs it over the ``sync`` RPC
+and moves only those envelopes: ``get_packets`` pulls what a peer has and we lack,
+``store_packets`` pushes what we have and it lacks. Three users:
+
+* **fetch** (:meth:`ReplicaSync.fetch`): a reader reconciles with a key's closest replicas,
+  downloads each envelope it lacks once (spread over the replicas that listed it), tells each
+  replica what it lacks (entry correction), and states how complete the read is;
+* **hand-off** and **anti-entropy** (:meth:`ReplicaSync.enqueue`): a holder reconciles a key
+  with another holder, both ways, from a bounded queue worked by a few tasks; a job that fails
+  is dropped, never re-armed wholesale (the next hand-off or anti-entropy round picks it up).
+
+Every call is paced per destination (``qisd.net.pacing``); a busy peer is waited for, never
+counted as failed. A replica that lies (answers outside the question, never converges, lists
+more ids than a key holds, serves envelopes that fail verification) costs bounded work and is
+dropped from the read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from kademlia.node import Node
+
+from qisd.core import reconcile
+from qisd.core.packet import Envelope, open_envelope
+from qisd.errors import PacketError
+from qisd.net import wire
+from qisd.net.pacing import BACKGROUND, FOREGROUND
+from qisd.net.wire import (
+    BUSY,
+    MAX_BUSY_RETRIES,
+    RATE_LIMITED,
+    REQUEST_OVERHEAD,
+    batches_within,
+    envelope_id,
+)
+
+if TYPE_CHECKING:
+    from qisd.net.dht import QisdProtocol
+
+log = logging.getLogger(__name__)
+
+SYNC_BUDGET = 6_000
+"""Bytes of ranges in one ``sync`` request (the reply is bounded by the datagram size)."""
+GET_CHUNK = 20
+"""Ids asked for in one ``get_packets`` request: about what one reply can carry."""
+GETS_IN_FLIGHT = 8
+"""``get_packets`` requests one download keeps in flight to one replica."""
+FIRST_WAVE = 2
+"""Replicas a fetch reconciles with first; the others are reconciled against what these gave,
+so a fresh reader learns the key's ids from two replicas, not from all k."""
+
+
+@dataclass
+class FetchResult:
+    """A fetch of one key: the merged envelopes and how complete they are known to be."""
+
+    envelopes: list[Envelope]
+    replicas_expected: int = 0
+    """The closest nodes the lookup found for the key (at most k)."""
+    replicas_answered: int = 0
+    """Of those, how many completed a reconciliation (a lying or silent one does not count)."""
+    replicas_agreeing: int = 0
+    """Of those, how many held exactly the merged set (nothing more, nothing less)."""
+    missing: int = 0
+    """Ids some replica listed that no replica served (expired or evicted meanwhile, or lies)."""
+    bytes_received: int = 0
+    """Datagram bytes of every reply this fetch received (lookup, summaries, envelopes)."""
+    lookup_bytes: int = 0
+    """Of those, the lookup's (``find_node`` replies): a cost that does not grow with the key."""
+    messages: int = 0
+    """Requests this fetch sent."""
+    downloaded: int = 0
+    """Envelopes received (verified or not)."""
+
+    @property
+    def complete(self) -> bool:
+        """Every listed id was obtained, and at least half of the expected replicas (and at
+        least one) answered: what the read says can be trusted to be the key's packets."""
+        return (
+            self.replicas_answered >= 1
+            and self.replicas_answered >= math.ceil(self.replicas_expected / 2)
+            and self.missing == 0
+        )
+
+    def report(self) -> dict[str, Any]:
+        """What a reader is told (``qisd query --json``, Flight metadata, synthesis)."""
+        return {
+            "complete": self.complete,
+            "replicas_expected": self.replicas_expected,
+            "replicas_answered": self.replicas_answered,
+            "replicas_agreeing": self.replicas_agreeing,
+            "bytes_received": self.bytes_received,
+        }
+
+
+@dataclass
+class _Replica:
+    node: Node
+    rec: reconcile.Reconciliation | None = None
+    served: set[bytes] = field(default_factory=set)
+    failed: bool = False
+
+
+class ReplicaSync:
+    """Reconciliation over the wire for one protocol (see the module docstring)."""
+
+    def __init__(self, protocol: QisdProtocol, *, workers: int, max_jobs: int) -> None:
+        self.protocol = protocol
+        self.workers = workers
+        self.max_jobs = max_jobs
+        self._jobs: OrderedDict[tuple[bytes, bytes], Node] = OrderedDict()
+        self._running = 0
+        self.counters = protocol.counters
+
+    # -- the reconciliation itself
+
+    async def reconcile(
+        self,
+        node: Node,
+        key: bytes,
+        mine: reconcile.ItemSet,
+        *,
+        priority: int = FOREGROUND,
+        meter: list[int] | None = None,
+    ) -> reconcile.Reconciliation | None:
+        """Reconcile ``mine`` with ``node``'s ids of ``key``; None if it failed or lied."""
+        rec = reconcile.Reconciliation(mine)
+        busy = 0
+        try:
+            while True:
+                ranges = rec.request(SYNC_BUDGET)
+                if not ranges:
+                    return rec
+                ok, parsed = await self.protocol.call_sync(
+                    node, key, ranges, priority=priority, meter=meter
+                )
+                if not ok:
+                    if parsed is BUSY and busy < MAX_BUSY_RETRIES:
+                        busy += 1
+                        rec.lost()
+                        continue
+                    return None
+                answer, covered = parsed
+                rec.receive(answer, covered)
+        except reconcile.ReconcileError as exc:
+            self.counters["rejected.sync_lies"] += 1
+            log.debug("dropping replica %s for key %s: %s", node, key.hex(), exc)
+            return None
+
+    async def download(
+        self,
+        node: Node,
+        key: bytes,
+        ids: Sequence[bytes],
+        *,
+        priority: int = FOREGROUND,
+        meter: list[int] | None = None,
+    ) -> tuple[list[bytes], set[bytes], bool]:
+        """Ask ``node`` for the envelopes ``ids``: (envelope bytes, ids it says it lacks,
+        whether it answered throughout)."""
+        raws: list[bytes] = []
+        missing: set[bytes] = set()
+        todo = list(ids)
+        healthy = True
+
+        async def worker() -> None:
+            nonlocal healthy
+            busy = 0
+            while todo and healthy:
+                chunk, todo[:GET_CHUNK] = todo[:GET_CHUNK], []
+                ok, parsed = await self.protocol.call_get_packets(
+                    node, key, chunk, priority=priority, meter=meter
+                )
+                if not ok:
+                    if parsed is BUSY and busy < MAX_BUSY_RETRIES:
+                        busy += 1
+                        todo.extend(chunk)
+                        continue
+                    healthy = False
+                    return
+                got, lacks = parsed
+                if not got and not lacks:
+                    healthy = False  # an answer that moves nothing: stop asking this replica
+                    return
+                asked = set(chunk)
+                raws.extend(got)
+                missing.update(pid for pid in lacks if pid in asked)
+                answered = {bytes.fromhex(i) for i in _claimed_ids(got)} | set(lacks)
+                todo.extend(pid for pid in chunk if pid not in answered)
+
+        await asyncio.gather(*(worker() for _ in range(min(GETS_IN_FLIGHT, len(ids)) or 1)))
+        return raws, missing, healthy
+
+    async def push(
+        self,
+        node: Node,
+        key: bytes,
+        raws: Sequence[bytes],
+        *,
+        priority: int = BACKGROUND,
+        meter: list[int] | None = None,
+    ) -> list[Any]:
+        """Store ``raws`` at ``node`` (``store_packets``), waiting out busy replies and sending
+        again what it refused as rate limited; returns its replies (``StoreReply``), with
+        the rate-limited refusals of a batch sent again left out. Stops at the first call
+        that gets no answer."""
+        replies: list[Any] = []
+        budget = self.protocol.max_datagram - REQUEST_OVERHEAD
+        for batch in batches_within(list(raws), budget):
+            pending = batch
+            for attempt in range(MAX_BUSY_RETRIES + 1):
+                self.counters["pushed_bytes"] += sum(len(r) for r in pending)
+                ok, reply = await self.protocol.call_store_packets(
+                    node, key, pending, priority=priority, meter=meter
+                )
+                if not ok:
+                    if reply is BUSY:
+                        continue
+                    return replies
+                if not reply.limited or attempt == MAX_BUSY_RETRIES:
+                    replies.append(reply)
+                    break
+                limited = {pid for pid, why in reply.refused if why == RATE_LIMITED}
+                refused = [(p, w) for p, w in reply.refused if w != RATE_LIMITED]
+                replies.append(type(reply)(reply.accepted, reply.duplicates, refused))
+                pending = [r for r in pending if envelope_id(r) in limited]
+                self.counters["rate_limited_resent"] += len(pending)
+                self.protocol.pacer.busy(
+                    (node.ip, node.port), reply.retry_after or 1 / self.protocol.limiter.rate
+                )
+        return replies
+
+    # -- fetch
+
+    async def fetch(
+        self, key: bytes, nodes: Sequence[Node], expected: int, lookup: list[int]
+    ) -> FetchResult:
+        """Read ``key`` from its closest live replicas ``nodes`` by reconciliation (see the
+        module docstring); ``expected`` is how many of the k closest the lookup heard of and
+        ``lookup`` its meter ([bytes received, requests sent])."""
+        proto = self.protocol
+        local = proto.items(key)
+        got: dict[str, Envelope] = {}
+        replicas = [_Replica(n) for n in nodes]
+        result = FetchResult([], replicas_expected=max(expected, len(replicas)))
+        meter = [0, 0]
+        claimed: dict[bytes, list[_Replica]] = {}
+
+        async def reconcile_all(wave: list[_Replica], mine: reconcile.ItemSet) -> None:
+            recs = await asyncio.gather(
+                *(self.reconcile(r.node, key, mine, meter=meter) for r in wave)
+            )
+            for replica, rec in zip(wave, recs, strict=True):
+                replica.rec = rec
+                if rec is None:
+                    replica.failed = True
+                    continue
+                for pid in rec.need:
+                    if pid.hex() not in got:
+                        claimed.setdefault(pid, []).append(replica)
+
+        async def download_claimed() -> None:
+            wanted = [pid for pid in claimed if pid.hex() not in got]
+            while wanted:
+                # Spread: each id goes to the least loaded replica that listed it.
+                plan: dict[int, tuple[_Replica, list[bytes]]] = {}
+                load: dict[int, int] = {}
+                for pid in wanted:
+                    options = [r for r in claimed[pid] if not r.failed and pid not in r.served]
+                    if not options:
+                        continue
+                    pick = min(options, key=lambda r: load.get(id(r), 0))
+                    load[id(pick)] = load.get(id(pick), 0) + 1
+                    plan.setdefault(id(pick), (pick, []))[1].append(pid)
+                if not plan:
+                    return
+                outcomes = await asyncio.gather(
+                    *(
+                        self.download(rep.node, key, pids, meter=meter)
+                        for rep, pids in plan.values()
+                    )
+                )
+                for (rep, pids), (raws, lacks, healthy) in zip(
+                    plan.values(), outcomes, strict=True
+                ):
+                    rep.served.update(pids)  # asked once: not asked again for these
+                    result.downloaded += len(raws)
+                    for env in self._verified(key, raws):
+                        if bytes.fromhex(env.packet_id) in claimed:
+                            got.setdefault(env.packet_id, env)
+                    if not healthy:
+                        rep.failed = True
+                    # Listed, then not held: expired or evicted meanwhile, or a lie.
+                    self.counters["sync_listed_not_served"] += len(lacks)
+                wanted = [pid for pid in claimed if pid.hex() not in got]
+
+        await reconcile_all(replicas[:FIRST_WAVE], local)
+        await download_claimed()
+        if len(replicas) > FIRST_WAVE:
+            merged = reconcile.ItemSet(
+                [
+                    *local.items,
+                    *((e.timestamp_ms, bytes.fromhex(e.packet_id)) for e in got.values()),
+                ]
+            )
+            await reconcile_all(replicas[FIRST_WAVE:], merged)
+            await download_claimed()
+        final = {pid for _ts, pid in local.items} | {bytes.fromhex(p) for p in got}
+        result.missing = sum(1 for pid in claimed if pid.hex() not in got)
+        for replica in replicas:
+            rec = replica.rec
+            if rec is None or replica.failed:
+                continue
+            result.replicas_answered += 1
+            theirs = ({pid for _ts, pid in rec.mine.items} - rec.lack) | rec.need
+            if theirs == final:
+                result.replicas_agreeing += 1
+            lacking = final - theirs
+            if lacking:
+                self.counters["entry_corrections"] += 1
+                proto.spawn(self._correct(replica.node, key, lacking, got))
+        result.envelopes = sorted(got.values(), key=lambda e: (e.timestamp_ms, e.packet_id))
+        result.lookup_bytes = lookup[0]
+        result.bytes_received = lookup[0] + meter[0]
+        result.messages = lookup[1] + meter[1]
+        return result
+
+    def _verified(self, key: bytes, raws: Sequence[bytes]) -> list[Envelope]:
+
+        now = int(self.protocol.clock() * 1000)
+        out = []
+        for raw in raws:
+            try:
+                out.append(open_envelope(raw, now_ms=now, expected_key=key))
+            except PacketError as exc:
+                self.counters[f"rejected.fetched_{type(exc).__name__}"] += 1
+        return out
+
+    async def _correct(
+        self, node: Node, key: bytes, lacking: set[bytes], got: dict[str, Envelope]
+    ) -> None:
+        """Entry correction: store at a replica what the fetch found it lacks."""
+        raws = []
+        for pid in sorted(lacking):
+            env = got.get(pid.hex())
+            raw = env.raw if env is not None else self.protocol.store.get(pid.hex(), key)
+            if raw is not None:
+                raws.append(raw)
+        if raws:
+            held = sum(len(r.accepted) for r in await self.push(node, key, raws))
+            self.counters["entry_correction_packets"] += held
+
+    # -- hand-off and anti-entropy jobs
+
+    def enqueue(self, key: bytes, node: Node) -> bool:
+        """Queue a two-way reconciliation of ``key`` with ``node`` (once per pair while queued)."""
+        job = (key, node.id)
+        if job in self._jobs or len(self._jobs) >= self.max_jobs:
+            return False
+        self._jobs[job] = node
+        while self._running < min(self.workers, len(self._jobs)):
+            self._running += 1
+            self.protocol.spawn(self._work())
+        return True
+
+    def backlog(self) -> int:
+        """Reconciliations queued and not yet started."""
+        return len(self._jobs)
+
+    async def _work(self) -> None:
+        """Work the queue until it is empty (workers are started again by :meth:`enqueue`)."""
+        try:
+            while self._jobs and not self.protocol.closed:
+                (key, _nid), node = self._jobs.popitem(last=False)
+                try:
+                    await self.sync_with(node, key)
+                except Exception:  # one job's failure must not stop the queue
+                    self.counters["sync_errors"] += 1
+                    log.debug("sync of %s with %s failed", key.hex(), node, exc_info=True)
+        finally:
+            self._running -= 1
+
+    async def sync_with(self, node: Node, key: bytes) -> tuple[int, int]:
+        """Reconcile ``key`` with ``node`` both ways; (envelopes pulled, envelopes pushed)."""
+        proto = self.protocol
+        rec = await self.reconcile(node, key, proto.items(key), priority=BACKGROUND)
+        self.counters["syncs"] += 1
+        if rec is None:
+            self.counters["syncs_failed"] += 1
+            return 0, 0
+        if rec.agreed:
+            self.counters["syncs_agreed"] += 1
+            return 0, 0
+        pulled = pushed = 0
+        if rec.need:
+            raws, _lacks, _ok = await self.download(
+                node, key, sorted(rec.need), priority=BACKGROUND
+            )
+            stored = proto.accept_raws(
+                key, raws, wire.source_of((node.ip, node.port)), charge=False
+            )
+            pulled = len(stored.accepted)
+            self.counters["sync_pulled"] += pulled
+        if rec.lack:
+            raws = [r for r in (proto.store.get(p.hex(), key) for p in sorted(rec.lack)) if r]
+            pushed = sum(len(r.accepted) for r in await self.push(node, key, raws))
+            self.counters["sync_pushed"] += pushed
+        return pulled, pushed
+
+
+def _claimed_ids(raws: Sequence[bytes]) -> list[str]:
+    return [pid for pid in (envelope_id(r) for r in raws) if pid is not None]
