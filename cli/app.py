@@ -869,6 +869,10 @@ def status(data_dir: DataDir = None, as_json: Json = False) -> None:
         f"received  {_plural(counters.get('received_envelopes', 0), 'envelope')} from peers "
         f"(stored here by peers {received.get('stored_by_peers', 0)}, through follows "
         f"{received.get('followed', 0)}, by fetches {received.get('fetched', 0)})",
+        f"traffic   {dht.get('bytes_sent', 0)} bytes sent, {dht.get('bytes_received', 0)} "
+        f"received; busy replies {dht.get('busy_sent', 0)} sent, {dht.get('busy_received', 0)} "
+        f"received; sync backlog {dht.get('sync_backlog', 0)} keys, send queue "
+        f"{dht.get('send_queue', 0)} requests",
         "rejected  "
         + (", ".join(f"{k} {v}" for k, v in sorted(rejected.items())) if rejected else "none")
         + " (local); network: "
@@ -1031,7 +1035,7 @@ def version(as_json: Json = False) -> None:
                 "qisd": __version__,
                 "python": platform.python_version(),
                 "pyarrow": pyarrow.__version__,
-                "wire_version": WIRE_VERSION,
+                "envelope_version": WIRE_VERSION,
             }
         )
     else:

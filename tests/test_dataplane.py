@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import NOW, make_envelopes
-from test_dht import Network, run
+from helpers import NOW, make_envelopes, outcome_row
+from test_dht import Network, fixed_clock, run
 
 from qisd.config import DhtConfig, StoreLimits
 from qisd.core.crypto import Identity
@@ -54,7 +54,7 @@ def unique_bytes(envs: list[Envelope]) -> int:
     return sum(len(e.raw) for e in envs)
 
 
-@pytest.mark.parametrize("m", [100, 1_000])
+@pytest.mark.parametrize("m", [100, 1_000, pytest.param(10_000, marks=pytest.mark.slow)])
 def test_a_fresh_reader_receives_each_envelope_about_once(tmp_path: Path, m: int) -> None:
     envs = make_envelopes(m)
 
@@ -313,3 +313,134 @@ def test_a_busy_reply_holds_a_destination_back_for_a_bounded_time(tmp_path: Path
         assert ok and loop.time() - t0 <= MAX_BUSY_SECONDS + 1
 
     run(tmp_path, body)
+
+
+# --------------------------------------------------------------------------- liveness
+
+
+def test_a_dead_contact_is_checked_then_no_longer_handed_out_and_evicted(tmp_path: Path) -> None:
+    """A contact not heard from for the liveness bound is pinged by upkeep; once it fails it
+    is left out of find_node replies, and after evict_after failures it is gone."""
+    from qisd.net.dht import LIVENESS_SECONDS
+
+    config = DhtConfig(rpc_timeout=0.3, evict_after_failures=2)
+
+    async def body(net: Network) -> None:
+        await net.add(8)
+        await net.settle()
+        dead = net.nodes[-1]
+        net.kill(dead)
+        knowing = [n for n in net.nodes if n.protocol.router.get(dead.node_id) is not None]
+        assert knowing
+        for node in knowing:
+            node.protocol.router.get(dead.node_id).last_seen -= LIVENESS_SECONDS + 1
+        for _tick in range(config.evict_after_failures):
+            for node in knowing:
+                node.upkeep()
+            await net.settle()
+            for node in net.nodes:
+                req = _Request(("127.0.0.1", 9), 1_000, validated=True)
+                reply = node.protocol._rpc_find_node(req, [os.urandom(20), dead.node_id])
+                assert dead.node_id not in [c[0] for c in reply["nodes"]]
+        assert all(n.protocol.router.get(dead.node_id) is None for n in knowing)
+
+    run(tmp_path, body, config)
+
+
+# --------------------------------------------------------------------------- lying replicas
+
+
+def test_a_replica_that_lists_ids_it_does_not_serve_is_dropped_from_the_read(
+    tmp_path: Path,
+) -> None:
+    """A replica claims 500 packets that do not exist: the reader asks it for them once, drops
+    it, still reads every real packet from the others, and calls the read complete."""
+    from qisd.core import reconcile
+
+    envs = make_envelopes(60)
+
+    async def body(net: Network) -> None:
+        await net.add(12)
+        holders = seed_key(net, envs, net.config.ksize)
+        liar = holders[0].protocol
+        fake = [(1, os.urandom(16)) for _ in range(500)]
+        real_items = liar.items
+
+        def lying_items(key: bytes) -> reconcile.ItemSet:
+            return reconcile.ItemSet([*real_items(key).items, *fake])
+
+        liar.items = lying_items  # type: ignore[method-assign]
+        reader = await fresh_reader(net, envs[0].key)
+        report = await reader.fetch_report(envs[0].key)
+        assert {e.packet_id for e in report.envelopes} == {e.packet_id for e in envs}
+        assert report.complete and report.missing == 0
+        assert report.replicas_answered == report.replicas_expected - 1
+        assert reader.protocol.counters["sync_listed_not_served"] >= 1
+        sent = reader.protocol.counters["sent.get_packets"]
+        assert sent <= 60 / 20 * 2 + 8 + 2, "the liar's claims cost a few requests, not 25"
+
+    run(tmp_path, body, DhtConfig(ksize=5))
+
+
+# --------------------------------------------------------------------------- restart at volume
+
+
+@pytest.mark.slow
+def test_a_node_holding_many_keys_restarts_without_a_storm(tmp_path: Path, qisd_slow: str) -> None:
+    """8 nodes hold 25,000 keys (5,000 in the CI run); one stops, 500 keys gain a packet
+    meanwhile, it restarts from its data directory: its routing table is full within 10 s,
+    it holds every new packet within the bound below, and its peers rate-limit under 1 % of
+    its reconciliations (busy replies pace it; nothing times out)."""
+    from qisd.core import packet as P
+
+    keys = 25_000 if qisd_slow == "full" else 5_000
+    bound = 240.0 if qisd_slow == "full" else 90.0
+    signer = Identity.generate()
+    routes = [("domain", "problem_type")]
+
+    def one(k: int, ts: int) -> Envelope:
+        row = outcome_row(k, problem_type=f"k{k}", timestamp_utc=ts)
+        return P.pack_rows(signer, P.build_rows([row], signer, now_ms=NOW), routes)[0][0]
+
+    async def body(net: Network) -> None:
+        await net.add(8)
+        await net.settle()
+        held = [one(k, NOW - 1) for k in range(keys)]
+        later = [one(k, NOW - 2) for k in range(500)]
+        for node in net.nodes:
+            node.store.put(held, now_ms=NOW)
+        victim = net.nodes[3]
+        await victim.stop()
+        net.nodes.remove(victim)
+        for node in net.nodes:
+            node.store.put(later, now_ms=NOW)
+        limited = sum(n.stats()["rate_limited"] for n in net.nodes)
+        back = DhtNode(
+            victim.identity,
+            victim.store,
+            net.config,
+            state_path=victim.state_path,
+            clock=fixed_clock,
+        )
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        await back.start()
+        net.nodes.append(back)
+        async with asyncio.timeout(10):
+            while len(back.peers()) < 7:
+                await back.bootstrap([])
+        async with asyncio.timeout(bound):
+            while not all(back.store.has(e.key, e.packet_id) for e in later):
+                await asyncio.sleep(0.2)
+        took = loop.time() - t0
+        c = back.protocol.counters
+        print(
+            f"\n{keys} keys: every new packet back {took:.1f} s after restart; "
+            f"{c['syncs']} reconciliations, {c['syncs_agreed']} agreed"
+        )
+        limited = sum(n.stats()["rate_limited"] for n in net.nodes) - limited
+        print(f"peers rate-limited {limited} requests; busy replies {c['busy_received']}")
+        assert limited <= 0.01 * c["syncs"], "pacing keeps the peers inside their rates"
+        assert c["timeouts"] == 0
+
+    run(tmp_path, body, DhtConfig(rpc_timeout=2.0))

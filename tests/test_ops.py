@@ -191,6 +191,11 @@ def test_every_documented_family_is_served_and_moves_as_the_daemons_work(
                     if label == "node_id":
                         continue
                     assert not re.fullmatch(r"[0-9a-f]{32,}", text), (sample.name, label, text)
+                    assert not re.search(r"\d+\.\d+\.\d+\.\d+|:\d{2,5}$", text), (
+                        sample.name,
+                        label,
+                        text,
+                    )  # nor a peer address
     assert b.cli("unfollow", PATH).returncode == 0
 
 
@@ -578,7 +583,7 @@ def test_version_json_and_shell_completion() -> None:
     assert qisd("--version").stdout == f"qisd {__version__}\n"
     assert qisd("-V").returncode == 0
     data = json.loads(qisd("version", "--json").stdout)
-    assert data["qisd"] == __version__ and data["wire_version"] == 1
+    assert data["qisd"] == __version__ and data["envelope_version"] == 1
     script = qisd("--show-completion", "bash", env={"SHELL": "/bin/bash"})
     assert script.returncode == 0 and "_QISD_COMPLETE" in script.stdout
     words = qisd(

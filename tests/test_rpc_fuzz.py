@@ -123,7 +123,15 @@ def test_fuzzed_node_keeps_answering_store_unchanged_rejections_counted(tmp_path
         )
         rng = random.Random(1234)
         nid = friend.node_id
+        transport, _ = await loop.create_datagram_endpoint(Sender, local_addr=("127.0.0.1", 0))
+        # With the target's address token, data requests reach their handlers (sync and
+        # get_packets included) instead of being asked to validate first.
+        token = target.protocol.tokens.issue(transport.get_extra_info("sockname")[:2])
+        ranges = [[0, b"", 2**63, b"", 0, 0, b"\0" * 12], [0, b"", 5, b"", 1, [b"i" * 16]]]
         valid = [
+            wire.encode_request(rng.randbytes(20), "sync", [nid, key, ranges], token),
+            wire.encode_request(rng.randbytes(20), "get_packets", [nid, key, [b"i" * 16]], token),
+            wire.encode_request(rng.randbytes(20), "find_packets", [nid, key, None], token),
             wire.encode_request(rng.randbytes(20), "ping", [nid, rng.randbytes(16)]),
             wire.encode_request(rng.randbytes(20), "find_node", [nid, key]),
             wire.encode_request(rng.randbytes(20), "find_packets", [nid, key, None]),
@@ -131,7 +139,6 @@ def test_fuzzed_node_keeps_answering_store_unchanged_rejections_counted(tmp_path
             wire.encode_request(rng.randbytes(20), "listen", [nid, key]),
             wire.encode_reply(rng.randbytes(20), [nid, b"k" * 32, b"s" * 64]),
         ]
-        transport, _ = await loop.create_datagram_endpoint(Sender, local_addr=("127.0.0.1", 0))
         me = Contact(target.node_id, *target.address)
         sent = 0
         for r in range(ROUNDS):

@@ -116,6 +116,8 @@ ANTI_ENTROPY_KEYS = 32
 LIVENESS_PINGS = 16
 """Stale contacts pinged per upkeep tick."""
 MAX_CACHED_ITEM_SETS = 256
+REPUBLISH_KEYS = 32
+"""Keys a republish works on at once."""
 
 
 @dataclass(frozen=True)
@@ -311,7 +313,7 @@ class QisdProtocol(KademliaProtocol):
         self.max_datagram = min(config.max_datagram_bytes, wire.MAX_DATAGRAM_BYTES)
         self.counters: Counter[str] = Counter()
         self.tokens = wire.AddressTokens()
-        self.pacer = Pacer()
+        self.pacer = Pacer(target_rtt=config.rpc_timeout / 4)
         self.busy_limiter = wire.TokenBuckets(BUSY_REPLIES_PER_SECOND, int(BUSY_REPLIES_PER_SECOND))
         self._validated: OrderedDict[tuple, float] = OrderedDict()
         self._peer_tokens: OrderedDict[tuple, bytes] = OrderedDict()
@@ -814,8 +816,10 @@ class QisdProtocol(KademliaProtocol):
         where = (address[0], address[1])
         for _attempt in range(2):
             async with self.pacer.slot(where, priority):
+                sent = time.monotonic()
                 future, nonce = self._introduced_request(address, name, node.id, args, meter)
                 ok, reply = await future
+                rtt = time.monotonic() - sent
             if not ok:
                 return self.handle_call_response((False, None), node)
             if not isinstance(reply, dict):
@@ -830,7 +834,7 @@ class QisdProtocol(KademliaProtocol):
             if reply.get("validate") is True and "token" in reply:
                 self.counters["validation_requests_received"] += 1
                 continue
-            self.pacer.answered(where)
+            self.pacer.answered(where, rtt)
             try:
                 parsed = parse(reply)
             except wire.WireError:
@@ -1640,6 +1644,7 @@ class DhtNode:
         self.address: tuple[str, int] | None = None
         self._anti_entropy_at = 0
         self._rng = random.Random()
+        self._caught_up = False
 
     # -- lifecycle
 
@@ -1753,7 +1758,30 @@ class DhtNode:
             if self.state_path is not None:
                 with contextlib.suppress(QisdError):
                     self.server.save_state(self.state_path)
+            if not self._caught_up:
+                self._caught_up = True
+                self.catch_up()
         return len(reached)
+
+    def catch_up(self) -> int:
+        """Queue a reconciliation of every key this node holds as one of its k closest with
+        the closest other holder: what a node that was away (a restart) missed comes back,
+        and what it holds that they lack goes out. Returns the keys queued (paced, 4 at a
+        time, a summary each for a key that agrees)."""
+        proto = self.protocol
+        me = proto.source_node.long_id
+        queued = 0
+        for key, _n in self.store.keys():  # noqa: SIM118 (a Store, not a dict)
+            target = int.from_bytes(key, "big")
+            holders = proto.router.find_neighbors(Node(key), self.config.ksize)
+            if len(holders) >= self.config.ksize and all(
+                h.long_id ^ target < me ^ target for h in holders
+            ):
+                continue
+            if holders and proto.sync.enqueue(key, holders[0]):
+                queued += 1
+        proto.counters["catch_up_keys"] += queued
+        return queued
 
     async def _retry_peer(self, host: str, port: int) -> None:
         delay = max(1.0, self.config.rpc_timeout)
@@ -1987,11 +2015,18 @@ class DhtNode:
     async def republish(self) -> int:
         """Re-store this node's own unexpired packets at the current k closest; returns count.
 
-        Background work: it waits behind fresh emits and lookups at every destination.
+        Background work: it waits behind fresh emits and lookups at every destination, and goes
+        through the keys :data:`REPUBLISH_KEYS` at a time (a node with 25,000 keys never starts
+        25,000 lookups at once).
         """
         own = self.store.own_envelopes(now_ms=_now_ms(self.clock))
-        if own:
-            await self.publish(own, priority=BACKGROUND)
+        by_key: dict[bytes, list[Envelope]] = {}
+        for env in own:
+            by_key.setdefault(env.key, []).append(env)
+        keys = list(by_key)
+        for start in range(0, len(keys), REPUBLISH_KEYS):
+            chunk = [e for k in keys[start : start + REPUBLISH_KEYS] for e in by_key[k]]
+            await self.publish(chunk, priority=BACKGROUND)
         return len(own)
 
     async def _upkeep_loop(self) -> None:
@@ -2035,7 +2070,7 @@ class DhtNode:
                 others = [h for h in holders if not proto.suspect(h.id)]
                 if others and proto.sync.enqueue(key, self._rng.choice(others)):
                     queued += 1
-        self._counters["anti_entropy_queued"] += queued
+        proto.counters["anti_entropy_queued"] += queued
         return min(len(stale), LIVENESS_PINGS), queued
 
     async def _republish_loop(self) -> None:
@@ -2085,6 +2120,21 @@ class DhtNode:
             "bytes_sent": counters.get("bytes_sent", 0),
             "bytes_received": counters.get("bytes_received", 0),
             "sync_backlog": self.protocol.sync.backlog() if running else 0,
+            "sync": {
+                name: counters.get(name, 0)
+                for name in (
+                    "hand_off_keys",
+                    "catch_up_keys",
+                    "anti_entropy_queued",
+                    "syncs",
+                    "syncs_agreed",
+                    "syncs_failed",
+                    "sync_pulled",
+                    "sync_pushed",
+                    "entry_corrections",
+                    "served_packets",
+                )
+            },
             "send_queue": self.protocol.pacer.queued() if running else 0,
             "peer_queues": self.protocol.pacer.stats() if running else {},
             "stored_packets": counters.get("stored_packets", 0),

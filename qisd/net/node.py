@@ -77,6 +77,9 @@ MAX_WAIT_SECONDS = 3600.0
 """The longest an emit may wait for replicas (``wait_timeout``)."""
 PUBLISH_LINGER = 0.01
 """Seconds the publisher waits after an emit for more to publish with it."""
+PUBLISH_TRIES = 5
+"""A background publish of an envelope short of replicas is tried this many times (backing off
+from 1 s to 16 s); past that, replica sync and the hourly republish carry it."""
 PUBLISH_CONCURRENCY = 8
 """Keys published at once (each is a lookup plus stores at its k closest nodes)."""
 MAX_FOLLOWED = 1_000
@@ -247,6 +250,7 @@ class Node:
         self._loop = asyncio.get_running_loop()
         self._publish_slots = asyncio.Semaphore(PUBLISH_CONCURRENCY)
         self._backlog = 0
+        self._publish_tries: dict[str, int] = {}
         self._hires: dict[str, Hire] = {}
         self._domains: set[str] = set()
         self._recommended: dict[str, tuple[str, str]] = {}
@@ -869,12 +873,46 @@ class Node:
             while not self._publish_queue.empty() and len(batch) < 2_048:
                 batch = batch + self._publish_queue.get_nowait()
                 taken += 1
+            short: list[Envelope] = []
             try:
-                await self._publish(batch)
+                short = self._short_of_replicas(batch, await self._publish(batch))
             finally:
-                self._backlog -= len(batch)
+                self._backlog -= len(batch) - len(short)
                 for _ in range(taken):
                     self._publish_queue.task_done()
+            if short:
+                self._background(self._publish_again(short))
+
+    def _short_of_replicas(
+        self, envelopes: list[Envelope], replicas: dict[str, int]
+    ) -> list[Envelope]:
+        """The envelopes that reached fewer replicas than the network can hold (k, or every
+        peer of a smaller network), to publish again; each is tried a bounded number of times."""
+        if self.dht is None or self._closed:
+            return []
+        wanted = min(self.config.dht.ksize, len(self.dht.peers()))
+        short = []
+        for env in envelopes:
+            if replicas.get(env.packet_id, 0) >= wanted:
+                self._publish_tries.pop(env.packet_id, None)
+                continue
+            tries = self._publish_tries.get(env.packet_id, 0) + 1
+            if tries > PUBLISH_TRIES:
+                self._publish_tries.pop(env.packet_id, None)
+                self.counters["publish_short_left_to_sync"] += 1
+                continue  # replica sync and republish carry it from here
+            self._publish_tries[env.packet_id] = tries
+            short.append(env)
+        return short
+
+    async def _publish_again(self, envelopes: list[Envelope]) -> None:
+        """Queue envelopes short of replicas again after a back-off (still in the backlog)."""
+        tries = max(self._publish_tries.get(e.packet_id, 1) for e in envelopes)
+        await asyncio.sleep(min(30.0, 0.5 * 2**tries))
+        if self._closed:
+            return
+        self.counters["publish_retried"] += len(envelopes)
+        self._publish_queue.put_nowait(envelopes)
 
     # ------------------------------------------------------------------ query
 

@@ -1,8 +1,10 @@
 """Per-destination pacing: every request a node sends waits for a slot at its destination.
 
 One :class:`Pacer` per node holds, for each peer address, a window of requests in flight that
-grows by one per window of replies and halves on a timeout or a *busy* reply (additive increase,
-multiplicative decrease, as TCP's congestion window), and a time before which nothing is sent
+grows by one per window of prompt replies, shrinks when replies come slower than a target
+round trip (the peer is queueing: more in flight would only wait there), and halves on a
+timeout or a *busy* reply (additive increase, multiplicative decrease, as TCP's congestion
+window, with a delay signal as in Vegas or LEDBAT), and a time before which nothing is sent
 after the peer said it is busy. Waiting requests are served foreground first: lookups, fresh
 publishes and fetches go before hand-off, republish, replica sync and notify, which share the
 same queue and so can never crowd a peer out by their number.
@@ -45,8 +47,12 @@ class _Peer:
 class Pacer:
     """Slots per destination address (see the module docstring)."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, *, target_rtt: float = 0.25, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.clock = clock
+        self.target_rtt = target_rtt
+        """Replies slower than this shrink the window (a quarter of the RPC timeout)."""
         self._peers: OrderedDict[tuple, _Peer] = OrderedDict()
         self.busy_waits = 0
 
@@ -110,10 +116,15 @@ class Pacer:
             peer.wake = None
             self._schedule(addr, peer)
 
-    def answered(self, addr: tuple) -> None:
-        """A reply came: the window grows by one per window of replies."""
+    def answered(self, addr: tuple, rtt: float = 0.0) -> None:
+        """A reply came after ``rtt`` seconds: the window grows by one per window of prompt
+        replies, and shrinks by a tenth for each slow one."""
         peer = self._peers.get(addr)
-        if peer is not None:
+        if peer is None:
+            return
+        if rtt > self.target_rtt:
+            peer.window = max(MIN_WINDOW, peer.window * 0.9)
+        else:
             peer.window = min(MAX_WINDOW, peer.window + 1.0 / peer.window)
 
     def timed_out(self, addr: tuple) -> None:

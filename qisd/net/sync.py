@@ -54,6 +54,8 @@ GET_CHUNK = 20
 """Ids asked for in one ``get_packets`` request: about what one reply can carry."""
 GETS_IN_FLIGHT = 8
 """``get_packets`` requests one download keeps in flight to one replica."""
+PUSH_BATCHES = 64
+"""store_packets batches of one push handed to the pacer at once."""
 FIRST_WAVE = 2
 """Replicas a fetch reconciles with first; the others are reconciled against what these gave,
 so a fresh reader learns the key's ids from two replicas, not from all k."""
@@ -194,6 +196,9 @@ class ReplicaSync:
                 asked = set(chunk)
                 raws.extend(got)
                 missing.update(pid for pid in lacks if pid in asked)
+                if lacks:
+                    healthy = False  # it listed what it does not hold: ask it nothing more
+                    return
                 answered = {bytes.fromhex(i) for i in _claimed_ids(got)} | set(lacks)
                 todo.extend(pid for pid in chunk if pid not in answered)
 
@@ -215,9 +220,15 @@ class ReplicaSync:
         that gets no answer."""
         replies: list[Any] = []
         budget = self.protocol.max_datagram - REQUEST_OVERHEAD
-        for batch in batches_within(list(raws), budget):
+        batches = batches_within(list(raws), budget)
+        answering = True
+
+        async def one(batch: list[bytes]) -> None:
+            nonlocal answering
             pending = batch
             for attempt in range(MAX_BUSY_RETRIES + 1):
+                if not answering:
+                    return
                 self.counters["pushed_bytes"] += sum(len(r) for r in pending)
                 ok, reply = await self.protocol.call_store_packets(
                     node, key, pending, priority=priority, meter=meter
@@ -225,10 +236,11 @@ class ReplicaSync:
                 if not ok:
                     if reply is BUSY:
                         continue
-                    return replies
+                    answering = False
+                    return
                 if not reply.limited or attempt == MAX_BUSY_RETRIES:
                     replies.append(reply)
-                    break
+                    return
                 limited = {pid for pid, why in reply.refused if why == RATE_LIMITED}
                 refused = [(p, w) for p, w in reply.refused if w != RATE_LIMITED]
                 replies.append(type(reply)(reply.accepted, reply.duplicates, refused))
@@ -237,6 +249,13 @@ class ReplicaSync:
                 self.protocol.pacer.busy(
                     (node.ip, node.port), reply.retry_after or 1 / self.protocol.limiter.rate
                 )
+
+        # Batches go out together: the destination's pacing window decides how many are in
+        # flight; a batch the peer does not answer stops the rest (its failure is counted).
+        for start in range(0, len(batches), PUSH_BATCHES):
+            await asyncio.gather(*(one(b) for b in batches[start : start + PUSH_BATCHES]))
+            if not answering:
+                break
         return replies
 
     # -- fetch
@@ -297,10 +316,12 @@ class ReplicaSync:
                     for env in self._verified(key, raws):
                         if bytes.fromhex(env.packet_id) in claimed:
                             got.setdefault(env.packet_id, env)
-                    if not healthy:
+                    if lacks:
+                        # Listed, then not held: expired or evicted meanwhile, or a lie. Either
+                        # way its list is not to be trusted for this read: it is dropped.
+                        self.counters["sync_listed_not_served"] += len(lacks)
+                    if not healthy or lacks:
                         rep.failed = True
-                    # Listed, then not held: expired or evicted meanwhile, or a lie.
-                    self.counters["sync_listed_not_served"] += len(lacks)
                 wanted = [pid for pid in claimed if pid.hex() not in got]
 
         await reconcile_all(replicas[:FIRST_WAVE], local)
@@ -315,7 +336,11 @@ class ReplicaSync:
             await reconcile_all(replicas[FIRST_WAVE:], merged)
             await download_claimed()
         final = {pid for _ts, pid in local.items} | {bytes.fromhex(p) for p in got}
-        result.missing = sum(1 for pid in claimed if pid.hex() not in got)
+        result.missing = sum(
+            1
+            for pid, listed_by in claimed.items()
+            if pid.hex() not in got and any(not r.failed for r in listed_by)
+        )
         for replica in replicas:
             rec = replica.rec
             if rec is None or replica.failed:

@@ -154,6 +154,9 @@ def rpc_datagram(data: bytes) -> None:
     errors_before = proto.counters["handler_errors"]
 
     async def deliver() -> None:
+        # A source that proved it receives (an on-path peer): data requests reach their
+        # handlers. (Unvalidated sources are held to small replies: test_dataplane.)
+        proto._validate(RPC_SOURCE)
         proto.datagram_received(data, RPC_SOURCE)
         # Work it started in the background (verifying the sender, hand-off, notifies) talks
         # to a peer that never answers: end it now so inputs stay independent.
