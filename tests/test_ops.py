@@ -610,7 +610,16 @@ def _slug(heading: str) -> str:
 
 
 def _anchors(markdown: str) -> set[str]:
-    return {_slug(m[1]) for m in re.finditer(r"^#+ (.*)$", markdown, re.M)}
+    """Every heading's anchor; a repeated one gets -1, -2, ... as on GitHub."""
+    prose = re.sub(r"```.*?```", "", markdown, flags=re.S)
+    seen: dict[str, int] = {}
+    out = set()
+    for match in re.finditer(r"^#+ (.*)$", prose, re.M):
+        slug = _slug(match[1])
+        n = seen.get(slug, 0)
+        seen[slug] = n + 1
+        out.add(slug if n == 0 else f"{slug}-{n}")
+    return out
 
 
 @pytest.mark.parametrize("document", ["README.md", "docs/cli.md", "docs/DESIGN.md"])
