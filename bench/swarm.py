@@ -17,8 +17,10 @@ The exchange is pluggable: anything with ``publish(rows)`` and ``fetch(path)`` (
 :class:`Exchange`). :class:`InMemoryExchange` stores each row under every routable level of
 the template, as the DHT does; a DHT-backed exchange can replace it without touching the rest.
 
-Run:  .venv/bin/python bench/swarm.py            (about a minute on one core)
-      .venv/bin/python bench/swarm.py --sites 10,100 --rounds 20 --seeds 2
+Run:  .venv/bin/python bench/swarm.py --sites 10,100,1000 --seeds 3,3,1 --dht-sites ''
+      .venv/bin/python bench/swarm.py --sites 10,100 --rounds 20 --seeds 2 --rules quorum,trust
+The trust rule synthesizes once per site per round (its answer depends on the site's own
+outcomes), so N = 1,000 costs minutes per run where the other rules take seconds.
 Prints a table; writes PNG plots to bench/out/ when matplotlib is importable.
 """
 
@@ -40,6 +42,7 @@ from qisd.core.fingerprint import DEFAULT_TEMPLATE, Template
 from qisd.core.hiring import default_template_doc
 from qisd.core.math import MathConfig
 from qisd.core.synthesis import synthesize
+from qisd.core.trust import Evidence, TrustConfig
 
 DOMAIN = "bench.swarm"
 ARCH = "resnet"
@@ -214,19 +217,42 @@ class World:
 
 @dataclass
 class Site:
-    """One simulated site."""
+    """One simulated site (a liar's ``kind`` says how it lies; honest sites have ``""``)."""
 
     node_id: str
     problem: str
-    liar: bool
+    kind: str = ""
     regret: float = 0.0
     curve: list[float] = field(default_factory=list)
 
+    @property
+    def liar(self) -> bool:
+        """Whether the site ever lies."""
+        return bool(self.kind)
 
-def _row(site: Site, x: str, delta: float, ts: int, rng: random.Random) -> dict[str, Any]:
-    liar = site.liar
+
+RULES = ("quorum", "no quorum", "trust")
+"""The election rules compared: The Math's quorum, the quorum off, the trust rule."""
+STRATEGIES = ("constant", "sybil", "sleeper", "copier")
+"""How liars lie (see :func:`run`)."""
+LIE = 10.0
+"""What constant liars, sybils and sleepers claim for their pick."""
+COPIER_MARGIN = 0.15
+"""Copiers claim the best true delta plus this for their pick: plausible, and the best."""
+
+
+def _row(
+    site: Site,
+    x: str,
+    delta: float,
+    ts: int,
+    rng: random.Random,
+    *,
+    boast: bool = False,
+    node_id: str | None = None,
+) -> dict[str, Any]:
     return {
-        "node_id": site.node_id,
+        "node_id": node_id or site.node_id,
         "timestamp_utc": ts,
         "domain": DOMAIN,
         "problem_type": site.problem,
@@ -235,13 +261,13 @@ def _row(site: Site, x: str, delta: float, ts: int, rng: random.Random) -> dict[
         "metric_name": "accuracy",
         "metric_delta": delta,
         "metric_value": 0.6 + delta,
-        "confidence": 1.0 if liar else round(rng.uniform(0.6, 0.95), 2),
+        "confidence": 1.0 if boast else round(rng.uniform(0.6, 0.95), 2),
         "intervention_type": x,
         "intervention_params": json.dumps({"strength": 1}),
-        "outcome_decile": 10 if liar else min(10, max(1, int(5 + delta * 15))),
-        "sample_count": 10**9 if liar else rng.randint(20, 500),
+        "outcome_decile": 10 if boast else min(10, max(1, int(5 + delta * 15))),
+        "sample_count": 10**9 if boast else rng.randint(20, 500),
         "raw_data_hash": "",
-    }
+    }  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -254,6 +280,17 @@ class RunResult:
     regret_per_site: float
     curve: list[float]
     seconds: float
+    violations: int = 0
+    """Site-rounds whose recommendation was the liars' pick, while the liars' keys were under
+    a third of the path's signers, and would not have been without the liars' rows (the
+    guarantee says 0)."""
+    guarded: int = 0
+    """Site-rounds in which the liars' keys were under a third of the path's signers."""
+
+
+def _pick(out: Mapping[str, Any]) -> str | None:
+    best = out["best_intervention"] if out["status"] == "synthesized" else None
+    return None if best is None else str(best)
 
 
 def run(
@@ -262,13 +299,39 @@ def run(
     seed: int,
     *,
     liar_fraction: float = 0.0,
+    strategy: str = "constant",
+    sleep_rounds: int = 8,
     epsilon: float = 0.1,
     guided: bool = True,
     exchange: Exchange | None = None,
     config: MathConfig | None = None,
+    rule: str | None = None,
+    trust: TrustConfig | None = None,
     t0: int = T0,
 ) -> RunResult:
-    """Simulate ``rounds`` synchronous rounds of ``n_sites`` sites and measure learning."""
+    """Simulate ``rounds`` synchronous rounds of ``n_sites`` sites and measure learning.
+
+    ``rule``: ``"quorum"`` (default, unless ``config`` is given), ``"no quorum"`` or
+    ``"trust"`` (each site synthesizes with its own node id, so its own outcomes check the
+    others). Liars (``liar_fraction`` of the sites, spread over the problem types) push the
+    intervention that is worst for their problem type:
+
+    * ``constant``: every round, +10 for it with the largest weight anyone can claim;
+    * ``sybil``: the same, signed with a fresh key every round;
+    * ``sleeper``: honest (follow the election, report truly) for ``sleep_rounds`` rounds,
+      then constant;
+    * ``copier``: every round, a copy of one honest report of the previous round on another
+      intervention (so they agree with what sites observe), and the best true delta + 0.15
+      for their pick with the largest weight.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown liar strategy {strategy!r}")
+    if rule is None:
+        rule = "quorum" if config is None or config.byzantine_fraction > 0 else "no quorum"
+    if rule not in RULES:
+        raise ValueError(f"unknown rule {rule!r}")
+    if config is None:
+        config = MathConfig(byzantine_fraction=0) if rule == "no quorum" else MathConfig()
     started = time.perf_counter()
     rng = random.Random(seed)
     world = World.make(rng)
@@ -277,7 +340,11 @@ def run(
     level = DEFAULT_TEMPLATE.levels[-1]
     n_liars = int(n_sites * liar_fraction)
     sites = [
-        Site(f"{k:032x}", world.problems[k % len(world.problems)], liar=k % n_sites < n_liars)
+        Site(
+            f"{k:032x}",
+            world.problems[k % len(world.problems)],
+            kind=strategy if k % n_sites < n_liars else "",
+        )
         for k in range(n_sites)
     ]
     rng.shuffle(sites)  # liars spread over the problem types
@@ -290,43 +357,96 @@ def run(
         for p in world.problems
     }
     honest = [s for s in sites if not s.liar]
+    liar_keys: dict[str, set[str]] = {p: set() for p in world.problems}
+    previous: dict[str, list[dict[str, Any]]] = {p: [] for p in world.problems}
+    newcomer = "f" * 32  # a site with no history of its own, for "rounds to best"
     stable_since: int | None = None
+    violations = guarded = 0
     for r in range(rounds):
         now = t0 + r * ROUND_MS
-        # All sites of one path see the same rows this round, so one synthesis per path
-        # stands for each of theirs (a simulation shortcut; the result is identical).
-        picks: dict[str, str | None] = {}
-        leads: dict[str, list[str]] = {}
+        shared: dict[str, dict[str, Any]] = {}
+        evidence: dict[str, Evidence] = {}
+        fetched: dict[str, list[dict[str, Any]]] = {}
         for p, path in paths.items():
-            out = synthesize(
-                exchange.fetch(path), path=path, template_id=template_id, now_ms=now, config=config
-            )
-            picks[p] = out["best_intervention"] if out["status"] == "synthesized" else None
-            leads[p] = out["worth_exploring"] if guided else []
+            rows = fetched[p] = exchange.fetch(path)
+            if rule == "trust":
+                evidence[p] = Evidence.from_rows(rows, config, now_ms=now)
+                shared[p] = synthesize(
+                    evidence[p], path=path, template_id=template_id, now_ms=now,
+                    own_node_id=newcomer, trust=trust,
+                )  # fmt: skip
+            else:
+                # All sites of one path see the same rows this round, so one synthesis per
+                # path stands for each of theirs (a simulation shortcut; the result is
+                # identical). The trust rule's result depends on the site's own rows.
+                shared[p] = synthesize(
+                    rows, path=path, template_id=template_id, now_ms=now, config=config
+                )
+
         # A new site with no history would follow the recommendation as it stands now.
-        if all(picks[p] == world.best(p) for p in world.problems):
+        if all(_pick(shared[p]) == world.best(p) for p in world.problems):
             if stable_since is None:
                 stable_since = r
         else:
             stable_since = None
+        published: dict[str, list[dict[str, Any]]] = {p: [] for p in world.problems}
         for site in sites:
-            if site.liar:
-                x = target[site.problem]
-                exchange.publish([_row(site, x, 10.0, now + 1, rng)])
+            p = site.problem
+            lying = site.kind in ("constant", "sybil") or (
+                site.kind == "sleeper" and r >= sleep_rounds
+            )
+            if lying or site.kind == "copier":
+                key = f"{int(site.node_id, 16):016x}{r:016x}" if site.kind == "sybil" else None
+                claim = LIE if lying else world.truth[p][world.best(p)] + COPIER_MARGIN
+                row = _row(site, target[p], claim, now + 1, rng, boast=True, node_id=key)
+                liar_keys[p].add(row["node_id"])
+                rows_out = [row]
+                if site.kind == "copier":
+                    pool = [h for h in previous[p] if h["intervention_type"] != target[p]]
+                    if pool:
+                        copy = dict(rng.choice(pool))
+                        copy.update(node_id=site.node_id, timestamp_utc=now + 1)
+                        rows_out.append(copy)
+                exchange.publish(rows_out)
                 continue
-            pick = picks[site.problem]
+            out = shared[p]
+            if rule == "trust":
+                out = synthesize(
+                    evidence[p], path=paths[p], template_id=template_id, now_ms=now,
+                    own_node_id=site.node_id, trust=trust,
+                )  # fmt: skip
+            if site.liar:  # a sleeper, honest for now
+                liar_keys[p].add(site.node_id)
+            elif liar_keys[p] and 3 * len(liar_keys[p]) < out["distinct_signers"]:
+                # The guarantee: liars under a third never make their pick the
+                # recommendation on their own, i.e. unless it would be without them too.
+                guarded += 1
+                if _pick(out) == target[p]:
+                    honest_rows = [h for h in fetched[p] if h["node_id"] not in liar_keys[p]]
+                    alone = synthesize(
+                        honest_rows, path=paths[p], template_id=template_id, now_ms=now,
+                        config=config, own_node_id=site.node_id if rule == "trust" else None,
+                        trust=trust,
+                    )  # fmt: skip
+                    violations += _pick(alone) != target[p]
+            pick = _pick(out)
+            leads = out["worth_exploring"] if guided else []
             if pick is not None and rng.random() >= epsilon:
                 x = pick
-            elif leads[site.problem] and rng.random() < 0.5:
+            elif leads and rng.random() < 0.5:
                 # Guided exploration: half of the exploring goes to what synthesis flags.
-                x = rng.choice(leads[site.problem])
+                x = rng.choice(leads)
             else:
                 x = rng.choice(world.interventions)
-            effect = world.truth[site.problem][x]
-            loss = world.truth[site.problem][world.best(site.problem)] - effect
-            site.regret += loss
-            site.curve.append(loss)
-            exchange.publish([_row(site, x, rng.gauss(effect, world.noise), now + 1, rng)])
+            effect = world.truth[p][x]
+            row = _row(site, x, rng.gauss(effect, world.noise), now + 1, rng)
+            if not site.liar:
+                loss = world.truth[p][world.best(p)] - effect
+                site.regret += loss
+                site.curve.append(loss)
+                published[p].append(row)
+            exchange.publish([row])
+        previous = published
     curve = [statistics.fmean(s.curve[r] for s in honest) for r in range(rounds)]
     return RunResult(
         sites=n_sites,
@@ -335,6 +455,8 @@ def run(
         regret_per_site=statistics.fmean(s.regret for s in honest),
         curve=curve,
         seconds=time.perf_counter() - started,
+        violations=violations,
+        guarded=guarded,
     )
 
 
@@ -346,23 +468,46 @@ def _fmt_rounds(values: list[int | None], rounds: int) -> str:
     return f"{head} [{', '.join(shown)}]"
 
 
-Variant = tuple[float, bool, bool]
-"""(liar fraction, guided exploration, Byzantine quorum on)."""
+Variant = tuple[str, float, bool, str]
+"""(liar strategy, liar fraction, guided exploration, rule)."""
 
 
 def _label(variant: Variant) -> str:
-    frac, guided, quorum = variant
-    text = "guided" if guided else "uniform"
-    text += "" if quorum else ", no quorum"
-    return text + (f", {round(frac * 100)}% liars" if frac else "")
+    strategy, frac, guided, rule = variant
+    text = ("guided" if guided else "uniform") + f", {rule}"
+    if frac:
+        text += f", {round(frac * 100)}% " + ("liars" if strategy == "constant" else strategy)
+    return text
+
+
+def _strategies(text: str) -> list[tuple[str, float]]:
+    out = []
+    for item in text.split(","):
+        if item:
+            name, _, frac = item.partition(":")
+            if name not in STRATEGIES:
+                raise SystemExit(f"unknown liar strategy {name!r} (one of {STRATEGIES})")
+            out.append((name, float(frac or 0.2)))
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sites", default="10,100,1000", help="comma-separated swarm sizes")
     parser.add_argument("--rounds", type=int, default=25)
-    parser.add_argument("--seeds", type=int, default=3, help="runs per size (seeds 0..n-1)")
-    parser.add_argument("--liars", type=float, default=0.2, help="liar fraction (0 = skip)")
+    parser.add_argument(
+        "--seeds",
+        default="",
+        help="runs per size (seeds 0..n-1): one number, or one per size (e.g. 3,3,1); "
+        "default 3, and 1 from N = 1,000 (the trust rule takes minutes per run there)",
+    )
+    parser.add_argument(
+        "--liars",
+        default="constant:0.2,constant:0.33,sybil:0.2,sleeper:0.2,copier:0.2",
+        help="liar strategies as name:fraction ('' = none); names: " + ", ".join(STRATEGIES),
+    )
+    parser.add_argument("--sleep-rounds", type=int, default=8, help="sleepers' honest rounds")
+    parser.add_argument("--rules", default=",".join(RULES), help="comma-separated rules")
     parser.add_argument("--out", default=str(Path(__file__).parent / "out"))
     parser.add_argument(
         "--dht-sites",
@@ -372,27 +517,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dht-rounds", type=int, default=8, help="rounds of each DHT run")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sites.split(",") if s]
-    variants: list[Variant] = [(0.0, False, True), (0.0, True, True), (0.0, True, False)]
-    if args.liars > 0:
-        variants += [(args.liars, True, True), (args.liars, True, False)]
+    seeds = [int(s) for s in args.seeds.split(",") if s] or [1 if n >= 1000 else 3 for n in sizes]
+    if len(seeds) == 1:
+        seeds *= len(sizes)
+    if len(seeds) != len(sizes):
+        raise SystemExit("--seeds takes one number or one per size")
+    rules = [r for r in args.rules.split(",") if r]
+    if unknown := set(rules) - set(RULES):
+        raise SystemExit(f"unknown rules {sorted(unknown)} (from {RULES})")
+    variants: list[Variant] = [("constant", 0.0, False, "quorum")]
+    for strategy, frac in [("constant", 0.0), *_strategies(args.liars)]:
+        variants += [(strategy, frac, True, rule) for rule in rules]
     results: dict[tuple[int, Variant], list[RunResult]] = {}
     started = time.perf_counter()
-    for n in sizes:
-        for frac, guided, quorum in variants:
-            config = MathConfig() if quorum else MathConfig(byzantine_fraction=0)
-            results[(n, (frac, guided, quorum))] = [
-                run(n, args.rounds, seed, liar_fraction=frac, guided=guided, config=config)
-                for seed in range(args.seeds)
+    for n, n_seeds in zip(sizes, seeds, strict=True):
+        for variant in variants:
+            strategy, frac, guided, rule = variant
+            results[(n, variant)] = [
+                run(
+                    n,
+                    args.rounds,
+                    seed,
+                    liar_fraction=frac,
+                    strategy=strategy,
+                    guided=guided,
+                    rule=rule,
+                    sleep_rounds=args.sleep_rounds,
+                )  # fmt: skip
+                for seed in range(n_seeds)
             ]
+            print(f"  ran N={n} {_label(variant)}", file=sys.stderr, flush=True)
     total = time.perf_counter() - started
 
     print(
         f"swarm: {args.rounds} rounds, 4 problem types x 6 interventions, noise sd 0.10, "
-        f"best +0.30, epsilon 0.1, seeds 0..{args.seeds - 1}"
+        f"best +0.30, epsilon 0.1, seeds per size {dict(zip(sizes, seeds, strict=True))}, "
+        "sleepers honest for "
+        f"{args.sleep_rounds} rounds"
     )
     header = (
-        f"{'sites':>6} {'variant':<32} {'rounds to best: median [per seed]':<34} "
-        f"{'regret/site':>11} {'last-5 regret/round':>20} {'s/run':>6}"
+        f"{'sites':>6} {'variant':<34} {'rounds to best: median [per seed]':<34} "
+        f"{'regret/site':>11} {'last-5 regret/round':>20} {'liar pick recommended':>22} "
+        f"{'s/run':>6}"
     )
     print(header)
     print("-" * len(header))
@@ -400,17 +566,48 @@ def main(argv: Sequence[str] | None = None) -> int:
         regret = statistics.fmean(r.regret_per_site for r in runs)
         tail = statistics.fmean(statistics.fmean(r.curve[-5:]) for r in runs)
         secs = statistics.fmean(r.seconds for r in runs)
+        guarded = sum(r.guarded for r in runs)
+        shown = f"{sum(r.violations for r in runs)}/{guarded}" if guarded else "-"
         print(
-            f"{n:>6} {_label(variant):<32} "
+            f"{n:>6} {_label(variant):<34} "
             f"{_fmt_rounds([r.rounds_to_best for r in runs], args.rounds):<34} "
-            f"{regret:>11.3f} {tail:>20.4f} {secs:>6.2f}"
+            f"{regret:>11.3f} {tail:>20.4f} {shown:>22} {secs:>6.2f}"
         )
     print(f"total {total:.1f} s")
+    _goals(results, sizes)
     _plot(results, Path(args.out), args.rounds)
     dht_sizes = [int(x) for x in args.dht_sites.split(",") if x]
     if dht_sizes:
         _dht_runs(dht_sizes, args.dht_rounds)
     return 0
+
+
+def _goals(results: dict[tuple[int, Variant], list[RunResult]], sizes: Sequence[int]) -> None:
+    """The trust rule's goals: honest regret within 1.1x of no quorum's, liars' regret at or
+    below the quorum rule's, the liars' pick never recommended under a third."""
+
+    def regret(n: int, strategy: str, frac: float, rule: str) -> float | None:
+        runs = results.get((n, (strategy, frac, True, rule)))
+        return statistics.fmean(r.regret_per_site for r in runs) if runs else None
+
+    print()
+    print("trust rule goals (ratio = trust / reference regret; violations = site-rounds):")
+    for n in sizes:
+        t, nq = regret(n, "constant", 0.0, "trust"), regret(n, "constant", 0.0, "no quorum")
+        if t is None or nq is None:
+            continue
+        print(f"  N={n}: no liars, trust / no quorum = {t / nq:.3f} (goal <= 1.1)")
+        for (m, variant), runs in results.items():
+            strategy, frac, _, rule = variant
+            if m != n or not frac or rule != "trust":
+                continue
+            q = regret(n, strategy, frac, "quorum")
+            ratio = f"{statistics.fmean(r.regret_per_site for r in runs) / q:.3f}" if q else "-"
+            bad = sum(r.violations for r in runs)
+            print(
+                f"  N={n}: {_label(variant)}: trust / quorum = {ratio} (goal <= 1), "
+                f"liars' pick recommended {bad} times while under a third (goal 0)"
+            )
 
 
 def _dht_runs(sizes: Sequence[int], rounds: int) -> None:
@@ -455,33 +652,58 @@ def _plot(results: dict[tuple[int, Variant], list[RunResult]], out: Path, rounds
     except ImportError:
         print("matplotlib not importable: no plots written", file=sys.stderr)
         return
+    if not results:
+        return
     out.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    styles = {(0.0, False, True): ":", (0.0, True, True): "-", (0.0, True, False): "-."}
-    for (n, variant), runs in results.items():
-        curve = [statistics.fmean(r.curve[i] for r in runs) for i in range(rounds)]
-        ax.plot(range(rounds), curve, styles.get(variant, "--"), label=f"N={n}, {_label(variant)}")
-    ax.set_xlabel("round")
-    ax.set_ylabel("mean regret per honest site per round")
-    ax.set_title("Regret per round")
-    ax.legend(fontsize=7, ncol=3)
-    fig.tight_layout()
-    fig.savefig(out / "swarm_regret_curve.png", dpi=120)
-    plt.close(fig)
+    scenarios = list(dict.fromkeys((v[0], v[1]) for _, v in results if v[2]))
+    styles = {"quorum": "-", "no quorum": "-.", "trust": "--"}
+    cols = min(3, len(scenarios))
+    rows_n = -(-len(scenarios) // cols)
+    sizes = sorted({n for n, _ in results})
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for variant in dict.fromkeys(v for _, v in results):
-        ns = sorted(n for n, v in results if v == variant)
-        regrets = [statistics.fmean(r.regret_per_site for r in results[(n, variant)]) for n in ns]
-        ax.plot(ns, regrets, "o" + styles.get(variant, "--"), label=_label(variant))
-    ax.set_xscale("log")
-    ax.set_xlabel("sites N")
-    ax.set_ylabel(f"cumulative regret per honest site ({rounds} rounds)")
-    ax.set_title("Regret per site vs N")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "swarm_regret_vs_n.png", dpi=120)
-    plt.close(fig)
+    def title(strategy: str, frac: float) -> str:
+        if not frac:
+            return "no liars"
+        return f"{round(frac * 100)}% " + ("liars" if strategy == "constant" else strategy)
+
+    for name, per_round in (("swarm_regret_curve.png", True), ("swarm_regret_vs_n.png", False)):
+        fig, axes = plt.subplots(
+            rows_n, cols, figsize=(4.2 * cols, 3.3 * rows_n), squeeze=False, sharey=per_round
+        )
+        for k, (strategy, frac) in enumerate(scenarios):
+            ax = axes[k // cols][k % cols]
+            for rule in RULES:
+                variant = (strategy, frac, True, rule)
+                if per_round:
+                    runs = results.get((sizes[-1], variant))
+                    if runs:
+                        curve = [statistics.fmean(r.curve[i] for r in runs) for i in range(rounds)]
+                        ax.plot(range(rounds), curve, styles[rule], label=rule)
+                else:
+                    ns = [n for n in sizes if (n, variant) in results]
+                    regrets = [
+                        statistics.fmean(r.regret_per_site for r in results[(n, variant)])
+                        for n in ns
+                    ]
+                    ax.plot(ns, regrets, "o" + styles[rule], label=rule)
+            ax.set_title(title(strategy, frac), fontsize=9)
+            if per_round:
+                ax.set_xlabel("round")
+            else:
+                ax.set_xscale("log")
+                ax.set_xlabel("sites N")
+            ax.legend(fontsize=7)
+        for k in range(len(scenarios), rows_n * cols):
+            axes[k // cols][k % cols].axis("off")
+        fig.supylabel(
+            f"regret per honest site per round (N={sizes[-1]})"
+            if per_round
+            else f"cumulative regret per honest site ({rounds} rounds)",
+            fontsize=9,
+        )
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
     print(f"plots: {out / 'swarm_regret_curve.png'}, {out / 'swarm_regret_vs_n.png'}")
 
 

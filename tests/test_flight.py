@@ -111,6 +111,20 @@ def test_put_signs_stores_and_get_returns_rows_with_provenance(daemon, client) -
     assert get(client, b"local:" + FINE.encode()).num_rows == 3
 
 
+def test_a_replayed_put_is_reported_as_duplicates_and_stored_once(client) -> None:
+    table = outcome_table(300, now_ms=now_ms())
+    first = put(client, table)
+    assert len(first["packet_ids"]) == 3 and first["duplicates"] == []
+    again = put(client, table)
+    assert again["packet_ids"] == first["packet_ids"]
+    assert again["duplicates"] == first["packet_ids"]
+    assert get(client, b"local:" + PATH.encode()).num_rows == 300
+    # One new row among old ones: only its packet is new.
+    grown = pa.concat_tables([table.slice(0, 128), outcome_table(1, start=999, now_ms=now_ms())])
+    mixed = put(client, grown)
+    assert mixed["duplicates"] == [first["packet_ids"][0]] and len(mixed["packet_ids"]) == 2
+
+
 def test_put_without_node_id_and_with_data_ref_commits_it(daemon, client) -> None:
     table = outcome_table(1, now_ms=now_ms()).drop_columns(["node_id"])
     table = table.append_column("data_ref", pa.array(["/site/a/data"]))

@@ -217,8 +217,18 @@ def weighted_median(values: Sequence[float], weights: Sequence[float] | None = N
     next is returned (so equal weights give the ordinary median). Breakdown point: the result
     stays within the range of any subset of the votes holding more than half the weight.
     """
-    pairs = _checked_pairs(values, weights)
-    total = math.fsum(w for _, w in pairs)
+    return _median_of(_checked_pairs(values, weights))
+
+
+# The tally's own calls skip the checks: its weights are positive and its values finite by
+# construction, and a path is tallied once per reader under the trust rule.
+
+
+def _median_of(pairs: list[tuple[float, float]], total: float | None = None) -> float:
+    # ``pairs`` sorted; ``total`` is their fsum when the caller has it (fsum is exact, so any
+    # order of the same weights gives the same total).
+    if total is None:
+        total = math.fsum([w for _, w in pairs])
     half = total / 2
     cum = 0.0
     for i, (value, weight) in enumerate(pairs):
@@ -236,6 +246,13 @@ def weighted_mad(values: Sequence[float], weights: Sequence[float] | None = None
     return weighted_median([abs(float(v) - centre) for v in values], weights)
 
 
+def _mad_of(pairs: list[tuple[float, float]], total: float | None = None) -> float:
+    if total is None:
+        total = math.fsum([w for _, w in pairs])
+    centre = _median_of(pairs, total)
+    return _median_of(sorted([(abs(v - centre), w) for v, w in pairs]), total)
+
+
 def weighted_trimmed_mean(
     values: Sequence[float], weights: Sequence[float] | None = None, trim: float = 0.1
 ) -> float:
@@ -245,8 +262,12 @@ def weighted_trimmed_mean(
     """
     if not 0.0 <= trim < 0.5:
         raise UsageError("trim must lie in [0, 0.5)")
-    pairs = _checked_pairs(values, weights)
-    total = math.fsum(w for _, w in pairs)
+    return _trimmed_of(_checked_pairs(values, weights), trim)
+
+
+def _trimmed_of(pairs: list[tuple[float, float]], trim: float, total: float | None = None) -> float:
+    if total is None:
+        total = math.fsum([w for _, w in pairs])
     low, high = trim * total, (1.0 - trim) * total
     cum = 0.0
     parts: list[tuple[float, float]] = []
@@ -257,7 +278,7 @@ def weighted_trimmed_mean(
             parts.append((value, inside))
     kept = math.fsum(w for _, w in parts)
     if kept <= 0:  # every vote straddles both cuts (one vote): its own value
-        return weighted_median(values, weights)
+        return _median_of(pairs, total)
     return math.fsum(v * w for v, w in parts) / kept
 
 
@@ -385,6 +406,25 @@ def collect_votes(
     now_ms: int | None = None,
 ) -> tuple[list[Vote], int, int]:
     """One vote per signer per intervention, with the distinct usable and ignored row counts."""
+    votes, _history, n_rows, n_ignored = collect_history(rows, config, now_ms=now_ms)
+    return votes, n_rows, n_ignored
+
+
+Report = tuple[int, float]
+"""One distinct usable row of a signer on an intervention: (timestamp_ms, metric_delta)."""
+
+
+def collect_history(
+    rows: Iterable[Mapping[str, Any]] | Any,
+    config: MathConfig | None = None,
+    *,
+    now_ms: int | None = None,
+) -> tuple[list[Vote], dict[tuple[str, str], tuple[Report, ...]], int, int]:
+    """:func:`collect_votes` plus every signer's reports on every intervention.
+
+    The history maps (signer, intervention) to that signer's distinct usable rows there, in
+    the order that picks the vote (so a vote is the last report of its history).
+    """
     config = config or MathConfig()
     distinct: set[_RowKey] = set()
     ignored: set[Any] = set()
@@ -407,12 +447,15 @@ def collect_votes(
             ignored.add(key)
             continue
         distinct.add(key)
-    latest: dict[tuple[str, str], _RowKey] = {}
+    slots: dict[tuple[str, str], list[_RowKey]] = {}
     for key in distinct:
-        slot = (key[0], key[10])
-        held = latest.get(slot)
-        if held is None or _vote_order(key) > _vote_order(held):
-            latest[slot] = key
+        slots.setdefault((key[0], key[10]), []).append(key)
+    latest: dict[tuple[str, str], _RowKey] = {}
+    history: dict[tuple[str, str], tuple[Report, ...]] = {}
+    for slot, keys in slots.items():
+        keys.sort(key=_vote_order)
+        latest[slot] = keys[-1]
+        history[slot] = tuple((k[1], k[7]) for k in keys)
     votes = [
         Vote(
             signer=k[0],
@@ -429,7 +472,7 @@ def collect_votes(
         for k in latest.values()
     ]
     votes.sort(key=lambda v: (v.intervention, v.delta, v.weight, v.signer))
-    return votes, len(distinct), len(ignored)
+    return votes, history, len(distinct), len(ignored)
 
 
 # --------------------------------------------------------------------------- the tally
@@ -440,34 +483,52 @@ class _Kept:
     intervention: str
     signers: int
     votes: tuple[Vote, ...]
+    weights: tuple[float, ...]
+    """The weight the tally gives each kept vote (its own, or times a trust factor)."""
+    pairs: list[tuple[float, float]]
+    """(delta, weight) of the kept votes, sorted."""
+    total: float
+    """fsum of the kept weights."""
     median: float
 
 
-def _drop_outliers(name: str, votes: list[Vote], config: MathConfig) -> _Kept:
-    deltas = [v.delta for v in votes]
-    weights = [v.weight for v in votes]
-    centre = weighted_median(deltas, weights)
-    scale = max(MAD_TO_SIGMA * weighted_mad(deltas, weights), config.min_spread)
-    kept = tuple(v for v in votes if abs(v.delta - centre) <= config.mad_cutoff * scale)
+def _drop_outliers(name: str, votes: list[Vote], weights: list[float], config: MathConfig) -> _Kept:
+    pairs = sorted(zip([v.delta for v in votes], weights, strict=True))
+    total = math.fsum(weights)
+    centre = _median_of(pairs, total)
+    scale = max(MAD_TO_SIGMA * _mad_of(pairs, total), config.min_spread)
+    cutoff = config.mad_cutoff * scale
+    kept = [(v, w) for v, w in zip(votes, weights, strict=True) if abs(v.delta - centre) <= cutoff]
+    # Filtering a sorted list keeps it sorted.
+    kept_pairs = [p for p in pairs if abs(p[0] - centre) <= cutoff]
+    kept_total = total if len(kept) == len(votes) else math.fsum([w for _, w in kept_pairs])
     # The centre is within the cutoff of itself, and it is one of the deltas or the midpoint
     # of two, so at least one vote always survives.
-    kept_median = weighted_median([v.delta for v in kept], [v.weight for v in kept])
-    return _Kept(name, len(votes), kept, kept_median)
+    kept_median = _median_of(kept_pairs, kept_total)
+    return _Kept(
+        name,
+        len(votes),
+        tuple(v for v, _ in kept),
+        tuple(w for _, w in kept),
+        kept_pairs,
+        kept_total,
+        kept_median,
+    )
 
 
 def _stats(group: _Kept, sigma_pooled: float, quorum: int, config: MathConfig) -> InterventionStats:
     votes = group.votes
     deltas = [v.delta for v in votes]
-    weights = [v.weight for v in votes]
-    total = math.fsum(weights)
-    n_eff = effective_n(weights)
-    own = MAD_TO_SIGMA * weighted_mad(deltas, weights)
+    weights = group.weights
+    pairs, total = group.pairs, group.total
+    n_eff = total**2 / math.fsum([w * w for w in weights])
+    own = MAD_TO_SIGMA * _mad_of(pairs, total)
     sigma = max(own, sigma_pooled, config.min_spread)
     se = MEDIAN_SE_FACTOR * sigma / math.sqrt(n_eff)
     by_params: dict[str, tuple[float, float]] = {}
-    for v in votes:
+    for v, vw in zip(votes, weights, strict=True):
         w, near = by_params.get(v.params, (0.0, math.inf))
-        by_params[v.params] = (w + v.weight, min(near, abs(v.delta - group.median)))
+        by_params[v.params] = (w + vw, min(near, abs(v.delta - group.median)))
     params = min(by_params, key=lambda p: (-by_params[p][0], by_params[p][1], p))
     return InterventionStats(
         intervention=group.intervention,
@@ -477,7 +538,7 @@ def _stats(group: _Kept, sigma_pooled: float, quorum: int, config: MathConfig) -
         weight=total,
         effective_n=n_eff,
         median=group.median,
-        trimmed_mean=weighted_trimmed_mean(deltas, weights, config.trim),
+        trimmed_mean=_trimmed_of(pairs, config.trim, total),
         mean=math.fsum(d * w for d, w in zip(deltas, weights, strict=True)) / total,
         sigma=sigma,
         ci_low=group.median - config.z * se,
@@ -508,27 +569,53 @@ def tally(
     """
     config = config or MathConfig()
     votes, n_rows, n_ignored = collect_votes(rows, config, now_ms=now_ms)
+    return tally_votes(votes, config, rows=n_rows, ignored_rows=n_ignored)
+
+
+def tally_votes(
+    votes: Sequence[Vote],
+    config: MathConfig | None = None,
+    *,
+    rows: int,
+    ignored_rows: int,
+    factors: Mapping[str, float] | None = None,
+    only: Iterable[str] | None = None,
+) -> Tally:
+    """The tally of votes already collected by :func:`collect_votes` (steps 4 to 8).
+
+    ``factors`` maps a signer to a multiplier of its votes' weights (a signer not in it keeps
+    factor 1); every weighted step (median, MAD, centres, interval, params) uses the
+    multiplied weight, and ``InterventionStats.weight`` is their total. Counts (signers,
+    quorum, kept signers) are in keys, whatever the factors. ``only`` limits the factors to
+    votes on those interventions. No factors is :func:`tally` itself.
+    """
+    config = config or MathConfig()
+    table = dict(factors or {})
+    if any(not (math.isfinite(f) and f > 0) for f in table.values()):
+        raise UsageError("weight factors must be finite and positive")
+    where = None if only is None else frozenset(only)
     signers = len({v.signer for v in votes})
     quorum = quorum_for(signers, config)
-    groups: dict[str, list[Vote]] = {}
-    for vote in votes:
-        groups.setdefault(vote.intervention, []).append(vote)
-    kept = [_drop_outliers(name, groups[name], config) for name in sorted(groups)]
+    groups: dict[str, tuple[list[Vote], list[float]]] = {}
+    for vote in sorted(votes, key=lambda v: (v.intervention, v.delta, v.weight, v.signer)):
+        group, weights = groups.setdefault(vote.intervention, ([], []))
+        group.append(vote)
+        factor = table.get(vote.signer) if where is None or vote.intervention in where else None
+        weights.append(vote.weight if factor is None else vote.weight * factor)
+    kept = [_drop_outliers(name, *groups[name], config) for name in sorted(groups)]
     residuals: list[tuple[float, float]] = [
-        (abs(v.delta - g.median), v.weight) for g in kept for v in g.votes
+        (abs(v.delta - g.median), w) for g in kept for v, w in zip(g.votes, g.weights, strict=True)
     ]
     sigma_pooled = 0.0
     if residuals:
-        sigma_pooled = MAD_TO_SIGMA * weighted_median(
-            [r for r, _ in residuals], [w for _, w in residuals]
-        )
+        sigma_pooled = MAD_TO_SIGMA * _median_of(sorted(residuals))
     stats = [_stats(g, sigma_pooled, quorum, config) for g in kept]
     stats.sort(
         key=lambda s: (not s.eligible, -s.ci_low, -s.median, -s.kept_signers, s.intervention)
     )
     return Tally(
-        rows=n_rows,
-        ignored_rows=n_ignored,
+        rows=rows,
+        ignored_rows=ignored_rows,
         signers=signers,
         quorum=quorum,
         sigma_pooled=sigma_pooled,

@@ -15,7 +15,9 @@ The API a client sees (docs/flight.md has examples):
   rows belong where the client says it puts them). All rows or none are stored unless the
   client asks for partial acceptance (``"partial": true`` in a command descriptor, or the call
   header ``x-qisd-partial: true``). The reply is one PutResult whose ``app_metadata`` is JSON:
-  ``{"path", "rows", "accepted", "packet_ids", "rejected": [{"row", "reason"}], "replicas"}``.
+  ``{"path", "rows", "accepted", "packet_ids", "duplicates", "rejected": [{"row", "reason"}],
+  "replicas"}``; ``duplicates`` lists the packet ids of ``packet_ids`` that the store already
+  held (a replayed put is stored once and is not a new vote).
 * **DoGet** — ticket = fingerprint path as UTF-8 (``b"domain/problem_type"``), the network and
   the local store; ``b"local:" + path`` reads the local store only. Record batches of
   ``RESULT_SCHEMA`` (the packet columns plus ``packet_id`` and ``signer``) of at most
@@ -499,17 +501,51 @@ def _path_mismatches(table: pa.Table, path: str, fields: tuple[str, ...]) -> lis
 
 
 def _put_reply(
-    path: str, rows: int, result: Any, rejected: list[tuple[int, str]], partial: bool
+    path: str,
+    rows: int,
+    result: Any,
+    rejected: list[tuple[int, str]],
+    partial: bool,
+    held: set[str] | None = None,
 ) -> dict[str, Any]:
+    ids = [] if result is None else list(result.packet_ids)
     return {
         "path": path,
         "rows": rows,
         "accepted": 0 if result is None else result.rows,
-        "packet_ids": [] if result is None else list(result.packet_ids),
+        "packet_ids": ids,
+        "duplicates": [pid for pid in ids if held and pid in held],
         "rejected": [{"row": i, "reason": reason} for i, reason in sorted(rejected)],
         "replicas": {} if result is None else dict(result.replicas),
         "partial": partial,
     }
+
+
+class _PutTally(threading.local):
+    """What the store's puts made of the envelopes of the DoPut running on this thread."""
+
+    accepted: set[str] | None = None
+    duplicates: set[str] | None = None
+
+
+def _tally_puts(store: Any, tally: _PutTally) -> None:
+    """Have ``store.put`` tell ``tally`` which packets it already held.
+
+    A DoPut commits in its own gRPC thread (:meth:`Node.emit_table_blocking`), and the node's
+    emit result does not carry the store's duplicates; this thread-local tally reads them from
+    the one put the emit makes. Other callers of the store (the loop's emits, the DHT) are
+    untouched: the tally only records while a DoPut on the same thread has armed it.
+    """
+    put = store.put
+
+    def put_and_tally(envelopes: Any, **kwargs: Any) -> Any:
+        result = put(envelopes, **kwargs)
+        if tally.accepted is not None and tally.duplicates is not None:
+            tally.accepted.update(result.accepted)
+            tally.duplicates.update(result.duplicates)
+        return result
+
+    store.put = put_and_tally
 
 
 # --------------------------------------------------------------------------- the server
@@ -560,6 +596,8 @@ class QisdFlightServer(flight.FlightServerBase):
         self._state = threading.Lock()
         self._closing = False
         self._paths: dict[bytes, str] = {}
+        self._tally = _PutTally()
+        _tally_puts(node.store, self._tally)
 
     # ------------------------------------------------------------------ the loop bridge
 
@@ -650,7 +688,11 @@ class QisdFlightServer(flight.FlightServerBase):
                 if self._closing:
                     raise flight.FlightUnavailableError("the daemon is shutting down")
                 # Validated, signed and committed in this gRPC thread: the loop only hears of it.
+                self._tally.accepted, self._tally.duplicates = set(), set()
                 result = self.node.emit_table_blocking(table, partial=partial)
+                # A packet is a duplicate when none of its envelopes (one per routable level)
+                # was new to the store.
+                held = self._tally.duplicates - self._tally.accepted
             except QisdError as exc:
                 row = getattr(exc, "row", None)
                 reason = str(exc)
@@ -666,7 +708,10 @@ class QisdFlightServer(flight.FlightServerBase):
             except Exception:
                 with _translated("DoPut"):
                     raise
+            finally:
+                self._tally.accepted = self._tally.duplicates = None
             rejected += [(keep[i], reason) for i, reason in result.rejected]
+            return _put_reply(path, rows, result, rejected, partial, held)
         return _put_reply(path, rows, result, rejected, partial)
 
     @staticmethod

@@ -1251,7 +1251,14 @@ class Node:
 
         domain = path.split("/", 1)[0]
         template_id, _ = self.template_for(domain)
-        result = synthesize(table, path=path, template_id=template_id, now_ms=now_ms())
+        # The trust rule: this node's own packets on the path are its observed outcomes.
+        result = synthesize(
+            table,
+            path=path,
+            template_id=template_id,
+            now_ms=now_ms(),
+            own_node_id=self.identity.node_id,
+        )
         if result.get("best_intervention"):
             # Remembered so that when this site later reports that intervention's outcome,
             # Darwinism can score the templates on it.

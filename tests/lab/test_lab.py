@@ -1,0 +1,163 @@
+"""Real ``qisd start`` processes on distinct addresses in a lab of network namespaces.
+
+Six public hosts on 198.18.0.0/24 and two home hosts behind a masquerading NAT router; the lab
+is checked to have no route out before any daemon starts, and every namespace is removed at the
+end. Bytes are the kernel's interface counters inside the reader's namespace. Skipped, with the
+reason, where namespaces cannot be made (not root, no iproute2 or nftables).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import BASE_ROW, LineReader, clean_env
+from netlab import Host, Lab, data_dir, unavailable
+
+from qisd.client import Client
+from qisd.core.fingerprint import key_for_path
+
+WHY = unavailable()
+pytestmark = pytest.mark.skipif(WHY is not None, reason=f"no network lab here: {WHY}")
+
+BIN = Path(sys.executable).parent / "qisd"
+QISD = [str(BIN)] if BIN.exists() else [sys.executable, "-m", "qisd"]
+PORT = 8468
+PATH = "clinical.oncology/lab_volume"
+# k = 3 on 8 hosts: most hosts are no replica of a key, so a read really crosses the lab.
+ENV = {"QISD_DHT_RPC_TIMEOUT": "1.0", "QISD_LOG_LEVEL": "warning", "QISD_DHT_KSIZE": "3"}
+
+
+class LabDaemon:
+    """``qisd start`` inside a host's namespace, bound to 0.0.0.0:8468."""
+
+    def __init__(self, host: Host, root: Path, bootstrap: str | None) -> None:
+        self.host = host
+        self.dir = data_dir(root, host)
+        init = subprocess.run(
+            [*QISD, "init", "--data-dir", str(self.dir)], capture_output=True, text=True
+        )
+        assert init.returncode == 0, init.stderr
+        argv = ["start", "--data-dir", str(self.dir), "--host", "0.0.0.0", "--port", str(PORT)]
+        argv += ["--bootstrap-file", os.devnull]
+        if bootstrap is not None:
+            argv += ["--bootstrap", bootstrap]
+        env = clean_env() | ENV
+        self.proc = subprocess.Popen(
+            host.argv(*QISD, *argv),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+        self.err = LineReader(self.proc.stderr)
+        while True:
+            line = self.err.readline(timeout=30)
+            assert line is not None, "the daemon exited before it was ready"
+            if line.startswith("qisd listening on "):
+                break
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*QISD, *args, "--data-dir", str(self.dir)],
+            capture_output=True,
+            text=True,
+            env=clean_env(),
+            timeout=120,
+        )
+
+    def client(self) -> Client:
+        return Client(self.dir)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, list[LabDaemon]]]:
+    root = tmp_path_factory.mktemp("lab")
+    with Lab() as built:
+        public = [built.public_host() for _ in range(6)]
+        homes = built.nat(1, 2)
+        built.check_isolated()
+        daemons: list[LabDaemon] = []
+        try:
+            seed = f"{public[0].address}:{PORT}"
+            daemons.append(LabDaemon(public[0], root, None))
+            for host in public[1:] + homes:
+                daemons.append(LabDaemon(host, root, seed))
+            yield built, daemons
+        finally:
+            codes = [d.stop() for d in daemons]
+            assert all(code == 0 for code in codes), codes
+
+
+def _row(i: int, **extra: Any) -> dict[str, Any]:
+    row = dict(BASE_ROW, problem_type="lab_volume", metric_delta=round(0.0001 * i, 6))
+    row.update(extra)
+    return row
+
+
+def test_an_emit_behind_nat_is_found_from_a_public_host(lab: tuple[Lab, list[LabDaemon]]) -> None:
+    _lab, daemons = lab
+    home, public = daemons[-1], daemons[2]
+    with home.client() as client:
+        emitted = client.emit([_row(0, intervention_type="nat_home")], wait=1)
+    done = public.cli("query", PATH, "--json")
+    assert done.returncode == 0, done.stderr
+    read = json.loads(done.stdout)
+    assert set(emitted["packet_ids"]) <= {r["packet_id"] for r in read["rows"]}
+    assert read["replicas_answered"] >= 1
+    # And the other way: a home host behind the NAT reads what a public host emitted.
+    with public.client() as client:
+        emitted = client.emit([_row(1, intervention_type="public")], wait=1)
+    done = daemons[-2].cli("query", PATH, "--json")
+    assert done.returncode == 0, done.stderr
+    assert set(emitted["packet_ids"]) <= {r["packet_id"] for r in json.loads(done.stdout)["rows"]}
+
+
+def test_a_fresh_hosts_read_costs_about_the_keys_bytes_on_the_wire(
+    lab: tuple[Lab, list[LabDaemon]],
+) -> None:
+    """300 one-row packets emitted on one public host; the host farthest from the key (no
+    replica, it never read the key) queries it: its interface receives at most 1.3x the
+    key's envelope bytes plus the lookup (the kernel's counter inside its namespace), and a
+    repeat read receives a few kilobytes."""
+    _lab, daemons = lab
+    key = key_for_path(PATH)
+    author = daemons[1]
+
+    def distance(d: LabDaemon) -> int:
+        with d.client() as client:
+            return int(client.status()["dht_id"], 16) ^ int.from_bytes(key, "big")
+
+    reader = max((d for d in daemons if d is not author and d.host.behind is None), key=distance)
+    with author.client() as client:
+        for i in range(300):
+            client.emit([_row(i + 1)])
+    with sqlite3.connect(author.dir / "store.sqlite3") as db:
+        (unique,) = db.execute("SELECT sum(size) FROM envelopes WHERE key = ?", (key,)).fetchone()
+    before = reader.host.counter()
+    done = reader.cli("query", PATH, "--json")
+    assert done.returncode == 0, done.stderr
+    wire = reader.host.counter() - before
+    read = json.loads(done.stdout)
+    assert len(read["rows"]) >= 300 and read["complete"]
+    print(f"\nfresh read of {unique} B of envelopes: {wire} B on the wire ({wire / unique:.2f}x)")
+    assert wire <= 1.3 * unique + 40_000
+    before = reader.host.counter()
+    again = reader.cli("query", PATH, "--json")
+    assert again.returncode == 0, again.stderr
+    repeat = reader.host.counter() - before
+    print(f"repeat read: {repeat} B on the wire")
+    assert repeat <= 40_000
