@@ -24,13 +24,13 @@ from typing import Annotated, Any
 import typer
 
 from qisd import __version__
-from qisd.config import DEFAULT_FLIGHT_URI
+from qisd.config import DEFAULT_FLIGHT_URI, DEFAULT_METRICS_ADDRESS
 from qisd.errors import FieldError, PacketError, QisdError, UsageError
 
 app = typer.Typer(
     name="qisd",
     help="qisd: a peer-to-peer DHT node for signed Arrow outcome packets (the QIS loop).",
-    add_completion=False,
+    add_completion=True,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
@@ -42,6 +42,29 @@ template_app = typer.Typer(
     rich_markup_mode=None,
 )
 app.add_typer(template_app, name="template")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        sys.stdout.write(f"qisd {__version__}\n")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            "-V",
+            callback=_print_version,
+            is_eager=True,
+            help="Print the version and exit.",
+        ),
+    ] = False,
+) -> None:
+    """qisd: a peer-to-peer DHT node for signed Arrow outcome packets (the QIS loop)."""
+
 
 # --------------------------------------------------------------------------- shared options
 
@@ -176,10 +199,36 @@ def start(
         str | None,
         typer.Option(help="PEM private key of --flight-tls-cert.", envvar="QISD_FLIGHT_TLS_KEY"),
     ] = None,
+    metrics: Annotated[
+        str | None,
+        typer.Option(
+            metavar="[HOST:PORT]",
+            help="Serve Prometheus /metrics and the dashboard at / (given alone: "
+            f"{DEFAULT_METRICS_ADDRESS}).",
+            envvar="QISD_METRICS",
+        ),
+    ] = None,
+    metrics_token: Annotated[
+        str | None,
+        typer.Option(
+            help="Token the metrics server requires (needed off loopback).",
+            envvar="QISD_METRICS_TOKEN",
+        ),
+    ] = None,
     log_level: Annotated[
         str | None,
         typer.Option(
-            help="debug, info, warning or error [default: info].", envvar="QISD_LOG_LEVEL"
+            help="debug, info, warning or error [default: info]; LOGGER=LEVEL pairs may "
+            "follow (debug,kademlia=info).",
+            envvar="QISD_LOG_LEVEL",
+        ),
+    ] = None,
+    log_format: Annotated[
+        str | None,
+        typer.Option(
+            metavar="text|json",
+            help="Log lines as text or as JSON objects [default: text].",
+            envvar="QISD_LOG_FORMAT",
         ),
     ] = None,
     election_seconds: Annotated[
@@ -207,7 +256,10 @@ def start(
             "flight_token": flight_token,
             "flight_tls_cert": flight_tls_cert,
             "flight_tls_key": flight_tls_key,
+            "metrics": metrics,
+            "metrics_token": metrics_token,
             "log_level": log_level,
+            "log_format": log_format,
             "election_seconds": election_seconds,
         },
     )
@@ -245,6 +297,54 @@ _FLAG_OF = {
 }
 
 
+_REQUIRED_FLAGS = (
+    ("--domain", "domain"),
+    ("--problem-type", "problem_type"),
+    ("--metric", "metric_name"),
+    ("--delta", "metric_delta"),
+    ("--confidence", "confidence"),
+    ("--intervention", "intervention_type"),
+    ("--decile", "outcome_decile"),
+)
+"""The options one packet from flags needs, and the column each gives."""
+
+
+class _Progress:
+    """A progress line on stderr that never shares a line with stdout.
+
+    Before ids are written to stdout, :meth:`clear` erases the line (when stdout and stderr
+    are the same terminal the ids would otherwise land on the bar's line); the next
+    :meth:`update` draws it again below them.
+    """
+
+    def __init__(self, total: int, label: str) -> None:
+        self.total = total
+        self.label = label
+        self.done = 0
+        self._shown = False
+
+    def update(self, done: int) -> None:
+        self.done = done
+        share = done / self.total if self.total else 1.0
+        width = 30
+        fill = int(share * width)
+        sys.stderr.write(
+            f"\r\x1b[K{self.label} [{'#' * fill}{'-' * (width - fill)}] {share:4.0%} "
+            f"{done}/{self.total} rows"
+        )
+        sys.stderr.flush()
+        self._shown = True
+
+    def clear(self) -> None:
+        if self._shown:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+            self._shown = False
+
+    def finish(self) -> None:
+        self.clear()
+
+
 def _metric(value: str) -> tuple[str, str]:
     name, sep, number = value.partition("=")
     if not sep or not name.strip() or not number.strip():
@@ -254,8 +354,12 @@ def _metric(value: str) -> tuple[str, str]:
 
 @app.command()
 def emit(
-    domain: Annotated[str | None, typer.Option(help="Domain, e.g. clinical.oncology.")] = None,
-    problem_type: Annotated[str | None, typer.Option(help="Problem type.")] = None,
+    domain: Annotated[
+        str | None, typer.Option(help="Domain, e.g. clinical.oncology. [required unless --from]")
+    ] = None,
+    problem_type: Annotated[
+        str | None, typer.Option(help="Problem type. [required unless --from]")
+    ] = None,
     model_architecture: Annotated[
         str | None, typer.Option(help="Model architecture [default: unspecified].")
     ] = None,
@@ -263,21 +367,32 @@ def emit(
         str | None, typer.Option(help="Training phase [default: unspecified].")
     ] = None,
     metric: Annotated[
-        str | None, typer.Option(metavar="NAME=VALUE", help="Metric name and its value.")
+        str | None,
+        typer.Option(
+            metavar="NAME=VALUE", help="Metric name and its value. [required unless --from]"
+        ),
     ] = None,
     delta: Annotated[
-        str | None, typer.Option(metavar="NUMBER", help="metric_delta: the change observed.")
+        str | None,
+        typer.Option(
+            metavar="NUMBER", help="metric_delta: the change observed. [required unless --from]"
+        ),
     ] = None,
     confidence: Annotated[
-        str | None, typer.Option(metavar="NUMBER", help="Confidence in [0, 1].")
+        str | None,
+        typer.Option(metavar="NUMBER", help="Confidence in [0, 1]. [required unless --from]"),
     ] = None,
     intervention: Annotated[
-        str | None, typer.Option(help="intervention_type: what was done.")
+        str | None,
+        typer.Option(help="intervention_type: what was done. [required unless --from]"),
     ] = None,
     params: Annotated[
         str | None, typer.Option(metavar="JSON", help="intervention_params as a JSON object.")
     ] = None,
-    decile: Annotated[str | None, typer.Option(metavar="1..10", help="outcome_decile.")] = None,
+    decile: Annotated[
+        str | None,
+        typer.Option(metavar="1..10", help="outcome_decile. [required unless --from]"),
+    ] = None,
     samples: Annotated[
         str | None, typer.Option(metavar="N", help="sample_count [default: 0].")
     ] = None,
@@ -347,6 +462,13 @@ def emit(
     given = {k: v for k, v in single.items() if v is not None}
     if from_ is not None and given:
         raise UsageError("give either --from FILE or the field options, not both")
+    if from_ is None:
+        missing = [flag for flag, column in _REQUIRED_FLAGS if column not in given]
+        if missing:
+            raise UsageError(
+                f"missing option{'s' * (len(missing) > 1)} {', '.join(missing)} "
+                "(required unless --from FILE; see: qisd emit --help)"
+            )
     if from_ is None and fmt is not None:
         raise UsageError("--format applies to --from")
     if wait_timeout is not None and not wait:
@@ -365,17 +487,22 @@ def emit(
     client.ping()  # no daemon: exit 3 before any output
     bar = None
     if from_ is not None and not as_json and sys.stderr.isatty() and total > chunk_rows:
-        bar = typer.progressbar(length=total, label="emitting", file=sys.stderr)
-        bar.__enter__()
+        bar = _Progress(total, "emitting")
+        bar.update(0)
     done = 0
+    printed: set[str] = set()
 
     def on_chunk(ids: list[str], rows_done: int, rows_total: int) -> None:
         nonlocal done
         if not as_json:
-            sys.stdout.write("".join(i + "\n" for i in ids))
+            fresh = [i for i in dict.fromkeys(ids) if i not in printed]
+            printed.update(fresh)
+            if bar is not None:
+                bar.clear()  # the ids go on lines of their own, above the bar
+            sys.stdout.write("".join(i + "\n" for i in fresh))
             sys.stdout.flush()
         if bar is not None:
-            bar.update(rows_done - done)
+            bar.update(rows_done)
         done = rows_done
 
     try:
@@ -404,23 +531,37 @@ def emit(
         raise
     finally:
         if bar is not None:
-            bar.__exit__(None, None, None)
+            bar.finish()
     short = [pid for pid, n in result["replicas"].items() if n < wait] if wait else []
     if as_json:
         _print_json(result)
     else:
-        packets = len(result["packet_ids"])
-        rows = result["rows"]
-        _err(
-            f"qisd: committed {packets} packet{'s' * (packets != 1)} "
-            f"({rows} row{'s' * (rows != 1)})"
-        )
+        _err(_committed_line(result))
     if short:
         worst = min(result["replicas"][p] for p in short)
         raise _ReplicasShort(
             f"committed locally, but {len(short)} packet(s) reached only {worst} of the "
             f"{wait} replicas asked for with --wait"
         )
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'s' * (n != 1)}"
+
+
+def _committed_line(result: dict[str, Any]) -> str:
+    """``qisd: committed ...``: new packets, and the duplicates that were not stored again."""
+    packets = len(result["packet_ids"])
+    repeated = int(result.get("duplicate_count") or 0)
+    rows = _plural(result["rows"], "row")
+    if not repeated:
+        return f"qisd: committed {_plural(packets, 'packet')} ({rows})"
+    new = packets - len(result.get("duplicates") or ())
+    return (
+        f"qisd: committed {_plural(new, 'new packet')} ({rows}); "
+        f"{_plural(repeated, 'duplicate packet')} (the same rows again) "
+        f"{'were' if repeated != 1 else 'was'} not stored again"
+    )
 
 
 class _ReplicasShort(QisdError):
@@ -603,13 +744,50 @@ def watch(
 # --------------------------------------------------------------------------- elections
 
 
+def one_site(result: dict[str, Any]) -> bool:
+    """True if a synthesis rests on one signer: its packets, however many, are one vote."""
+    return result.get("distinct_signers") == 1
+
+
+def one_backer(result: dict[str, Any]) -> bool:
+    """True if the best intervention is backed by one signer (its interval has no width)."""
+    return result.get("best_signers") == 1
+
+
+ONE_SITE_NOTE = (
+    "Evidence from one site: all {packets} packets come from one signer, and The Math keeps one "
+    "vote per signer (its latest, so that a site cannot outvote others by emitting more). One "
+    "vote has no spread, so there is no interval and no recommendation yet; it needs other "
+    "sites' outcomes on this path."
+)
+
+
+def _interval(i: dict[str, Any]) -> str:
+    if i.get("signers", 0) <= 1 or i.get("ci_low") == i.get("ci_high"):
+        return "- (one signer)"
+    return f"[{_cell(i['ci_low'])}, {_cell(i['ci_high'])}]"
+
+
 def _print_synthesis(result: dict[str, Any]) -> None:
     lines = [f"{result.get('path')}: {result.get('status')}"]
     lines.append(
         f"  packets analyzed {result.get('packets_analyzed')}, distinct signers "
         f"{result.get('distinct_signers')}, template {str(result.get('template_id'))[:12]}"
     )
-    if result.get("recommendation"):
+    if one_site(result):
+        lines.append("  " + ONE_SITE_NOTE.format(packets=result.get("packets_analyzed")))
+        if result.get("best_intervention"):
+            lines.append(
+                f"  That site reported '{result['best_intervention']}' with median delta "
+                f"{_cell(result.get('best_delta'))}."
+            )
+    elif one_backer(result):
+        lines.append(
+            f"  Only one site backs '{result['best_intervention']}' (median delta "
+            f"{_cell(result.get('best_delta'))}): one signer is one vote, and one vote has no "
+            "interval, so this is not a recommendation yet."
+        )
+    elif result.get("recommendation"):
         lines.append(f"  {result['recommendation']}")
     elif result.get("reason"):
         lines.append(f"  {result['reason']}")
@@ -619,7 +797,7 @@ def _print_synthesis(result: dict[str, Any]) -> None:
             {
                 "intervention": i["intervention"],
                 "median": i["median_delta"],
-                "ci": f"[{_cell(i['ci_low'])}, {_cell(i['ci_high'])}]",
+                "ci": _interval(i),
                 "signers": f"{i['kept_signers']}/{i['signers']}",
                 "eligible": "yes" if i["eligible"] else "no",
             }
@@ -665,6 +843,7 @@ def status(data_dir: DataDir = None, as_json: Json = False) -> None:
         _print_json(s)
         return
     counters = s.get("counters", {})
+    received = s.get("received", {})
     dht = s.get("dht", {})
     rejected = {k: v for k, v in counters.items() if "reject" in k and v}
     network = {
@@ -681,9 +860,15 @@ def status(data_dir: DataDir = None, as_json: Json = False) -> None:
         f"peers     {s['peers']}",
         f"store     {s['packets']} envelopes ({s['local_packets']} emitted here) under "
         f"{s['keys']} keys, {s['store_bytes']} bytes",
-        f"emitted   {counters.get('emits', 0)} emits, {counters.get('rows_emitted', 0)} rows; "
+        f"emitted   {_plural(counters.get('emits', 0), 'emit request')} "
+        f"({_plural(counters.get('emit_commits', 0), 'commit')}): "
+        f"{_plural(counters.get('packets_emitted', 0), 'new packet')}, "
+        f"{counters.get('duplicate_packets', 0)} duplicates, "
+        f"{_plural(counters.get('rows_emitted', 0), 'row')}; "
         f"publish backlog {s.get('publish_backlog', 0)} envelopes",
-        f"received  {counters.get('received_packets', 0)} packets from peers",
+        f"received  {_plural(counters.get('received_envelopes', 0), 'envelope')} from peers "
+        f"(stored here by peers {received.get('stored_by_peers', 0)}, through follows "
+        f"{received.get('followed', 0)}, by fetches {received.get('fetched', 0)})",
         f"traffic   {dht.get('bytes_sent', 0)} bytes sent, {dht.get('bytes_received', 0)} "
         f"received; busy replies {dht.get('busy_sent', 0)} sent, {dht.get('busy_received', 0)} "
         f"received; sync backlog {dht.get('sync_backlog', 0)} keys, send queue "
@@ -702,6 +887,8 @@ def status(data_dir: DataDir = None, as_json: Json = False) -> None:
     for path, syn in (s.get("syntheses") or {}).items():
         best = syn.get("best_intervention")
         shown = f"best {best} ({_cell(syn.get('best_delta'))})" if best else syn.get("status")
+        if one_site(syn) or one_backer(syn):
+            shown = "one site only, no recommendation" + (f" (it reported {best})" if best else "")
         lines.append(f"  {path}: {shown}, {syn.get('packets_analyzed')} packets")
     sys.stdout.write("\n".join(lines) + "\n")
 
@@ -717,7 +904,7 @@ def peers(data_dir: DataDir = None, as_json: Json = False) -> None:
         now = time.time()
         rows = [
             {
-                "dht_id": p["id"],
+                "node_id": p.get("node_id") or "-",
                 "host": p["host"],
                 "port": p["port"],
                 "last_seen": f"{max(0.0, now - p['last_seen']):.0f} s ago"
@@ -729,7 +916,10 @@ def peers(data_dir: DataDir = None, as_json: Json = False) -> None:
         ]
         columns = [(k, k.upper().replace("_", " ")) for k in rows[0]]
         sys.stdout.write(_human_table(rows, columns) + "\n")
-    _err(f"qisd: {len(table)} peers (DHT ids: 160-bit hashes of each node's key)")
+    _err(
+        f"qisd: {_plural(len(table), 'peer')} (node ids as in status and query; "
+        "--json also gives each 160-bit dht_id)"
+    )
 
 
 # --------------------------------------------------------------------------- templates
@@ -831,9 +1021,25 @@ def demo(
 
 
 @app.command()
-def version() -> None:
-    """Print the qisd version."""
-    sys.stdout.write(f"qisd {__version__}\n")
+def version(as_json: Json = False) -> None:
+    """Print the qisd version (also: qisd --version)."""
+    if as_json:
+        import platform
+
+        import pyarrow
+
+        from qisd.core.packet import WIRE_VERSION
+
+        _print_json(
+            {
+                "qisd": __version__,
+                "python": platform.python_version(),
+                "pyarrow": pyarrow.__version__,
+                "envelope_version": WIRE_VERSION,
+            }
+        )
+    else:
+        sys.stdout.write(f"qisd {__version__}\n")
 
 
 # --------------------------------------------------------------------------- entry point
@@ -868,22 +1074,28 @@ def main(argv: list[str] | None = None) -> None:
     raise SystemExit(code if isinstance(code, int) else 0)
 
 
-def _with_flight_default(args: list[str]) -> list[str]:
-    """``qisd start --flight`` with no URI after it means the default URI.
+_OPTIONAL_VALUES = {"--flight": DEFAULT_FLIGHT_URI, "--metrics": DEFAULT_METRICS_ADDRESS}
+"""Options of ``start`` whose value may be left out, and the value that then means."""
 
-    The option parser only knows options that always or never take a value; ``--flight``
-    takes an optional one, so a bare ``--flight`` (last, or followed by another option) gets
-    the default filled in here.
+
+def _with_flight_default(args: list[str]) -> list[str]:
+    """``qisd start --flight`` (or ``--metrics``) with no value after it means the default.
+
+    The option parser only knows options that always or never take a value; these take an
+    optional one, so a bare ``--flight`` (last, or followed by another option) gets the
+    default filled in here.
     """
     if not args or args[0] != "start":
         return args
     out = list(args)
-    for i, arg in enumerate(out):
+    i = 0
+    while i < len(out):
+        arg = out[i]
         if arg == "--":
             break
-        if arg == "--flight" and (i + 1 == len(out) or out[i + 1].startswith("-")):
-            out.insert(i + 1, DEFAULT_FLIGHT_URI)
-            break
+        if arg in _OPTIONAL_VALUES and (i + 1 == len(out) or out[i + 1].startswith("-")):
+            out.insert(i + 1, _OPTIONAL_VALUES[arg])
+        i += 1
     return out
 
 

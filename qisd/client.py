@@ -352,15 +352,21 @@ class Client:
         *,
         wait: int = 0,
         wait_timeout: float | None = None,
+        continues: bool = False,
     ) -> dict[str, Any]:
-        """Emit rows in one commit; returns ``{packet_ids, rows, replicas, rejected}``.
+        """Emit rows in one commit; returns ``{packet_ids, rows, replicas, rejected,
+        duplicates}`` (``duplicates``: ids the daemon already held, not stored again).
 
         ``wait`` > 0 waits until that many DHT replicas acknowledged each packet (see
         ``replicas`` in the result for how many did), for at most ``wait_timeout`` seconds
-        when given.
+        when given. ``continues`` marks a later chunk of one bulk emit (the daemon counts
+        one emit request for all of them).
         """
         rows = [dict(r) for r in records]
-        return self.call("emit", _wait_args(wait, wait_timeout, rows=rows))
+        args = _wait_args(wait, wait_timeout, rows=rows)
+        if continues:
+            args["continues"] = True
+        return self.call("emit", args)
 
     def emit_table(
         self,
@@ -369,6 +375,7 @@ class Client:
         wait: int = 0,
         wait_timeout: float | None = None,
         partial: bool = False,
+        continues: bool = False,
     ) -> dict[str, Any]:
         """Emit the rows of an Arrow table in one commit (``partial``: keep the valid rows)."""
         import pyarrow as pa
@@ -376,6 +383,8 @@ class Client:
         if isinstance(table, pa.RecordBatch):
             table = pa.Table.from_batches([table])
         args = _wait_args(wait, wait_timeout, partial=partial)
+        if continues:
+            args["continues"] = True
         return self.call("emit", args, table_to_ipc(table))
 
     def emit_rows(
@@ -393,6 +402,10 @@ class Client:
         Every row is validated before the first chunk is sent, so invalid input stores
         nothing. ``on_chunk`` is called after each commit with its packet ids. If the daemon
         goes away midway the error raised carries ``committed``: the ids stored before it.
+        The result lists each packet id once; ``duplicates`` holds those the daemon held
+        before this call (the same rows emitted again make the same packets), and
+        ``duplicate_count`` how many of the packets the rows made were not new (those, and
+        repeats within the input).
         """
         if chunk_rows < 1:
             raise UsageError("chunk_rows must be at least 1")
@@ -403,21 +416,30 @@ class Client:
             import pyarrow as pa
         if total == 0:
             raise UsageError("nothing to emit: the input has no rows")
-        ids: list[str] = []
+        ids: dict[str, None] = {}
+        new: set[str] = set()
+        repeated = 0
         replicas: dict[str, int] = {}
         done = 0
         try:
             while done < total:
                 if pa is not None and isinstance(rows, pa.Table):
                     chunk = rows.slice(done, chunk_rows)
-                    result = self.emit_table(chunk, wait=wait, wait_timeout=wait_timeout)
+                    result = self.emit_table(
+                        chunk, wait=wait, wait_timeout=wait_timeout, continues=done > 0
+                    )
                     n = chunk.num_rows
                 else:
                     part = rows[done : done + chunk_rows]
-                    result = self.emit(part, wait=wait, wait_timeout=wait_timeout)
+                    result = self.emit(
+                        part, wait=wait, wait_timeout=wait_timeout, continues=done > 0
+                    )
                     n = len(part)
                 done += n
-                ids.extend(result["packet_ids"])
+                held = set(result.get("duplicates", ()))
+                repeated += int(result.get("duplicate_count", len(held)))
+                new.update(pid for pid in result["packet_ids"] if pid not in held)
+                ids.update(dict.fromkeys(result["packet_ids"]))
                 replicas.update(result.get("replicas", {}))
                 if on_chunk is not None:
                     on_chunk(list(result["packet_ids"]), done, total)
@@ -425,7 +447,14 @@ class Client:
             exc.committed = list(ids)  # type: ignore[attr-defined]
             exc.rows_committed = done  # type: ignore[attr-defined]
             raise
-        return {"packet_ids": ids, "rows": total, "replicas": replicas, "rejected": []}
+        return {
+            "packet_ids": list(ids),
+            "rows": total,
+            "replicas": replicas,
+            "rejected": [],
+            "duplicates": [pid for pid in ids if pid not in new],
+            "duplicate_count": repeated,
+        }
 
     def emit_file(
         self,

@@ -14,6 +14,9 @@ DAY_SECONDS = 86_400
 
 DEFAULT_FLIGHT_URI = "grpc://127.0.0.1:8815"
 """Where the Flight endpoint serves when asked for with no URI (loopback, Flight's usual port)."""
+DEFAULT_METRICS_ADDRESS = "127.0.0.1:8469"
+"""Where metrics and the dashboard serve when asked for with no address (loopback, the port
+after the DHT's)."""
 
 
 @dataclass(frozen=True)
@@ -82,8 +85,18 @@ class NodeConfig:
     """PEM certificate file: with ``flight_tls_key``, Flight serves grpc+tls:// ('' = plain)."""
     flight_tls_key: str = ""
     """PEM private key file of ``flight_tls_cert``."""
+    metrics: str = ""
+    """HOST:PORT of the HTTP server for Prometheus ``/metrics`` and the dashboard ('' = off)."""
+    metrics_token: str = ""
+    """Bearer token the metrics server requires; required for a non-loopback address."""
     log_level: str = "info"
-    """Log level for stderr: debug, info, warning or error."""
+    """Log level for stderr: debug, info, warning or error; ``,LOGGER=LEVEL`` pairs may follow
+    (``debug,kademlia=info``): libraries log at WARNING and above unless named."""
+    log_format: str = "text"
+    """``text`` (one readable line a record) or ``json`` (one JSON object a line)."""
+    log_summary_seconds: float = 60.0
+    """How often INFO summarises traffic, rejections and rate limiting (never one line a
+    datagram)."""
     election_seconds: float = 30.0
     """How often followed paths are caught up and the elections re-run."""
     pinned_templates: dict[str, str] = field(default_factory=dict)

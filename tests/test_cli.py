@@ -280,6 +280,10 @@ def test_start_without_an_identity_says_run_init(tmp_path: Path) -> None:
         ("[dht]\nrejoin_seconds = 0", "rejoin_seconds"),
         ("bootstrap = ['nohost']", "HOST:PORT"),
         ("flight = 'grpc://0.0.0.0:8815'", "flight_token"),
+        ("metrics = '0.0.0.0:8469'", "metrics_token"),
+        ("metrics = 'nohost'", "HOST:PORT"),
+        ("log_format = 'xml'", "log_format"),
+        ("log_level = 'debug,kademlia'", "LOGGER=LEVEL"),
     ],
 )
 def test_bad_config_exits_2(tmp_path: Path, toml: str, needle: str) -> None:
@@ -378,9 +382,16 @@ def test_bad_field_values_exit_1_naming_the_field(
     assert stored(daemon) == before
 
 
-def test_missing_required_field_is_named(daemon: Daemon) -> None:
+def test_missing_required_flag_is_a_usage_error_naming_it(daemon: Daemon) -> None:
     args = [f for f in FLAGS if not f.startswith("--intervention=")]
-    one_line_error(daemon.cli("emit", *args), 1, "intervention_type", "required")
+    before = stored(daemon)
+    one_line_error(daemon.cli("emit", *args), 2, "--intervention", "required unless --from")
+    assert stored(daemon) == before
+    # --help marks every option one packet from flags needs.
+    shown = " ".join(qisd("emit", "--help").stdout.split())
+    for flag in ("--domain", "--problem-type", "--metric", "--delta", "--confidence"):
+        assert re.search(re.escape(flag) + r" .{0,80}?\[required unless --from\]", shown), flag
+    assert shown.count("[required unless --from]") == 7
 
 
 def test_flags_and_from_together_are_refused(daemon: Daemon, tmp_path: Path) -> None:
@@ -751,6 +762,11 @@ def test_every_command_finds_the_daemon_of_the_qisd_config_file(tmp_path: Path) 
         ),
         (["start", "--flight", "grpc://[::1]:9000"], ["start", "--flight", "grpc://[::1]:9000"]),
         (["start", "--flight=grpc://h:1"], ["start", "--flight=grpc://h:1"]),
+        (
+            ["start", "--metrics", "--flight"],
+            ["start", "--metrics", "127.0.0.1:8469", "--flight", "grpc://127.0.0.1:8815"],
+        ),
+        (["start", "--metrics", "[::1]:9"], ["start", "--metrics", "[::1]:9"]),
         (["emit", "--flight"], ["emit", "--flight"]),  # only start has the option
         (["start", "--", "--flight"], ["start", "--", "--flight"]),
     ],

@@ -29,6 +29,7 @@ import math
 import os
 import socket
 import struct
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -277,17 +278,21 @@ class ControlServer:
             self.rejected += 1
             await self._reply(writer, error_header(UsageError(f"unknown operation {op!r}")))
             return
+        started = time.perf_counter()
+        log.debug("control: %s request (%d bytes of rows)", op, len(blob))
         try:
             result, out_blob = await handler(args, blob)
         except QisdError as exc:
             if isinstance(exc, UsageError):
                 self.rejected += 1
+            log.debug("control: %s refused: %s: %s", op, type(exc).__name__, exc)
             await self._reply(writer, error_header(exc))
             return
         except Exception as exc:
             log.exception("control operation %s failed", op)
             await self._reply(writer, error_header(exc))
             return
+        log.debug("control: %s answered in %.1f ms", op, (time.perf_counter() - started) * 1000)
         await self._reply(writer, {"ok": True, "result": result}, out_blob)
 
     async def _stream(

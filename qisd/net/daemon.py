@@ -26,8 +26,9 @@ from typing import Any
 
 from qisd import __version__
 from qisd.config import NodeConfig
-from qisd.errors import UsageError
+from qisd.errors import ConfigError, UsageError
 from qisd.net.control import ControlServer, Sender, ipc_to_table, socket_path, table_to_ipc
+from qisd.net.logs import ActivityLog, configure_logging, ready_line
 from qisd.net.node import MAX_EMIT_ROWS, Node
 from qisd.net.settings import config_to_dict
 
@@ -51,17 +52,28 @@ def sd_notify(message: str) -> bool:
     return True
 
 
-def configure_logging(level: str) -> None:
-    """Log records to stderr at ``level`` (the readiness line is printed, not logged)."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    if level != "debug":
-        # kademlia logs every lookup at INFO; that is debugging detail for a daemon's log.
-        logging.getLogger("kademlia").setLevel(logging.WARNING)
-        logging.getLogger("rpcudp").setLevel(logging.WARNING)
+def check_tcp_port_free(host: str, port: int, what: str, flag: str) -> None:
+    """ConfigError in one line if ``host:port`` cannot be bound for TCP (e.g. in use).
+
+    Asked before gRPC binds the Flight port: gRPC prints its own lines on stderr and then
+    fails with "Server did not start properly", which says nothing of the port.
+    """
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise ConfigError(f"cannot serve {what} at {host}:{port}: {exc.strerror or exc}") from None
+    family, kind, proto, _name, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC and asyncio do
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot serve {what} at {host}:{port}: {exc.strerror or exc} "
+                f"(choose another with {flag})"
+            ) from None
 
 
 # --------------------------------------------------------------------------- argument checks
@@ -99,11 +111,16 @@ def control_handlers(
     async def emit(args: dict[str, Any], blob: bytes) -> tuple[Any, bytes]:
         wait = _int(args, "wait")
         partial = _bool(args, "partial")
+        continues = _bool(args, "continues")  # a later chunk of one bulk emit
         timeout = args.get("wait_timeout")  # checked by the node
         if blob:
             table = ipc_to_table(blob)
             result = await node.emit_table(
-                table, partial=partial, wait_replicas=wait, wait_timeout=timeout
+                table,
+                partial=partial,
+                wait_replicas=wait,
+                wait_timeout=timeout,
+                continues=continues,
             )
         else:
             rows = args.get("rows")
@@ -113,7 +130,9 @@ def control_handlers(
                 raise UsageError(f"one request carries at most {MAX_EMIT_ROWS} rows")
             if partial:
                 raise UsageError("partial emits take Arrow rows")
-            result = await node.emit(rows, wait_replicas=wait, wait_timeout=timeout)
+            result = await node.emit(
+                rows, wait_replicas=wait, wait_timeout=timeout, continues=continues
+            )
         return result.to_dict(), b""
 
     async def query(args: dict[str, Any], blob: bytes) -> tuple[Any, bytes]:
@@ -199,14 +218,18 @@ async def serve(config: NodeConfig, *, ready: Callable[[Node], None] | None = No
     node = await Node.open(config)
     server: ControlServer | None = None
     flight: Any = None
+    http: Any = None
+    activity: asyncio.Task[None] | None = None
     installed: list[int] = []
     try:
         handlers, streams = control_handlers(node, lambda: server, stopping.set)
         server = ControlServer(socket_path(node.data_dir), handlers, streams)
         await server.start()
         if config.flight:
-            from qisd.net.flight import start_flight
+            from qisd.net.flight import parse_uri, start_flight
 
+            where = parse_uri(config.flight, tls=bool(config.flight_tls_cert))
+            check_tcp_port_free(where.host, where.port, "Arrow Flight", "--flight URI")
             flight = await start_flight(
                 node,
                 config.flight,
@@ -214,16 +237,21 @@ async def serve(config: NodeConfig, *, ready: Callable[[Node], None] | None = No
                 tls_cert=config.flight_tls_cert,
                 tls_key=config.flight_tls_key,
             )
+        if config.metrics:
+            http = await _start_http(node, config, flight, lambda: server)
+        activity = asyncio.create_task(
+            ActivityLog(node, config.log_summary_seconds).run(), name="qisd-activity-log"
+        )
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, stopping.set)
                 installed.append(sig)
         host, port = node.address if node.address else ("-", 0)
-        print(
-            f"qisd listening on {host}:{port} node={node.identity.node_id}",
-            file=sys.stderr,
-            flush=True,
-        )
+        text = f"qisd listening on {host}:{port} node={node.identity.node_id}"
+        fields: dict[str, Any] = {"host": host, "port": port, "node_id": node.identity.node_id}
+        if http is not None:
+            fields["metrics"] = http.url + "metrics"
+        print(ready_line(text, config.log_format, **fields), file=sys.stderr, flush=True)
         sd_notify(f"READY=1\nSTATUS=listening on {host}:{port}\nMAINPID={os.getpid()}")
         if ready is not None:
             ready(node)
@@ -234,8 +262,13 @@ async def serve(config: NodeConfig, *, ready: Callable[[Node], None] | None = No
         # The signal handlers stay installed until everything is closed: a second SIGTERM
         # or Ctrl-C while in-flight commits finish only sets the (already set) stop event.
         try:
+            if activity is not None:
+                activity.cancel()
+                await asyncio.gather(activity, return_exceptions=True)
             if server is not None:
                 await server.close()
+            if http is not None:
+                await http.close()
             if flight is not None:
                 try:
                     await flight.close()
@@ -251,6 +284,26 @@ async def serve(config: NodeConfig, *, ready: Callable[[Node], None] | None = No
     log.info("stopped")
 
 
+async def _start_http(
+    node: Node, config: NodeConfig, flight: Any, server: Callable[[], ControlServer | None]
+) -> Any:
+    """The metrics and dashboard server (``--metrics``)."""
+    from qisd.net.dashboard import HttpServer
+    from qisd.net.metrics import Metrics
+    from qisd.net.settings import parse_metrics_address
+
+    def rejected() -> int:
+        srv = server()
+        return srv.rejected if srv is not None else 0
+
+    metrics = Metrics(
+        node, flight_calls=flight.calls if flight is not None else None, control_rejected=rejected
+    )
+    http = HttpServer(node, metrics, parse_metrics_address(config.metrics), config.metrics_token)
+    await http.start()
+    return http
+
+
 def run(config: NodeConfig) -> int:
     """``qisd start``: configure logging, run :func:`serve` on uvloop, return the exit code.
 
@@ -259,6 +312,6 @@ def run(config: NodeConfig) -> int:
     """
     import uvloop
 
-    configure_logging(config.log_level)
+    configure_logging(config.log_level, config.log_format)
     uvloop.run(serve(config))
     return 0

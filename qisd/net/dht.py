@@ -91,6 +91,8 @@ PROOF_BYTES = 176
 LISTEN_FANOUT = 4
 """A follower registers with this many of a key's closest holders."""
 MAX_HANDED_OFF = 100_000
+MAX_PEER_KEYS = 8_192
+"""Public keys of proven ids remembered (a routing table holds at most 160 x k contacts)."""
 RECEIVE_BUFFER_BYTES = 4 << 20
 MAX_VALIDATED = 65_536
 VALIDATED_SECONDS = 600.0
@@ -337,6 +339,8 @@ class QisdProtocol(KademliaProtocol):
         self.own_sources: set[str] = set()
         """Sources (``wire.source_of``) this node knows as its own address: proofs must name one."""
         self._seen_votes: OrderedDict[str, set[str]] = OrderedDict()
+        self.peer_keys: OrderedDict[bytes, bytes] = OrderedDict()
+        """Public keys of ids that proved holding them (so peers can be shown by node id)."""
         self._handlers: dict[str, Callable[[_Request, list[Any]], Any]] = {
             "ping": self._rpc_ping,
             "find_node": self._rpc_find_node,
@@ -679,7 +683,10 @@ class QisdProtocol(KademliaProtocol):
         if len(pub) != PUBLIC_KEY_BYTES or dht_id_for(pub) != node.id:
             return False
         signed = _HELLO_TAG + nonce + self.source_node.id + node.id + _packed_seen(seen)
-        return verify(pub, sig, signed) and self._address_ok(seen, self._address(node))
+        if verify(pub, sig, signed) and self._address_ok(seen, self._address(node)):
+            self._learn_key(node.id, pub)
+            return True
+        return False
 
     def ping(
         self, address: tuple | None, nonce: bytes, *, to: bytes | None = None
@@ -760,7 +767,14 @@ class QisdProtocol(KademliaProtocol):
             return None
         if not self._address_ok(seen, address):
             return None  # answered to someone else: a relay at ``address``
+        self._learn_key(nid, pub)
         return nid
+
+    def _learn_key(self, nid: bytes, pub: bytes) -> None:
+        self.peer_keys[nid] = pub
+        self.peer_keys.move_to_end(nid)
+        while len(self.peer_keys) > MAX_PEER_KEYS:
+            self.peer_keys.popitem(last=False)
 
     async def call_ping(self, node_to_ask: Node) -> tuple[bool, Any]:
         """A verified ping of a known contact."""
@@ -1096,6 +1110,7 @@ class QisdProtocol(KademliaProtocol):
         ):
             raise wire.WireError("bad_introduction")
         self._intro_nonces[nonce] = ts
+        self._learn_key(nid, pub)
         while self._intro_nonces and (
             len(self._intro_nonces) > MAX_INTRODUCED
             or next(iter(self._intro_nonces.values())) < now - INTRO_WINDOW_MS

@@ -233,9 +233,16 @@ def _translated(what: str) -> Iterator[None]:
 class _CallMiddleware(flight.ServerMiddleware):
     """Per-call state: the options the client sent as headers, and the bearer to answer with."""
 
-    def __init__(self, partial: bool, bearer: str | None) -> None:
+    def __init__(
+        self, partial: bool, bearer: str | None, done: Callable[[str], None] | None = None
+    ) -> None:
         self.partial = partial
         self._bearer = bearer
+        self._done = done
+
+    def call_completed(self, exception: Any) -> None:
+        if self._done is not None:
+            self._done("ok" if exception is None else "error")
 
     def sending_headers(self) -> dict[str, str]:
         if self._bearer is None:
@@ -259,19 +266,31 @@ class _CallMiddlewareFactory(flight.ServerMiddlewareFactory):
 
     def __init__(self, token: str) -> None:
         self._token = token.encode("utf-8")
+        self.calls: collections.Counter[tuple[str, str]] = collections.Counter()
+        """Calls by (method, outcome: ok, error, unauthenticated), for metrics."""
+        self._calls_lock = threading.Lock()
+
+    def _counter(self, method: str) -> Callable[[str], None]:
+        def done(outcome: str) -> None:
+            with self._calls_lock:  # gRPC threads
+                self.calls[(method, outcome)] += 1
+
+        return done
 
     def _matches(self, candidate: str) -> bool:
         return hmac.compare_digest(candidate.strip().encode("utf-8"), self._token)
 
     def start_call(self, info: Any, headers: dict[str, list[Any]]) -> _CallMiddleware:
         partial = any(_truthy(v) for v in _header(headers, PARTIAL_HEADER))
+        method = getattr(getattr(info, "method", None), "name", "unknown").lower()
+        done = self._counter(method)
         if not self._token:
-            return _CallMiddleware(partial, None)
+            return _CallMiddleware(partial, None, done)
         for value in _header(headers, "authorization"):
             scheme, _, credential = value.strip().partition(" ")
             scheme = scheme.lower()
             if scheme == "bearer" and self._matches(credential):
-                return _CallMiddleware(partial, None)
+                return _CallMiddleware(partial, None, done)
             if scheme == "basic":
                 try:
                     decoded = base64.b64decode(credential.strip(), validate=True).decode("utf-8")
@@ -280,7 +299,8 @@ class _CallMiddlewareFactory(flight.ServerMiddlewareFactory):
                 _, _, password = decoded.partition(":")
                 if self._matches(password):
                     # Flight's basic-auth handshake: answer with the bearer header to reuse.
-                    return _CallMiddleware(partial, self._token.decode("utf-8"))
+                    return _CallMiddleware(partial, self._token.decode("utf-8"), done)
+        done("unauthenticated")
         raise flight.FlightUnauthenticatedError(
             "this qisd Flight endpoint needs its token: send the header "
             "'authorization: Bearer <token>' (or authenticate_basic_token(user, token))"
@@ -558,11 +578,12 @@ class QisdFlightServer(flight.FlightServerBase):
         token: str,
         tls_certificates: list[tuple[bytes, bytes]],
     ) -> None:
+        self.call_counter = _CallMiddlewareFactory(token)
         super().__init__(
             location,
             tls_certificates=tls_certificates or None,
             auth_handler=_HeaderAuthHandler() if token else None,
-            middleware={"qisd": _CallMiddlewareFactory(token)},
+            middleware={"qisd": self.call_counter},
         )
         self.node = node
         self.loop = loop
@@ -1021,6 +1042,10 @@ class FlightHandle:
         self.port: int = server.port
         self.uri: str = _Address(address.scheme, address.host, self.port).location()
         self._closed = False
+
+    def calls(self) -> dict[tuple[str, str], int]:
+        """Flight calls so far by (method, outcome), e.g. ``("do_put", "ok")``."""
+        return dict(self._server.call_counter.calls)
 
     async def close(self) -> None:
         """Stop accepting calls, end follows, and wait for calls in progress to finish."""

@@ -17,7 +17,9 @@ change, its synthesis is re-run and kept for :meth:`Node.status`.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -29,7 +31,7 @@ import pyarrow as pa
 from qisd import __version__
 from qisd.config import NodeConfig
 from qisd.core import completeness
-from qisd.core.crypto import Identity
+from qisd.core.crypto import Identity, node_id_for
 from qisd.core.darwin import Darwinism, DarwinStateError
 from qisd.core.fingerprint import Template, key_for_path, normalize_path, split_path
 from qisd.core.hiring import (
@@ -45,6 +47,7 @@ from qisd.core.hiring import (
 from qisd.core.math import tally
 from qisd.core.packet import (
     KIND_ENDORSEMENT,
+    KIND_PACKET,
     KIND_TEMPLATE,
     RESULT_SCHEMA,
     Envelope,
@@ -83,6 +86,8 @@ PUBLISH_CONCURRENCY = 8
 MAX_FOLLOWED = 1_000
 """Paths one node may follow."""
 _SUBSCRIBER_QUEUE = 1_024
+RECENT_PACKETS = 50
+"""Packets kept for the dashboard's "recent packets"."""
 """Tables buffered per subscriber; a subscriber that falls further behind loses the oldest."""
 
 
@@ -110,13 +115,18 @@ class EmitResult:
     ``packet_ids`` are committed to the local store (durable) when this is returned;
     ``replicas`` counts, per packet id, the DHT nodes that acknowledged storing it (0 when the
     emit did not wait for the network); ``rejected`` lists ``(row_index, reason)`` of rows left
-    out by a partial emit.
+    out by a partial emit; ``duplicates`` the packet ids (of ``packet_ids``) that the store
+    already held, so this emit did not store them again (the same rows emitted twice make the
+    same packets); ``duplicate_count`` how many of the packets the rows made were not new
+    (those, and repeats within this emit).
     """
 
     packet_ids: list[str]
     rows: int
     replicas: dict[str, int] = field(default_factory=dict)
     rejected: list[tuple[int, str]] = field(default_factory=list)
+    duplicates: list[str] = field(default_factory=list)
+    duplicate_count: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for JSON output."""
@@ -125,6 +135,8 @@ class EmitResult:
             "rows": self.rows,
             "replicas": dict(self.replicas),
             "rejected": [list(r) for r in self.rejected],
+            "duplicates": list(self.duplicates),
+            "duplicate_count": self.duplicate_count,
         }
 
 
@@ -141,10 +153,25 @@ def _check_wait(wait_replicas: int, wait_timeout: float | None) -> None:
         raise UsageError(f"wait_timeout must be seconds in (0, {MAX_WAIT_SECONDS}]")
 
 
-def _emitted(groups: list[list[Envelope]], rows: list[dict[str, Any]]) -> EmitResult:
-    """What a committed emit returns: one packet id per body, no replicas counted yet."""
-    ids = [group[0].packet_id for group in groups]
-    return EmitResult(ids, len(rows), {pid: 0 for pid in ids})
+def _emitted(
+    groups: list[list[Envelope]], rows: list[dict[str, Any]], duplicates: list[str]
+) -> EmitResult:
+    """What a committed emit returns: each packet id once, no replicas counted yet."""
+    ids = list(dict.fromkeys(group[0].packet_id for group in groups))
+    return EmitResult(
+        ids,
+        len(rows),
+        {pid: 0 for pid in ids},
+        duplicates=duplicates,
+        duplicate_count=len(groups) - len(ids) + len(duplicates),
+    )
+
+
+def _duplicates(groups: list[list[Envelope]], accepted: Sequence[str]) -> list[str]:
+    """Packet ids of ``groups`` none of whose envelopes the store newly accepted."""
+    new = set(accepted)
+    ids = dict.fromkeys(group[0].packet_id for group in groups)
+    return [pid for pid in ids if pid not in new]
 
 
 def _warm_arrow() -> None:
@@ -220,14 +247,24 @@ class Node:
         self.darwin = Darwinism()
         self.counters: dict[str, int] = {
             "emits": 0,
+            "emit_commits": 0,
             "rows_emitted": 0,
+            "packets_emitted": 0,
+            "duplicate_packets": 0,
             "rejected_emits": 0,
             "rejected_rows": 0,
-            "received_packets": 0,
+            "received_envelopes": 0,
             "publish_failures": 0,
             "election_runs": 0,
             "darwin_observations": 0,
         }
+        # Envelopes newly stored here that came from peers, by how they came: a peer's
+        # store_packets (publish, republish, hand-off), a follow (push or catch-up), a fetch.
+        self.received: dict[str, int] = {"stored_by_peers": 0, "followed": 0, "fetched": 0}
+        self.recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT_PACKETS)
+        """The latest packets emitted here or received, newest last (for the dashboard)."""
+        self.on_timing: Callable[[str, float], None] | None = None
+        """Called with ("emit_commit" | "fetch", seconds) when metrics are on."""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -534,6 +571,7 @@ class Node:
         *,
         wait_replicas: int = 0,
         wait_timeout: float | None = None,
+        continues: bool = False,
     ) -> EmitResult:
         """Validate, sign, commit and publish outcome rows (all rows or none).
 
@@ -541,7 +579,8 @@ class Node:
         also waits for the DHT to store them and reports the replica count per packet, for at
         most ``wait_timeout`` seconds when given (else until the network stops making
         progress). Raises :class:`FieldError` naming the row, field, value and rule of the
-        first bad row.
+        first bad row. ``continues`` marks a later chunk of one bulk emit (counted as one emit
+        request, however many commits it takes).
         """
         _check_wait(wait_replicas, wait_timeout)
         records = self._emit_records(records)
@@ -552,6 +591,7 @@ class Node:
             ),
             wait_replicas,
             wait_timeout,
+            continues,
         )
 
     async def emit_table(
@@ -561,6 +601,7 @@ class Node:
         partial: bool = False,
         wait_replicas: int = 0,
         wait_timeout: float | None = None,
+        continues: bool = False,
     ) -> EmitResult:
         """Emit the rows of an Arrow table or record batch whose columns are packet columns.
 
@@ -568,7 +609,9 @@ class Node:
         ``(row_index, reason)``; without it one bad row refuses the whole table.
         """
         _check_wait(wait_replicas, wait_timeout)
-        return await self._emit(self._table_builder(table, partial), wait_replicas, wait_timeout)
+        return await self._emit(
+            self._table_builder(table, partial), wait_replicas, wait_timeout, continues
+        )
 
     def emit_table_blocking(
         self, table: pa.Table | pa.RecordBatch, *, partial: bool = False
@@ -584,36 +627,37 @@ class Node:
         # No lock beyond the store's: sealing may run beside other emits, the put serialises,
         # and a put racing close() fails with "the store is closed" (nothing acknowledged).
         self._check_open()
-        groups, rows, rejected = self._commit(self._table_builder(table, partial))
+        groups, rows, rejected, duplicates = self._commit(self._table_builder(table, partial))
         if not rows:
             return EmitResult([], 0, {}, rejected)
-        result = self._committed_threadsafe(groups, rows)
-        return EmitResult(result.packet_ids, result.rows, result.replicas, rejected)
+        result = self._committed_threadsafe(groups, rows, duplicates)
+        return dataclasses.replace(result, rejected=rejected)
 
     async def _emit(
-        self, build: _Build, wait_replicas: int, wait_timeout: float | None
+        self, build: _Build, wait_replicas: int, wait_timeout: float | None, continues: bool
     ) -> EmitResult:
         # No lock around the commit: concurrent emits reach the store together and share one
         # group commit (one fsync); the store orders them. close() waits for them (_emitting).
         self._check_open()
         self._emitting += 1
         try:
-            groups, rows, rejected = await asyncio.to_thread(self._commit, build)
+            groups, rows, rejected, duplicates = await asyncio.to_thread(self._commit, build)
         finally:
             self._emitting -= 1
             if not self._emitting:
                 self._emits_done.set()
         if not rows:
             return EmitResult([], 0, {}, rejected)
-        result = self._committed(groups, rows)
+        result = self._committed(groups, rows, duplicates, continues=continues)
         if wait_replicas > 0 and self.dht is not None:
             envelopes = [env for group in groups for env in group]
             result.replicas.update(
                 await self._publish_until(envelopes, wait_replicas, wait_timeout)
             )
+            log.debug("emit: replicas per packet %s", result.replicas)
         else:
             self._enqueue_publish(groups)
-        return EmitResult(result.packet_ids, result.rows, result.replicas, rejected)
+        return dataclasses.replace(result, rejected=rejected)
 
     def _emit_records(self, records: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
         """The argument checks every emit of rows makes before any work."""
@@ -646,17 +690,18 @@ class Node:
 
     def _commit(
         self, build: _Build
-    ) -> tuple[list[list[Envelope]], list[dict[str, Any]], list[tuple[int, str]]]:
+    ) -> tuple[list[list[Envelope]], list[dict[str, Any]], list[tuple[int, str]], list[str]]:
         """Validate (``build``) and sign the rows, then one durable put (runs off the loop).
 
-        Returns the envelopes per body, the rows, and the rows a partial build left out;
-        no rows at all commits nothing.
+        Returns the envelopes per body, the rows, the rows a partial build left out, and the
+        packet ids the store already held; no rows at all commits nothing.
         """
+        started = time.perf_counter()
         try:
             now = now_ms()
             rows, rejected = build(now)
             if not rows:
-                return [], [], rejected
+                return [], [], rejected, []
             by_domain: dict[str, list[dict[str, Any]]] = {}
             for row in rows:
                 by_domain.setdefault(row["domain"], []).append(row)
@@ -669,16 +714,45 @@ class Node:
             if result.refused:
                 pid, reason = result.refused[0]
                 raise PacketError(f"the store refused packet {pid}: {reason}")
-        except PacketError:
+        except PacketError as exc:
             self.counters["rejected_emits"] += 1
+            log.debug("emit refused: %s", exc)
             raise
-        return groups, rows, rejected
+        elapsed = time.perf_counter() - started
+        duplicates = _duplicates(groups, result.accepted)
+        log.debug(
+            "emit: %d rows signed into %d packets (%d envelopes, %d already stored) and "
+            "committed in %.1f ms: %s",
+            len(rows),
+            len(groups),
+            sum(len(g) for g in groups),
+            len(duplicates),
+            elapsed * 1000,
+            " ".join(dict.fromkeys(g[0].packet_id for g in groups)),
+        )
+        if self.on_timing is not None:
+            self.on_timing("emit_commit", elapsed)
+        return groups, rows, rejected, duplicates
 
-    def _committed(self, groups: list[list[Envelope]], rows: list[dict[str, Any]]) -> EmitResult:
+    def _committed(
+        self,
+        groups: list[list[Envelope]],
+        rows: list[dict[str, Any]],
+        duplicates: list[str],
+        *,
+        continues: bool = False,
+    ) -> EmitResult:
         """The bookkeeping after an emit's commit, on the loop: counters, subscribers, learning."""
-        result = _emitted(groups, rows)
-        self.counters["emits"] += 1
+        result = _emitted(groups, rows, duplicates)
+        if not continues:
+            self.counters["emits"] += 1
+        self.counters["emit_commits"] += 1
         self.counters["rows_emitted"] += len(rows)
+        self.counters["packets_emitted"] += len(result.packet_ids) - len(duplicates)
+        self.counters["duplicate_packets"] += result.duplicate_count
+        self._remember([group[0] for group in groups], "emitted here")
+        if any(env.key in self._follow_keys for group in groups for env in group):
+            self._dirty.set()  # a followed path's synthesis includes this site's own packets
         self._domains.update(row["domain"] for row in rows)
         self._deliver([env for group in groups for env in group])
         if self._recommended:
@@ -686,19 +760,19 @@ class Node:
         return result
 
     def _committed_threadsafe(
-        self, groups: list[list[Envelope]], rows: list[dict[str, Any]]
+        self, groups: list[list[Envelope]], rows: list[dict[str, Any]], duplicates: list[str]
     ) -> EmitResult:
         """:meth:`_committed` and the publish, handed to the loop from another thread."""
 
         def on_loop() -> None:
-            self._committed(groups, rows)
+            self._committed(groups, rows, duplicates)
             self._enqueue_publish(groups)
 
         try:
             self._loop.call_soon_threadsafe(on_loop)
         except RuntimeError:  # the loop closed after the commit: republish covers the packets
             log.warning("emit committed while the node was stopping; republish will send it")
-        return _emitted(groups, rows)
+        return _emitted(groups, rows, duplicates)
 
     def _enqueue_publish(self, groups: list[list[Envelope]]) -> None:
         if self.dht is None or self._closed:
@@ -724,6 +798,7 @@ class Node:
             async with self._publish_slots:
                 return await self.dht.publish(group)
 
+        started = time.perf_counter()
         try:
             results = await asyncio.gather(*(one(g) for g in by_key.values()))
         except Exception:
@@ -734,6 +809,17 @@ class Node:
         for result in results:
             for pid, n in result.replicas.items():
                 replicas[pid] = min(replicas.get(pid, n), n)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "published %d envelopes under %d keys in %.1f ms: %s",
+                len(envelopes),
+                len(by_key),
+                (time.perf_counter() - started) * 1000,
+                ", ".join(
+                    f"key {key.hex()[:12]} at {r.contacted} nodes, min replicas {r.min_replicas}"
+                    for key, r in zip(by_key, results, strict=True)
+                ),
+            )
         return replicas
 
     async def _publish_until(
@@ -837,6 +923,7 @@ class Node:
         self._check_open()
         key, wanted = self.query_route(path)
         extra: list[Envelope] = []
+        log.debug("query %s: key %s, rows where %s", path, key.hex(), wanted or "all")
         report = None
         if not local_only:
             extra, report = await self.fetch_into_store(key)
@@ -856,7 +943,17 @@ class Node:
         """
         if self.dht is None:
             return [], None
+        started = time.perf_counter()
         fetched = await self.dht.fetch_report(key)
+        elapsed = time.perf_counter() - started
+        if self.on_timing is not None:
+            self.on_timing("fetch", elapsed)
+        log.debug(
+            "fetch of key %s: %d envelopes from the network (verified) in %.1f ms",
+            key.hex(),
+            len(fetched.envelopes),
+            elapsed * 1000,
+        )
         refused = await self._keep(fetched.envelopes) if fetched.envelopes else []
         return refused, fetched.report()
 
@@ -892,9 +989,30 @@ class Node:
     async def _keep(self, envelopes: Sequence[Envelope]) -> list[Envelope]:
         """Store envelopes received from the network; returns those the store refused."""
         accepted, refused = await self._store_remote(envelopes)
+        self._count_received("fetched", accepted)
         if accepted:
             self._deliver(accepted)
         return refused
+
+    def _count_received(self, how: str, accepted: Sequence[Envelope]) -> None:
+        if not accepted:
+            return
+        self.received[how] += len(accepted)
+        self.counters["received_envelopes"] += len(accepted)
+        self._remember(accepted, "from peers")
+        log.debug(
+            "stored %d new envelopes from peers (%s): %s",
+            len(accepted),
+            how,
+            " ".join(e.packet_id for e in accepted[:8]) + (" ..." if len(accepted) > 8 else ""),
+        )
+
+    def _remember(self, envelopes: Sequence[Envelope], source: str) -> None:
+        """Keep the latest packets for the dashboard (decoded only when it asks)."""
+        now = time.time()
+        for env in envelopes[-RECENT_PACKETS:]:
+            if env.kind == KIND_PACKET:
+                self.recent.append({"envelope": env, "source": source, "at": now})
 
     async def _store_remote(
         self, envelopes: Sequence[Envelope]
@@ -952,6 +1070,7 @@ class Node:
         self._follow_keys.add(key)
         await asyncio.to_thread(self.store.set_meta, FOLLOWED_META, self._followed)
         await self._listen(key)
+        log.info("following %s (key %s)", path, key.hex())
         self._dirty.set()
 
     async def unfollow(self, path: str) -> None:
@@ -965,6 +1084,7 @@ class Node:
         self._syntheses.pop(path, None)
         self._digests.pop(path, None)
         self._follow_routes()
+        log.info("no longer following %s", path)
         try:
             key, _ = self.query_route(path)
         except QisdError:
@@ -1029,7 +1149,7 @@ class Node:
 
     async def _received(self, envelopes: list[Envelope]) -> None:
         accepted, _ = await self._store_remote(envelopes)
-        self.counters["received_packets"] += len(accepted)
+        self._count_received("followed", accepted)
         # Deliver even what the store already held: this node may be one of the key's
         # replicas, stored by a peer's store_packets before the push reached the follow.
         self._deliver(envelopes)
@@ -1039,6 +1159,10 @@ class Node:
         """A peer stored packets here (this node is one of the key's replicas)."""
         if self._closed:
             return
+        self.received["stored_by_peers"] += accepted
+        self.counters["received_envelopes"] += accepted
+        if accepted:
+            log.debug("a peer stored %d new envelopes here under key %s", accepted, key.hex())
         if key in self._follow_keys:
             self._dirty.set()
         if key in self._subscribers:
@@ -1243,15 +1367,52 @@ class Node:
             return
         self._digests[path] = digest
         self.counters["election_runs"] += 1
-        self._syntheses[path] = self._synthesize(path, table)
+        result = self._synthesize(path, table)
+        self._syntheses[path] = result
+        log.debug(
+            "election: %s re-synthesized over %d rows of %s signers: %s",
+            path,
+            table.num_rows,
+            result.get("distinct_signers"),
+            result.get("best_intervention") or result.get("status"),
+        )
 
     # ------------------------------------------------------------------ status
 
+    def uptime(self) -> float:
+        """Seconds since the node opened."""
+        return time.monotonic() - self._started
+
+    def publish_backlog(self) -> int:
+        """Committed envelopes not yet through their first publish."""
+        return self._backlog
+
+    def subscriber_count(self) -> int:
+        """Local subscriptions open (watch streams, Flight follows)."""
+        return sum(len(sub.queues) for sub in self._subscribers.values())
+
     def peers(self) -> list[dict[str, Any]]:
-        """The routing table's contacts (empty without a network)."""
+        """The routing table's contacts (empty without a network).
+
+        Each shows its ``node_id`` (the hash of its public key that its packets carry, the
+        id ``status`` and ``query`` show) beside ``dht_id``, its 160-bit routing id; a contact
+        whose key this node has not seen yet has ``node_id`` None.
+        """
         if self.dht is None:
             return []
-        return list(self.dht.peers())
+        keys = getattr(self.dht.protocol, "peer_keys", {})
+        out = []
+        for peer in self.dht.peers():
+            dht_id = peer.get("id", "")
+            pub = keys.get(bytes.fromhex(dht_id)) if dht_id else None
+            out.append(
+                {
+                    "node_id": node_id_for(pub) if pub else None,
+                    "dht_id": dht_id,
+                    **{k: v for k, v in peer.items() if k != "id"},
+                }
+            )
+        return out
 
     def status(self) -> dict[str, Any]:
         """What ``qisd status`` shows: identity, address, uptime, peers, store, follows."""
@@ -1273,6 +1434,7 @@ class Node:
             "publish_backlog": self._backlog,
             "followed": self.followed(),
             "counters": dict(self.counters),
+            "received": dict(self.received),
             "dht": dht_stats,
             "syntheses": {p: self._syntheses[p] for p in self._followed if p in self._syntheses},
             "templates": {

@@ -38,6 +38,7 @@ from qisd.errors import ConfigError
 
 ENV_PREFIX = "QISD_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 _SECTIONS: dict[str, type] = {"dht": DhtConfig, "store": StoreLimits}
 # Environment variables that are not config keys (read by other parts of qisd).
 _NOT_KEYS = {"QISD_CONFIG", "QISD_SLOW"}
@@ -163,8 +164,20 @@ def check(config: NodeConfig) -> NodeConfig:
     """Range checks across fields; returns ``config`` or raises ConfigError."""
     if not 0 <= config.port <= 65535:
         raise ConfigError(f"port {config.port} must lie in 0..65535")
-    if config.log_level.lower() not in LOG_LEVELS:
-        raise ConfigError(f"log_level {config.log_level!r} must be one of {', '.join(LOG_LEVELS)}")
+    parse_log_level(config.log_level)
+    if config.log_format not in LOG_FORMATS:
+        raise ConfigError(
+            f"log_format {config.log_format!r} must be one of {', '.join(LOG_FORMATS)}"
+        )
+    if not config.log_summary_seconds > 0:
+        raise ConfigError(f"log_summary_seconds {config.log_summary_seconds} must be positive")
+    if config.metrics:
+        host, _port = parse_metrics_address(config.metrics)
+        if not _is_loopback(host) and not config.metrics_token:
+            raise ConfigError(
+                f"metrics address {host} is not loopback: set metrics_token "
+                "(QISD_METRICS_TOKEN) so that scrapers and browsers must authenticate"
+            )
     if not config.election_seconds > 0:
         raise ConfigError(f"election_seconds {config.election_seconds} must be positive")
     for peer in config.bootstrap:
@@ -198,6 +211,37 @@ def check(config: NodeConfig) -> NodeConfig:
                 "(QISD_FLIGHT_TOKEN) so clients must authenticate"
             )
     return config
+
+
+def parse_log_level(text: str) -> tuple[str, dict[str, str]]:
+    """``LEVEL[,LOGGER=LEVEL...]`` as (root level, {logger: level}); ConfigError if bad."""
+    parts = [p.strip() for p in text.lower().split(",") if p.strip()]
+    known = ", ".join(LOG_LEVELS)
+    if not parts or "=" in parts[0] or parts[0] not in LOG_LEVELS:
+        raise ConfigError(f"log_level {text!r} must be one of {known} (then LOGGER=LEVEL pairs)")
+    loggers: dict[str, str] = {}
+    for part in parts[1:]:
+        name, sep, level = part.partition("=")
+        if not sep or not name.strip() or level.strip() not in LOG_LEVELS:
+            raise ConfigError(f"log_level {text!r}: {part!r} must be LOGGER=LEVEL ({known})")
+        loggers[name.strip()] = level.strip()
+    return parts[0], loggers
+
+
+def parse_metrics_address(text: str) -> tuple[str, int]:
+    """The metrics server's ``HOST:PORT`` (``[v6]:PORT``; port 0 picks a free one)."""
+    value = text.strip()
+    if "://" in value:
+        parts = urlsplit(value)
+        if parts.scheme != "http" or not parts.hostname or parts.path not in ("", "/"):
+            raise ConfigError(f"metrics {text!r} must be HOST:PORT, e.g. 127.0.0.1:8469")
+        value = parts.netloc
+    host, sep, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"metrics {text!r} must be HOST:PORT, e.g. 127.0.0.1:8469")
+    return host, int(port)
 
 
 def _is_loopback(host: str) -> bool:
@@ -243,7 +287,9 @@ def load_config(
         given = {k: v for k, v in flags.items() if v is not None and v != ()}
         changes = _apply(config, given, "command line", from_text=False)
         config = dataclasses.replace(config, **changes)
-    config = dataclasses.replace(config, log_level=config.log_level.lower())
+    config = dataclasses.replace(
+        config, log_level=config.log_level.lower(), log_format=config.log_format.lower()
+    )
     return check(config)
 
 
@@ -251,8 +297,9 @@ def config_to_dict(config: NodeConfig) -> dict[str, Any]:
     """The configuration as plain data (for ``qisd status --json`` and docs)."""
     out = dataclasses.asdict(config)
     out["bootstrap"] = list(config.bootstrap)
-    if out.get("flight_token"):
-        out["flight_token"] = "***"
+    for secret in ("flight_token", "metrics_token"):
+        if out.get(secret):
+            out[secret] = "***"
     return out
 
 
