@@ -462,3 +462,26 @@ def test_a_node_holding_many_keys_restarts_without_a_storm(tmp_path: Path, qisd_
         assert c["timeouts"] == 0
 
     run(tmp_path, body, DhtConfig(rpc_timeout=2.0))
+
+
+def test_a_call_to_a_closed_port_fails_at_once(tmp_path: Path) -> None:
+    """The kernel's port-unreachable (ICMP, read with IP_RECVERR) fails the call well inside
+    the RPC timeout: a stopped node costs no wait."""
+    config = DhtConfig(rpc_timeout=3.0)
+
+    async def body(net: Network) -> None:
+        await net.add(2)
+        a, gone = net.nodes
+        contact = Contact(gone.node_id, *gone.address)
+        net.kill(gone)
+        for _ in range(3):  # let the loop run the abort: then its socket is closed
+            await asyncio.sleep(0)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        ok, _ = await a.protocol.call_find_node(contact, Contact(a.node_id))
+        took = loop.time() - t0
+        assert not ok
+        assert took < 1.0, f"waited {took:.2f} s of a {config.rpc_timeout} s timeout"
+        assert a.protocol.counters["icmp_unreachable"] >= 1
+
+    run(tmp_path, body, config)
