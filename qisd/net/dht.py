@@ -1110,7 +1110,7 @@ class QisdProtocol(KademliaProtocol):
             theirs = newcomer ^ k
             if sum(1 for i in ids if i ^ k < theirs) >= self.ksize:
                 continue  # the newcomer is not among the k closest
-            if self.sync.enqueue(key, node):
+            if self.sync.enqueue(key, node, "hand_off"):
                 sent += 1
         self.counters["hand_off_keys"] += sent
         return sent
@@ -2182,6 +2182,7 @@ class DhtNode:
             "bytes_sent": counters.get("bytes_sent", 0),
             "bytes_received": counters.get("bytes_received", 0),
             "sync_backlog": self.protocol.sync.backlog() if running else 0,
+            "handoff_backlog": self.protocol.sync.backlog("hand_off") if running else 0,
             "sync": {
                 name: counters.get(name, 0)
                 for name in (

@@ -123,7 +123,7 @@ class ReplicaSync:
         self.protocol = protocol
         self.workers = workers
         self.max_jobs = max_jobs
-        self._jobs: OrderedDict[tuple[bytes, bytes], Node] = OrderedDict()
+        self._jobs: OrderedDict[tuple[bytes, bytes], tuple[Node, str]] = OrderedDict()
         self._running = 0
         self.counters = protocol.counters
 
@@ -405,26 +405,28 @@ class ReplicaSync:
 
     # -- hand-off and anti-entropy jobs
 
-    def enqueue(self, key: bytes, node: Node) -> bool:
+    def enqueue(self, key: bytes, node: Node, origin: str = "sync") -> bool:
         """Queue a two-way reconciliation of ``key`` with ``node`` (once per pair while queued)."""
         job = (key, node.id)
         if job in self._jobs or len(self._jobs) >= self.max_jobs:
             return False
-        self._jobs[job] = node
+        self._jobs[job] = (node, origin)
         while self._running < min(self.workers, len(self._jobs)):
             self._running += 1
             self.protocol.spawn(self._work())
         return True
 
-    def backlog(self) -> int:
-        """Reconciliations queued and not yet started."""
-        return len(self._jobs)
+    def backlog(self, origin: str | None = None) -> int:
+        """Reconciliations queued and not yet started (of one ``origin``: "hand_off", ...)."""
+        if origin is None:
+            return len(self._jobs)
+        return sum(1 for _node, why in self._jobs.values() if why == origin)
 
     async def _work(self) -> None:
         """Work the queue until it is empty (workers are started again by :meth:`enqueue`)."""
         try:
             while self._jobs and not self.protocol.closed:
-                (key, _nid), node = self._jobs.popitem(last=False)
+                (key, _nid), (node, _origin) = self._jobs.popitem(last=False)
                 try:
                     await self.sync_with(node, key)
                 except Exception:  # one job's failure must not stop the queue
