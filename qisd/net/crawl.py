@@ -55,9 +55,11 @@ class _Crawl(SpiderCrawl, abc.ABC):
         alpha: int,
         *,
         stall_after: Callable[[], float],
+        meter: list[int] | None = None,
     ) -> None:
         super().__init__(protocol, node, peers, ksize, alpha)
         self.stall_after = stall_after
+        self.meter = meter
         self.messages = 0
         self._candidates: dict[bytes, Node] = {}
         self._state: dict[bytes, str] = {}
@@ -160,20 +162,6 @@ class NodeCrawl(_Crawl):
 
     ``meter`` ([bytes, requests]) counts the replies' datagram bytes and the requests sent.
     """
-
-    def __init__(
-        self,
-        protocol: Any,
-        node: Node,
-        peers: list[Node],
-        ksize: int,
-        alpha: int,
-        *,
-        stall_after: Callable[[], float],
-        meter: list[int] | None = None,
-    ) -> None:
-        super().__init__(protocol, node, peers, ksize, alpha, stall_after=stall_after)
-        self.meter = meter
 
     async def _ask(self, node: Node) -> tuple[bool, list[Node]]:
         self.messages += 1
