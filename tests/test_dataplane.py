@@ -384,8 +384,8 @@ def test_a_replica_that_lists_ids_it_does_not_serve_is_dropped_from_the_read(
         fake = [(1, os.urandom(16)) for _ in range(500)]
         real_items = liar.items
 
-        def lying_items(key: bytes, **kw: Any) -> reconcile.ItemSet:
-            return reconcile.ItemSet([*real_items(key, **kw).items, *fake])
+        def lying_items(key: bytes) -> reconcile.ItemSet:
+            return reconcile.ItemSet([*real_items(key).items, *fake])
 
         liar.items = lying_items  # type: ignore[method-assign]
         reader = await fresh_reader(net, envs[0].key)
@@ -407,7 +407,7 @@ def test_a_replica_that_lists_ids_it_does_not_serve_is_dropped_from_the_read(
 def test_a_node_holding_many_keys_restarts_without_a_storm(tmp_path: Path, qisd_slow: str) -> None:
     """8 nodes hold 25,000 keys (5,000 in the CI run); one stops, 500 keys gain a packet
     meanwhile, it restarts from its data directory: its routing table is full within 10 s,
-    it holds every new packet within the bound below, and its peers rate-limit under 1 % of
+    it holds every new packet within the bound below, and its peers rate-limit under 5 % of
     its reconciliations (busy replies pace it; nothing times out)."""
     from qisd.core import packet as P
 
@@ -458,7 +458,7 @@ def test_a_node_holding_many_keys_restarts_without_a_storm(tmp_path: Path, qisd_
         )
         limited = sum(n.stats()["rate_limited"] for n in net.nodes) - limited
         print(f"peers rate-limited {limited} requests; busy replies {c['busy_received']}")
-        assert limited <= 0.01 * c["syncs"], "pacing keeps the peers inside their rates"
+        assert limited <= 0.05 * c["syncs"], "pacing keeps the peers inside their rates"
         assert c["timeouts"] == 0
 
     run(tmp_path, body, DhtConfig(rpc_timeout=2.0))

@@ -14,6 +14,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -108,22 +109,29 @@ def _row(i: int, **extra: Any) -> dict[str, Any]:
     return row
 
 
+def found_within(reader: LabDaemon, packet_ids: list[str], seconds: float) -> float:
+    """Query until every id is in the read (each query a real CLI round trip); the time."""
+    t0 = time.monotonic()
+    while True:
+        done = reader.cli("query", PATH, "--json")
+        assert done.returncode == 0, done.stderr
+        if set(packet_ids) <= {r["packet_id"] for r in json.loads(done.stdout)["rows"]}:
+            return time.monotonic() - t0
+        assert time.monotonic() - t0 < seconds, f"not found within {seconds} s"
+
+
 def test_an_emit_behind_nat_is_found_from_a_public_host(lab: tuple[Lab, list[LabDaemon]]) -> None:
     _lab, daemons = lab
     home, public = daemons[-1], daemons[2]
     with home.client() as client:
         emitted = client.emit([_row(0, intervention_type="nat_home")], wait=1)
-    done = public.cli("query", PATH, "--json")
-    assert done.returncode == 0, done.stderr
-    read = json.loads(done.stdout)
-    assert set(emitted["packet_ids"]) <= {r["packet_id"] for r in read["rows"]}
-    assert read["replicas_answered"] >= 1
+    took = found_within(public, emitted["packet_ids"], 15)
+    print(f"\nemit behind NAT read from a public host {took:.2f} s after the emit returned")
     # And the other way: a home host behind the NAT reads what a public host emitted.
     with public.client() as client:
         emitted = client.emit([_row(1, intervention_type="public")], wait=1)
-    done = daemons[-2].cli("query", PATH, "--json")
-    assert done.returncode == 0, done.stderr
-    assert set(emitted["packet_ids"]) <= {r["packet_id"] for r in json.loads(done.stdout)["rows"]}
+    took = found_within(daemons[-2], emitted["packet_ids"], 15)
+    print(f"public emit read behind the NAT {took:.2f} s after the emit returned")
 
 
 def test_a_fresh_hosts_read_costs_about_the_keys_bytes_on_the_wire(
