@@ -164,6 +164,8 @@ def test_every_documented_family_is_served_and_moves_as_the_daemons_work(
         before_a, "qisd_dht_lookup_seconds_count", kind="nodes"
     )
     assert value(after_a, "qisd_flight_calls_total", method="do_action", outcome="ok") == 1
+    for traffic in ("qisd_dht_sent_bytes_total", "qisd_dht_received_bytes_total"):
+        assert value(after_a, traffic) > value(before_a, traffic), traffic
     assert value(after_a, "qisd_routing_table_contacts") >= 1
     assert value(after_a, "qisd_peers", state="responsive") >= 1
     assert value(after_a, "qisd_node_info", node_id=a.node_id) == 1
@@ -716,3 +718,60 @@ def test_the_grafana_dashboard_queries_only_documented_families() -> None:
         for name in re.findall(r"\b(qisd_[a-z_]+)", expr):
             family = re.sub(r"_(total|bucket|count|sum)$", "", name)
             assert family in documented, (name, expr)
+
+
+def test_losing_and_regaining_every_peer_is_logged_once_each(tmp_path: Path) -> None:
+    """A's only peer dies: its calls fail (port unreachable), the peer is evicted, and INFO says
+    so once; the peer comes back from its data directory and A says it regained peers."""
+    a = Daemon(tmp_path / "a", env=ENV)
+    b = Daemon(tmp_path / "b", "--bootstrap", a.address, env=ENV)
+    try:
+        a.wait_for_line(re.compile(r".*joined the network: 1 peers"), 30)
+        b.kill()
+        # Publishing to the dead peer fails at once, call after call, until it is evicted.
+        done = a.cli("emit", *FLAGS, "--intervention=alone", "--wait=1", "--wait-timeout=8")
+        assert done.returncode == 5, done.stderr
+        a.wait_for_line(re.compile(r".*lost every peer \(had 1\)"), 30)
+        b = Daemon(tmp_path / "b", "--bootstrap", a.address, env=ENV)
+        line = a.wait_for_line(re.compile(r".*regained peers: (\d+) in the routing table"), 30)
+        assert int(line[1]) == 1
+        assert sum("lost every peer" in text for text in a.lines) == 1
+    finally:
+        b.terminate()
+        assert a.terminate() == 0
+
+
+def test_busy_replies_and_rate_limits_move_their_families(tmp_path: Path) -> None:
+    """A receiver allowing 100 requests a second (burst 20) gets 200 packets' publishes at
+    once: its busy replies and rate limiting show in its metrics, and the busy replies the
+    sender received in the sender's, while every packet still arrives. (Past 50 busy replies
+    a second a source gets silence, so a few calls may still time out.)"""
+    slow = ENV | {"QISD_DHT_RATE_LIMIT_PER_SOURCE": "100", "QISD_DHT_RATE_BURST_PER_SOURCE": "20"}
+    b = Daemon(tmp_path / "b", "--metrics", "127.0.0.1:0", env=slow)
+    a = Daemon(tmp_path / "a", "--bootstrap", b.address, "--metrics", "127.0.0.1:0", env=ENV)
+    try:
+        rows = [
+            dict(
+                domain="clinical.oncology",
+                problem_type="treatment_response_classification",
+                model_architecture=f"arch-{i}",
+                metric_name="val_auc",
+                metric_value=0.8,
+                metric_delta=0.01,
+                confidence=0.9,
+                intervention_type="busy_test",
+                outcome_decile=5,
+                sample_count=i,
+            )
+            for i in range(200)
+        ]
+        with Client(a.data_dir) as client:
+            emitted = client.emit(rows, wait=1, wait_timeout=60)
+        assert min(emitted["replicas"].values()) >= 1
+        after_a, after_b = scrape(a), scrape(b)
+        assert value(after_b, "qisd_dht_busy_replies_total", direction="sent") > 0
+        assert value(after_b, "qisd_dht_rate_limited_requests_total") > 0
+        assert value(after_a, "qisd_dht_busy_replies_total", direction="received") > 0
+    finally:
+        assert a.terminate() == 0
+        assert b.terminate() == 0

@@ -120,6 +120,9 @@ ANTI_ENTROPY_KEYS = 32
 LIVENESS_PINGS = 16
 """Stale contacts pinged per upkeep tick."""
 MAX_CACHED_ITEM_SETS = 256
+EXCHANGE_BUSY_WAITS = 3
+"""A call a peer answers *busy* is sent again after the wait it asked for, this many times,
+before the caller is told (lookups then move on; background work retries on its own)."""
 REPUBLISH_KEYS = 32
 """Keys a republish works on at once."""
 
@@ -847,7 +850,9 @@ class QisdProtocol(KademliaProtocol):
         """Send one introduced request, paced per destination, and parse its reply.
 
         Returns (ok, parsed). No reply: the contact's failure is recorded. A *busy* reply is
-        no failure: (False, :data:`BUSY`), and the destination is held back as it asked. A
+        no failure: the call waits out the hold-back the peer asked
+        for and goes again (up to :data:`EXCHANGE_BUSY_WAITS` times), then returns
+        (False, :data:`BUSY`). A
         request to a node that has not validated our address yet is answered with its token
         only; the request goes again at once, echoing it. A reply ``parse`` refuses
         (WireError) is counted as bad and dropped. A good reply refreshes (or, proven, adds)
@@ -857,7 +862,8 @@ class QisdProtocol(KademliaProtocol):
         if address is None:
             return self.handle_call_response((False, None), node)
         where = (address[0], address[1])
-        for _attempt in range(2):
+        validations = busy_waits = 0
+        while True:
             async with self.pacer.slot(where, priority):
                 sent = time.monotonic()
                 future, nonce = self._introduced_request(address, name, node.id, args, meter)
@@ -873,9 +879,15 @@ class QisdProtocol(KademliaProtocol):
                 self.counters["busy_received"] += 1
                 self.pacer.busy(where, busy / 1000)
                 self.router.touch(node)
-                return False, BUSY
+                busy_waits += 1
+                if busy_waits > EXCHANGE_BUSY_WAITS:
+                    return False, BUSY
+                continue  # the slot waits out the hold-back the peer asked for
             if reply.get("validate") is True and "token" in reply:
                 self.counters["validation_requests_received"] += 1
+                validations += 1
+                if validations > 1:
+                    return self._bad_reply(node, f"{name}_unvalidated")
                 continue
             self.pacer.answered(where, rtt)
             try:
@@ -884,7 +896,6 @@ class QisdProtocol(KademliaProtocol):
                 return self._bad_reply(node, name)
             self.welcome_if_new(node, proven=self._proven(reply, nonce, node))
             return True, parsed
-        return self._bad_reply(node, f"{name}_unvalidated")
 
     def _reachable_contacts(self, value: Any) -> list[Contact]:
         return [
