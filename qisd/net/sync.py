@@ -294,10 +294,24 @@ class ReplicaSync:
         meter = [0, 0]
         claimed: dict[bytes, list[_Replica]] = {}
 
-        async def reconcile_all(wave: list[_Replica], mine: reconcile.ItemSet) -> None:
-            recs = await asyncio.gather(
-                *(self.reconcile(r.node, key, mine, meter=meter) for r in wave)
-            )
+        async def reconcile_all(
+            wave: list[_Replica], mine: reconcile.ItemSet, patience: float | None = None
+        ) -> None:
+            tasks = [
+                asyncio.ensure_future(self.reconcile(r.node, key, mine, meter=meter)) for r in wave
+            ]
+            if tasks and patience is not None:
+                # The read does not wait on the slowest of the other replicas (one lost
+                # datagram would cost it a whole RPC timeout): one not done by then counts as
+                # not answered, and its late reconciliation is dropped.
+                _done, late = await asyncio.wait(tasks, timeout=patience)
+                for task in late:
+                    task.cancel()
+                    self.counters["fetch_replicas_late"] += 1
+            await asyncio.gather(*tasks, return_exceptions=True)
+            recs = [
+                None if t.cancelled() or t.exception() is not None else t.result() for t in tasks
+            ]
             for replica, rec in zip(wave, recs, strict=True):
                 replica.rec = rec
                 if rec is None:
@@ -352,7 +366,8 @@ class ReplicaSync:
                     *((e.timestamp_ms, bytes.fromhex(e.packet_id)) for e in got.values()),
                 ]
             )
-            await reconcile_all(replicas[FIRST_WAVE:], merged)
+            patience = max(0.5, self.protocol.config.rpc_timeout / 2)
+            await reconcile_all(replicas[FIRST_WAVE:], merged, patience)
             await download_claimed()
         final = {pid for _ts, pid in local.items} | {bytes.fromhex(p) for p in got}
         result.missing = sum(
