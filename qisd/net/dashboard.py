@@ -240,7 +240,7 @@ class HttpServer:
                 writer.write(body)
             await writer.drain()
         except ConnectionError:
-            pass
+            log.debug("dashboard client went away before its reply was sent")
         finally:
             writer.close()
             with contextlib.suppress(Exception):
