@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import ipaddress
 import logging
 import os
@@ -1109,7 +1110,7 @@ class QisdProtocol(KademliaProtocol):
         reconciliations (:class:`~qisd.net.sync.ReplicaSync`) worked by a few tasks and paced
         per peer: only envelopes ``node`` lacks cross the network, whatever the number of keys.
         """
-        ids = [c.long_id for c in self.router.contacts() if c.id != node.id]
+        ids = [c.long_id for c in self.router.known() if c.id != node.id]
         me, newcomer, sent = self.source_node.long_id, node.long_id, 0
         for key, _count in self.store.keys():  # noqa: SIM118 (a Store, not a dict)
             k = int.from_bytes(key, "big")
@@ -2130,14 +2131,18 @@ class DhtNode:
             batch = (keys[start:] + keys[:start])[:ANTI_ENTROPY_KEYS]
             self._anti_entropy_at = start + len(batch)
             me = proto.source_node.long_id
+            known = proto.router.known()
+            live = {c.id for c in proto.router.contacts()}
+            k = self.config.ksize
             for key in batch:
                 target = int.from_bytes(key, "big")
-                holders = proto.router.find_neighbors(Node(key), self.config.ksize)
-                if len(holders) >= self.config.ksize and all(
-                    h.long_id ^ target < me ^ target for h in holders
-                ):
+                holders = heapq.nsmallest(k, known, key=lambda c: c.long_id ^ target)
+                if len(holders) >= k and all(h.long_id ^ target < me ^ target for h in holders):
                     continue  # not one of this key's k closest: its holders sync it
-                others = [h for h in holders if not proto.suspect(h.id)]
+                # The other holders as this node knows them (a far node is never taken for
+                # one because a full bucket parked a closer one in its cache).
+                holders = holders[: k - 1]
+                others = [h for h in holders if h.id in live and not proto.suspect(h.id)]
                 if others and proto.sync.enqueue(key, self._rng.choice(others)):
                     queued += 1
         proto.counters["anti_entropy_queued"] += queued

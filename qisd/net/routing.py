@@ -127,6 +127,18 @@ class QisdRoutingTable(RoutingTable):
         """Every contact in the buckets (not the replacement caches)."""
         return [n for b in self.buckets for n in b.nodes.values()]
 
+    def known(self) -> list[Contact]:
+        """Every contact this node knows of: the buckets and their replacement caches. Who is
+        closer to a key is judged on these (a full bucket parks live nodes in its cache, and a
+        node judged on its buckets alone would think itself, or a newcomer, among the k closest
+        of keys it is far from)."""
+        return [
+            n
+            for b in self.buckets
+            for n in (*b.nodes.values(), *b.replacement_nodes.values())
+            if isinstance(n, Contact)
+        ]
+
     def get(self, node_id: bytes) -> Contact | None:
         """The contact with ``node_id`` (bucket or replacement cache), if known."""
         bucket = self.buckets[self.get_bucket_for(Node(node_id))]
