@@ -50,6 +50,21 @@ async def fresh_reader(net: Network, key: bytes) -> DhtNode:
             return await net.join(net.make(identity))
 
 
+async def held_everywhere(nodes: list[DhtNode], envs: list[Envelope], seconds: float) -> None:
+    """Until every node's store holds every envelope: woken by each store a node makes (its
+    protocol's ``on_stored``, which every path that stores from the network calls), never by
+    a timer; fails after ``seconds``."""
+    stored = asyncio.Event()
+    for node in nodes:
+        node.protocol.on_stored = lambda _key, _count: stored.set()
+    async with asyncio.timeout(seconds):
+        while True:
+            stored.clear()
+            if all(n.store.has(e.key, e.packet_id) for n in nodes for e in envs):
+                return
+            await stored.wait()
+
+
 def unique_bytes(envs: list[Envelope]) -> int:
     return sum(len(e.raw) for e in envs)
 
@@ -123,9 +138,7 @@ def test_a_fetch_tells_replicas_what_they_lack(tmp_path: Path) -> None:
         reader = await fresh_reader(net, envs[0].key)
         report = await reader.fetch_report(envs[0].key)
         assert report.replicas_agreeing < report.replicas_answered
-        async with asyncio.timeout(30):
-            while not all(short.store.has(e.key, e.packet_id) for e in envs):
-                await asyncio.sleep(0.05)
+        await held_everywhere([short], envs, 30)
         # The reader found the replica short and sent it what it lacked (upkeep's anti-entropy
         # is held off here).
         assert reader.protocol.counters["entry_corrections"] >= 1
@@ -160,9 +173,7 @@ def test_every_holder_converges_after_a_partition_heals(tmp_path: Path) -> None:
         assert missing > 0, "the cut kept packets from the other side"
         before = moved(net)
         cut.heal()
-        async with asyncio.timeout(60):
-            while not all(n.store.has(e.key, e.packet_id) for n in net.nodes for e in published):
-                await asyncio.sleep(0.1)
+        await held_everywhere(net.nodes, published, 60)
         assert moved(net) - before <= 2 * missing, (moved(net) - before, missing)
 
     run(tmp_path, body, DhtConfig())
@@ -449,9 +460,7 @@ def test_a_node_holding_many_keys_restarts_without_a_storm(tmp_path: Path, qisd_
         async with asyncio.timeout(10):
             while len(back.peers()) < 7:
                 await back.bootstrap([])
-        async with asyncio.timeout(bound):
-            while not all(back.store.has(e.key, e.packet_id) for e in later):
-                await asyncio.sleep(0.2)
+        await held_everywhere([back], later, bound)
         took = loop.time() - t0
         c = back.protocol.counters
         print(
