@@ -837,7 +837,8 @@ def synthesize(
 
 @app.command()
 def status(data_dir: DataDir = None, as_json: Json = False) -> None:
-    """Node id, address, uptime, peers, store, followed paths, rejected-input counters."""
+    """Node id, address (bound; as peers see it, and whether they can reach it), uptime, peers,
+    store, followed paths, rejected-input counters."""
     s = _client(data_dir).status()
     if as_json:
         _print_json(s)
@@ -854,7 +855,8 @@ def status(data_dir: DataDir = None, as_json: Json = False) -> None:
     lines = [
         f"node      {s['node_id']}",
         f"dht id    {s.get('dht_id') or '-'}",
-        f"address   {s.get('address') or '-'}",
+        f"address   {s.get('address') or '-'} (bound); "
+        + _reach_line(s.get("reachability"), s.get("public_address")),
         f"data dir  {s['data_dir']}",
         f"uptime    {s['uptime_seconds']:.0f} s",
         f"peers     {s['peers']}",
@@ -891,6 +893,16 @@ def status(data_dir: DataDir = None, as_json: Json = False) -> None:
             shown = "one site only, no recommendation" + (f" (it reported {best})" if best else "")
         lines.append(f"  {path}: {shown}, {syn.get('packets_analyzed')} packets")
     sys.stdout.write("\n".join(lines) + "\n")
+
+
+def _reach_line(reachability: str | None, public: str | None) -> str:
+    """What ``status`` says of how peers reach this node."""
+    seen = public or "not learned yet"
+    if reachability == "public":
+        return f"reachable at {seen}"
+    if reachability == "unreachable":
+        return f"seen as {seen}, not reachable from outside (NAT or firewall): client mode"
+    return f"reachability not checked yet (seen as {seen}): client mode until it is"
 
 
 @app.command()

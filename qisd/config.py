@@ -49,6 +49,12 @@ class DhtConfig:
     upkeep_seconds: float = 5.0
     """How often stale contacts are pinged and a round of replica anti-entropy runs (a few
     dozen keys reconciled with one random co-holder each)."""
+    keepalive_seconds: float = 20.0
+    """A node that is not reachable from outside (behind NAT) pings the holders it listens on
+    this often, so its NAT keeps the mapping their pushes come back through (home routers drop
+    an idle UDP mapping after 30 s or more; checked on each upkeep tick)."""
+    reachability_seconds: float = 300.0
+    """How often a node checks again, by dial-back probes, whether peers can reach it."""
 
 
 @dataclass(frozen=True)

@@ -438,6 +438,29 @@ def test_listen_registrations_expire_unless_refreshed(tmp_path: Path) -> None:
     run(tmp_path, body)
 
 
+def test_bootstrap_says_why_a_peer_did_not_answer(tmp_path: Path) -> None:
+    """A closed port (the kernel's ICMP port unreachable) and a silent socket are told apart,
+    and a closed port fails well inside the RPC timeout."""
+    import socket
+
+    async def body(net: Network) -> None:
+        node = net.make()
+        await node.start()
+        net.nodes.append(node)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as closed:
+            closed.bind(("127.0.0.1", 0))
+            closed_at = closed.getsockname()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+            silent.bind(("127.0.0.1", 0))
+            silent_at = silent.getsockname()
+            assert await node.bootstrap([closed_at, silent_at]) == 0
+        why = node.stats()["bootstrap_unreachable"]
+        assert why[f"127.0.0.1:{closed_at[1]}"] == "port unreachable: nothing listens there"
+        assert why[f"127.0.0.1:{silent_at[1]}"].startswith("no answer within 1 s")
+
+    run(tmp_path, body, DhtConfig(rpc_timeout=1.0))
+
+
 def test_bootstrap_keeps_retrying_an_unreachable_peer_in_the_background(tmp_path: Path) -> None:
     import socket
 

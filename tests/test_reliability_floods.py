@@ -311,7 +311,7 @@ def test_sybil_flood_over_the_wire_from_one_host_evicts_its_own_packets(tmp_path
         target.protocol.transport = LoopbackOnly(target.protocol.transport)
         for i, data in enumerate(store_requests(os.urandom(20), sybils)):
             addr = (REMOTE_HOST, 50_000 + i)
-            name, args, _token = wire.split_request(wire.decode_datagram(data)[2])
+            name, args, _token, _flags = wire.split_request(wire.decode_datagram(data)[2])
             data = wire.encode_request(os.urandom(20), name, args, token_for(target, addr))
             target.protocol.datagram_received(data, addr)
         assert target.stats()["stored_packets"] >= len(honest) + 100

@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import heapq
 import ipaddress
 import logging
+import math
 import os
 import random
 import socket
+import sys
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -59,6 +62,7 @@ from qisd.net.datadir import read_json, write_json_atomic
 from qisd.net.pacing import BACKGROUND, FOREGROUND, Pacer
 from qisd.net.routing import Contact, QisdRoutingTable
 from qisd.net.sync import FetchResult, ReplicaSync
+from qisd.net.udp import UdpEndpoint
 from qisd.net.wire import (
     BUSY,
     MAX_ENVELOPES_PER_REQUEST,
@@ -111,6 +115,24 @@ MAX_IDS_PER_GET = 256
 SYNC_WORKERS = 4
 """Replica reconciliations (hand-off, anti-entropy) running at once, all peers together."""
 MAX_SYNC_JOBS = 1_000_000
+PROBE_PEERS = 3
+"""Peers a reachability check asks for a dial-back, at most (it stops at the first that
+arrives, or at the second that does not)."""
+_CAUSES = {
+    errno.ECONNREFUSED: "port unreachable: nothing listens there",
+    errno.EHOSTUNREACH: "host unreachable",
+    errno.ENETUNREACH: "no route to its network",
+    errno.EACCES: "refused by a firewall (ICMP administratively prohibited)",
+    errno.EPERM: "refused by a local firewall",
+}
+"""What a failed call's errno says to an operator."""
+_QUEUE_FULL = {errno.ENOBUFS, errno.EAGAIN, errno.EWOULDBLOCK}
+"""A send refused for this host's own lack of room, not for anything the peer did."""
+SEND_RETRIES = 5
+SEND_RETRY_SECONDS = 0.02
+"""A datagram this host's full queue refused goes again after 20, 40, ... 320 ms."""
+NO_REPLY = object()
+"""A handler's answer that sends nothing back (a dial-back is not answered)."""
 LIVENESS_SECONDS = 60.0
 """A contact not heard from for this long is pinged by the upkeep loop before it is trusted
 again; one that failed its last call is never handed out in a ``find_node`` reply."""
@@ -135,6 +157,8 @@ class _Request:
     addr: tuple
     size: int
     validated: bool
+    client: bool = False
+    """The sender said it is not reachable from outside (``wire.CLIENT``): answer, never add."""
 
 
 def _spawn_into(
@@ -346,6 +370,20 @@ class QisdProtocol(KademliaProtocol):
         self.own_sources: set[str] = set()
         """Sources (``wire.source_of``) this node knows as its own address: proofs must name one."""
         self._seen_votes: OrderedDict[str, set[str]] = OrderedDict()
+        self.loopback_bind = False
+        self._causes: OrderedDict[tuple, str] = OrderedDict()
+        self._sending: tuple | None = None
+        self._send_again = False
+        self._sent_again = False
+        self._queue_full = False
+        self.reachability = "unknown"
+        """``public`` (a dial-back from a peer's fresh socket reached us, or the bind is
+        loopback), ``unreachable`` (dial-backs did not arrive: behind NAT or a firewall) or
+        ``unknown`` (not checked yet). Anything but public runs in client mode: requests carry
+        ``wire.CLIENT`` and receivers do not add this node to their routing tables."""
+        self.public_address: tuple[str, int] | None = None
+        """This node's address as peers see it (from a probe's reply; the bind if loopback)."""
+        self._probes: dict[bytes, asyncio.Future[tuple]] = {}
         self.peer_keys: OrderedDict[bytes, bytes] = OrderedDict()
         """Public keys of ids that proved holding them (so peers can be shown by node id)."""
         self._handlers: dict[str, Callable[[_Request, list[Any]], Any]] = {
@@ -357,6 +395,8 @@ class QisdProtocol(KademliaProtocol):
             "notify": self._rpc_notify,
             "sync": self._rpc_sync,
             "get_packets": self._rpc_get_packets,
+            "probe": self._rpc_probe,
+            "dial_back": self._rpc_dial_back,
         }
 
     def __getattr__(self, name: str) -> Any:
@@ -382,6 +422,11 @@ class QisdProtocol(KademliaProtocol):
             # learns that from peers' proofs instead (see _address_ok).
             if ip.is_loopback or ip.is_global:
                 self.own_sources.add(wire.source_of(sockname))
+            if ip.is_loopback:
+                # Loopback peers reach a loopback bind by definition: nothing to probe.
+                self.loopback_bind = True
+                self.reachability = "public"
+                self.public_address = (self._peer_host(sockname), int(sockname[1]))
         sock = transport.get_extra_info("socket")
         if sock is not None:
             self.family = sock.family
@@ -428,7 +473,7 @@ class QisdProtocol(KademliaProtocol):
             self._accept_response(msg_id, payload, addr, len(data))
             return
         try:
-            name, args, token = wire.split_request(payload)
+            name, args, token, flags = wire.split_request(payload)
         except wire.WireError as exc:
             self.counters[f"malformed.{exc.args[0]}"] += 1
             return
@@ -451,13 +496,15 @@ class QisdProtocol(KademliaProtocol):
             return
         self.counters[f"received.{name}"] += 1
         try:
-            reply = handler(_Request(where, len(data), validated), args)
+            reply = handler(_Request(where, len(data), validated, bool(flags & wire.CLIENT)), args)
         except wire.WireError as exc:
             self.counters[f"rejected.{exc.args[0]}"] += 1
             return
         except Exception:  # a handler bug must not kill the socket; count and log it
             self.counters["handler_errors"] += 1
             log.debug("handler %s failed for %s", name, addr, exc_info=True)
+            return
+        if reply is NO_REPLY:
             return
         self._reply(msg_id, reply, addr, None if validated else len(data))
 
@@ -493,24 +540,70 @@ class QisdProtocol(KademliaProtocol):
 
     def error_received(self, exc: Exception) -> None:
         """The kernel reported an ICMP error: every call outstanding to the address it names
-        fails now (as a timeout would, counted ``icmp_unreachable``), not after the timeout."""
+        fails now (as a timeout would, counted ``icmp_unreachable``), not after the timeout.
+
+        Linux also returns an earlier datagram's ICMP error from the *next* ``sendto``,
+        whatever its destination, so a failed send says nothing of its own peer at first: the
+        error queue is read (it names the address each error belongs to) and the datagram goes
+        again at once (:meth:`_send`). Only a send that fails again straight away failed for
+        itself (no route): its calls fail now, with the cause. A send refused for this host's
+        own lack of room (ENOBUFS) is paced, never failed.
+        """
+        sending = self._sending
+        failed_send = sending is not None and isinstance(exc, OSError) and bool(exc.errno)
+        if failed_send and getattr(exc, "errno", None) in _QUEUE_FULL:
+            self._queue_full = True  # this host's own queue or socket buffer: see _send
+            return
+        self._read_error_queue()
+        if not failed_send or sending is None:
+            return
+        if not self._sent_again:
+            self._send_again = True
+            return
+        self.counters["send_errors"] += 1
+        self._failed_because(sending, getattr(exc, "errno", 0) or 0)
+        self._fail_calls_to((sending[0], sending[1]))
+
+    def _read_error_queue(self) -> int:
+        """Fail the calls each queued ICMP error names, with its cause; how many were read."""
         errors = getattr(self, "_errors", None)
         if errors is None:
-            return
+            return 0
+        read = 0
         for _ in range(MAX_ICMP_PER_WAKE):
             try:
-                _data, _anc, _flags, addr = errors.recvmsg(1, 512, socket.MSG_ERRQUEUE)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                return
+                _data, anc, _flags, addr = errors.recvmsg(1, 512, socket.MSG_ERRQUEUE)
+            except OSError:  # BlockingIOError: the queue is empty
+                return read
+            read += 1
             if not isinstance(addr, tuple) or len(addr) < 2:
                 continue
             self.counters["icmp_unreachable"] += 1
             where = (addr[0], addr[1])
-            for msg_id, (_future, _timer, expected) in list(self._outstanding.items()):
-                if (expected[0], expected[1]) == where:
-                    self._timeout(msg_id)
+            # sock_extended_err begins with the errno (ECONNREFUSED for port unreachable).
+            code = next((int.from_bytes(d[:4], sys.byteorder) for _l, _t, d in anc if d[3:]), 0)
+            self._failed_because(where, code)
+            self._fail_calls_to(where)
+        return read
+
+    def _fail_calls_to(self, where: tuple) -> None:
+        for msg_id, (_future, _timer, expected) in list(self._outstanding.items()):
+            if (expected[0], expected[1]) == where:
+                self._timeout(msg_id)
+
+    def _failed_because(self, where: tuple, code: int) -> None:
+        """Remember why sending to ``where`` failed (an errno from ICMP or from sendto)."""
+        self._causes.pop(where, None)
+        self._causes[where] = _CAUSES.get(code, os.strerror(code) if code else "ICMP error")
+        while len(self._causes) > MAX_VALIDATED:
+            self._causes.popitem(last=False)
+
+    def failure_cause(self, address: tuple | None) -> str | None:
+        """Why the last call to ``address`` failed, when the kernel said (port unreachable,
+        no route); None when it did not (no answer: a silent host or a dropping firewall)."""
+        if address is None:
+            return None
+        return self._causes.get((address[0], address[1]))
 
     def _reply(self, msg_id: bytes, value: Any, addr: tuple, request_bytes: int | None) -> None:
         """Send a reply; to an unvalidated address (``request_bytes`` given) with our token and
@@ -532,7 +625,37 @@ class QisdProtocol(KademliaProtocol):
             data = wire.encode_reply(msg_id, {"error": "reply too large"})
         if self.transport is not None and not self.closed:
             self.counters["bytes_sent"] += len(data)
-            self.transport.sendto(data, addr)
+            self._send(data, addr, None)
+
+    def _send(self, data: bytes, address: tuple, msg_id: bytes | None, attempt: int = 0) -> None:
+        """Put one datagram on the socket. A send the kernel refused because this host's own
+        queue is full (ENOBUFS: a slow uplink) is no failure of the peer: the node's pacing
+        budget is cut and the datagram goes again after a short wait, while its call (by
+        ``msg_id``; a reply has none) is still waiting. A send that failed for an earlier
+        datagram's queued ICMP error (Linux reports it on the next send) goes again at once."""
+        if self.transport is None or self.closed:
+            return
+        if msg_id is not None and msg_id not in self._outstanding:
+            return  # answered or timed out meanwhile
+        self._sending = address
+        try:
+            self.transport.sendto(data, address)
+            if self._send_again:  # an earlier datagram's ICMP error, most likely: once more
+                self._send_again = False
+                self._sent_again = True
+                self.counters["sent_again"] += 1
+                self.transport.sendto(data, address)
+        finally:
+            self._sending = None
+            self._send_again = self._sent_again = False
+        if self._queue_full:
+            self._queue_full = False
+            self.counters["send_queue_full"] += 1
+            self.pacer.local_loss()
+            if attempt < SEND_RETRIES:
+                asyncio.get_running_loop().call_later(
+                    SEND_RETRY_SECONDS * 2**attempt, self._send, data, address, msg_id, attempt + 1
+                )
 
     def _validate_first(self, addr: tuple) -> dict[str, Any]:
         """The whole reply to a data request from an unvalidated address: our token, to echo."""
@@ -605,7 +728,9 @@ class QisdProtocol(KademliaProtocol):
             return future
         msg_id = os.urandom(wire.MSG_ID_BYTES)
         token = self._peer_tokens.get((address[0], address[1]))
-        data = wire.encode_request(msg_id, name, args, token)
+        data = wire.encode_request(
+            msg_id, name, args, token, wire.CLIENT if self.client_mode else 0
+        )
         if len(data) - wire.HEADER_BYTES > self.max_datagram:
             self.counters["request_too_large"] += 1
             future.set_result((False, None))
@@ -619,7 +744,8 @@ class QisdProtocol(KademliaProtocol):
             self._meters[msg_id] = meter
         self._sent_at[msg_id] = time.monotonic()
         future.add_done_callback(lambda _f: self._forget(msg_id))
-        self.transport.sendto(data, address)
+        self._causes.pop((address[0], address[1]), None)
+        self._send(data, address, msg_id)
         return future
 
     def _address(self, node: Node) -> tuple | None:
@@ -864,8 +990,9 @@ class QisdProtocol(KademliaProtocol):
             return self.handle_call_response((False, None), node)
         where = (address[0], address[1])
         validations = busy_waits = 0
+        cost = wire.request_cost(args)
         while True:
-            async with self.pacer.slot(where, priority):
+            async with self.pacer.slot(where, priority, cost):
                 sent = time.monotonic()
                 future, nonce = self._introduced_request(address, name, node.id, args, meter)
                 ok, reply = await future
@@ -890,7 +1017,7 @@ class QisdProtocol(KademliaProtocol):
                 if validations > 1:
                     return self._bad_reply(node, f"{name}_unvalidated")
                 continue
-            self.pacer.answered(where, rtt)
+            self.pacer.answered(where, rtt, cost)
             try:
                 parsed = parse(reply)
             except wire.WireError:
@@ -1029,7 +1156,8 @@ class QisdProtocol(KademliaProtocol):
 
     async def call_notify(self, address: tuple, key: bytes, raws: list[bytes]) -> bool:
         """``notify`` a listener at ``address`` (paced with the background work to it)."""
-        async with self.pacer.slot((address[0], address[1]), BACKGROUND):
+        cost = wire.request_cost([key, raws])
+        async with self.pacer.slot((address[0], address[1]), BACKGROUND, cost):
             ok, _reply = await self.notify(address, key, raws)
         return bool(ok)
 
@@ -1126,6 +1254,92 @@ class QisdProtocol(KademliaProtocol):
         self.counters["hand_off_keys"] += sent
         return sent
 
+    # -- reachability (dial-back probes) and client mode
+
+    @property
+    def client_mode(self) -> bool:
+        """True unless peers are known to reach this node (see :attr:`reachability`)."""
+        return self.reachability != "public"
+
+    def _welcome(self, req: _Request, sender: Node, proven: bool) -> None:
+        """A handler's sender joins the routing table, unless it said it cannot be reached
+        (client mode): lookups would wait on it once its NAT mapping lapsed."""
+        if req.client:
+            self.counters["client_requests"] += 1
+            return
+        self.welcome_if_new(sender, proven=proven)
+
+    def _rpc_probe(self, req: _Request, args: list[Any]) -> Any:
+        """``probe`` [sender, nonce]: tell the sender the address its request came from, and
+        send it a ``dial_back`` from a fresh socket (another port: a NAT that only lets in
+        replies from where its host sent drops it). Only to a validated address, so a spoofed
+        probe gets no datagram sent anywhere."""
+        if len(args) != 2:
+            raise wire.WireError("bad_args")
+        self._sender(req.addr, args[0])
+        nonce = args[1]
+        if not isinstance(nonce, bytes) or len(nonce) != wire.NONCE_BYTES:
+            raise wire.WireError("bad_args")
+        if not req.validated:
+            return self._validate_first(req.addr)
+        self._dial_back(req.addr, nonce)
+        return {"seen": self._seen(req.addr)}
+
+    def _dial_back(self, addr: tuple, nonce: bytes) -> None:
+        data = wire.encode_request(os.urandom(wire.MSG_ID_BYTES), "dial_back", [nonce])
+        try:
+            with socket.socket(self.family, socket.SOCK_DGRAM) as sock:
+                if self.family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                sock.setblocking(False)
+                sock.sendto(data, addr)
+        except OSError as exc:
+            self.counters["dial_back_errors"] += 1
+            log.debug("dial-back to %s failed: %s", addr, exc)
+            return
+        self.counters["dial_backs_sent"] += 1
+        self.counters["bytes_sent"] += len(data)
+
+    def _rpc_dial_back(self, req: _Request, args: list[Any]) -> Any:
+        """``dial_back`` [nonce]: a probe of ours came back through a socket we never sent to."""
+        if len(args) != 1 or not isinstance(args[0], bytes):
+            raise wire.WireError("bad_args")
+        future = self._probes.get(args[0])
+        if future is None or future.done():
+            self.counters["rejected.dial_back_unexpected"] += 1
+            return NO_REPLY
+        future.set_result(req.addr)
+        return NO_REPLY
+
+    async def probe(self, node: Node) -> tuple[bool | None, tuple[str, int] | None]:
+        """Ask ``node`` to dial us back: (reached: True / False / None if it did not answer,
+        the address it saw our request come from)."""
+
+        def parse(reply: dict[str, Any]) -> tuple[str, int]:
+            seen = reply.get("seen")
+            if not _valid_seen(seen):
+                raise wire.WireError("shape")
+            return (str(seen[0]), int(seen[1]))
+
+        nonce = os.urandom(wire.NONCE_BYTES)
+        arrived: asyncio.Future[tuple] = asyncio.get_running_loop().create_future()
+        self._probes[nonce] = arrived
+        self.counters["probes_sent"] += 1
+        try:
+            ok, seen = await self._exchange(node, "probe", [nonce], parse)
+            if not ok:
+                return None, None
+            try:
+                async with asyncio.timeout(max(1.0, self.config.rpc_timeout)):
+                    await asyncio.shield(arrived)
+            except TimeoutError:
+                self.counters["probes_not_reached"] += 1
+                return False, seen
+            self.counters["probes_reached"] += 1
+            return True, seen
+        finally:
+            del self._probes[nonce]
+
     # -- handlers: (address, args) -> reply; WireError = bad arguments (counted)
 
     def _sender(self, addr: tuple, value: Any) -> tuple[Contact, bool, bytes | None]:
@@ -1177,7 +1391,7 @@ class QisdProtocol(KademliaProtocol):
         nonce = args[1]
         if not isinstance(nonce, bytes) or len(nonce) != wire.NONCE_BYTES:
             raise wire.WireError("bad_args")
-        self.welcome_if_new(sender, proven=proven)
+        self._welcome(req, sender, proven)
         seen = self._seen(addr)
         proof = self._signed_hello(nonce, sender.id, seen)
         return [self.source_node.id, self.identity.public_key, proof, seen]
@@ -1212,7 +1426,7 @@ class QisdProtocol(KademliaProtocol):
             raise wire.WireError("bad_args")
         sender, proven, nonce = self._sender(addr, args[0])
         target = wire.node_id(args[1])
-        self.welcome_if_new(sender, proven=proven)
+        self._welcome(req, sender, proven)
         spent = PROOF_BYTES if nonce is not None else 0
         reply: dict[str, Any] = {"nodes": self._contacts_reply(target, sender, req, spent)}
         return self._proved(reply, nonce, sender, addr)
@@ -1224,7 +1438,7 @@ class QisdProtocol(KademliaProtocol):
         sender, proven, nonce = self._sender(addr, args[0])
         key = wire.node_id(args[1])
         cursor = wire.cursor(args[2])
-        self.welcome_if_new(sender, proven=proven)
+        self._welcome(req, sender, proven)
         if not req.validated:
             return self._validate_first(addr)
         nodes = self._contacts_reply(key, sender, req)
@@ -1242,7 +1456,7 @@ class QisdProtocol(KademliaProtocol):
         sender, proven, nonce = self._sender(addr, args[0])
         key = wire.node_id(args[1])
         raws = wire.byte_list(args[2], max_items=MAX_ENVELOPES_PER_REQUEST)
-        self.welcome_if_new(sender, proven=proven)
+        self._welcome(req, sender, proven)
         if not req.validated:
             return self._validate_first(addr)
         stored = self.accept_raws(key, raws, wire.source_of(addr), exclude=addr)
@@ -1325,7 +1539,7 @@ class QisdProtocol(KademliaProtocol):
             raise wire.WireError("bad_args")
         sender, proven, nonce = self._sender(addr, args[0])
         key = wire.node_id(args[1])
-        self.welcome_if_new(sender, proven=proven)
+        self._welcome(req, sender, proven)
         if not req.validated:
             return self._validate_first(addr)  # no push ever goes to an address that did not ask
         now = self.clock()
@@ -1352,7 +1566,7 @@ class QisdProtocol(KademliaProtocol):
         sender, proven, nonce = self._sender(addr, args[0])
         key = wire.node_id(args[1])
         raws = wire.byte_list(args[2], max_items=MAX_ENVELOPES_PER_REQUEST)
-        self.welcome_if_new(sender, proven=proven)
+        self._welcome(req, sender, proven)
         if self.on_notify is None:
             return {"accepted": 0}
         now = _now_ms(self.clock)
@@ -1399,7 +1613,7 @@ class QisdProtocol(KademliaProtocol):
             )
         except reconcile.ReconcileError:
             raise wire.WireError("bad_ranges") from None
-        self.welcome_if_new(sender, proven=proven)
+        self._welcome(req, sender, proven)
         if not req.validated:
             return self._validate_first(addr)
         budget = self.max_datagram - 64 - (PROOF_BYTES if nonce is not None else 0)
@@ -1419,7 +1633,7 @@ class QisdProtocol(KademliaProtocol):
         ids = wire.byte_list(args[2], max_items=MAX_IDS_PER_GET)
         if any(len(pid) != reconcile.ID_BYTES for pid in ids):
             raise wire.WireError("bad_ids")
-        self.welcome_if_new(sender, proven=proven)
+        self._welcome(req, sender, proven)
         if not req.validated:
             return self._validate_first(addr)
         budget = self.max_datagram - 96 - (PROOF_BYTES if nonce is not None else 0)
@@ -1545,9 +1759,8 @@ class DhtServer(Server):
         except OSError as exc:
             sock.close()
             raise UsageError(f"cannot bind UDP {interface}:{port}: {exc.strerror}") from None
-        self.transport, self.protocol = await loop.create_datagram_endpoint(
-            self._create_protocol, sock=sock
-        )
+        self.protocol = self._create_protocol()
+        self.transport = UdpEndpoint(loop, sock, self.protocol)
         self.refresh_table(interval=3600)
 
     def refresh_table(self, interval: int = 3600) -> None:
@@ -1716,6 +1929,9 @@ class DhtNode:
         self._anti_entropy_at = 0
         self._rng = random.Random()
         self._caught_up = False
+        self._reachability_at = -math.inf
+        self._checking: asyncio.Task[str] | None = None
+        self._kept_alive_at = 0.0
 
     # -- lifecycle
 
@@ -1820,11 +2036,19 @@ class DhtNode:
         ok_peers = {peer for (peer, _a), n in zip(resolved, results, strict=False) if n}
         for peer, _a in resolved:
             if peer not in ok_peers:
-                self._unreachable[peer] = "no answer"
+                address = next(a for p, a in resolved if p == peer)
+                cause = self.protocol.failure_cause(address)
+                self._unreachable[peer] = cause or (
+                    f"no answer within {self.config.rpc_timeout:g} s (a silent host, or a "
+                    "firewall that drops)"
+                )
                 self._spawn(self._retry_peer(*peer))
             else:
                 self._unreachable.pop(peer, None)
         if reached:
+            # Reachability first: the lookup that follows then adds this node to the tables
+            # of the nodes it meets only if they can reach it (client mode otherwise).
+            await self.check_reachability()
             await self.server.crawl_nodes(self.node_id)
             if self.state_path is not None:
                 with contextlib.suppress(QisdError):
@@ -1901,6 +2125,78 @@ class DhtNode:
             self._counters["rejoined_contacts"] += back
             await self.server.crawl_nodes(self.node_id)
         return back
+
+    def check_reachability(self) -> asyncio.Task[str]:
+        """Learn by dial-back probes whether peers can reach this node at the address they see
+        (one check at a time; awaiting the task gives :attr:`QisdProtocol.reachability`).
+
+        Up to :data:`PROBE_PEERS` random live contacts are asked in turn; the first dial-back
+        that arrives makes the node public (and confirms its address: proofs must then name
+        it), two that do not make it unreachable (client mode). A loopback bind is public
+        without asking. A change is logged; becoming public re-runs the lookup of this node's
+        id, so the nodes it meets add it.
+        """
+        if self._checking is None or self._checking.done():
+            self._checking = self._spawn(self._check_reachability())
+        return self._checking
+
+    async def _check_reachability(self) -> str:
+        proto = self.protocol
+        self._reachability_at = self.clock()
+        before = proto.reachability
+        if proto.loopback_bind:
+            return before
+        contacts = [c for c in proto.router.contacts() if not proto.suspect(c.id)]
+        self._rng.shuffle(contacts)
+        reached = missed = 0
+        for contact in contacts[:PROBE_PEERS]:
+            ok, seen = await proto.probe(contact)
+            if ok is None or seen is None:
+                continue
+            proto.public_address = seen
+            if ok:
+                reached += 1
+                break
+            missed += 1
+            if missed >= min(2, len(contacts)):
+                break
+        if reached:
+            proto.reachability = "public"
+            assert proto.public_address is not None
+            source = wire.source_of(proto.public_address)
+            if source not in proto.own_sources:
+                proto.own_sources.add(source)
+                proto.counters["own_address_confirmed"] += 1
+        elif missed:
+            proto.reachability = "unreachable"
+        after = proto.reachability
+        if after != before:
+            where = proto.public_address
+            shown = f"{where[0]}:{where[1]}" if where else "?"
+            if after == "public":
+                log.info("reachable at %s (a peer's dial-back arrived)", shown)
+                await self.server.crawl_nodes(self.node_id)
+            else:
+                log.info(
+                    "not reachable at %s (dial-backs did not arrive: NAT or a firewall); "
+                    "running as a client: emit, query and follow work, no other node waits "
+                    "on this one",
+                    shown,
+                )
+        return after
+
+    def _keep_alive(self, now: float) -> int:
+        """In client mode, ping the holders this node listens on every ``keepalive_seconds``
+        (their pushes come back through the NAT mapping these pings keep open)."""
+        proto = self.protocol
+        if not proto.client_mode or now - self._kept_alive_at < self.config.keepalive_seconds:
+            return 0
+        self._kept_alive_at = now
+        holders = {n.id: n for f in self._follows.values() for n in f.holders.values()}
+        for node in holders.values():
+            proto.spawn(proto.call_ping(node))
+        proto.counters["keepalive_pings"] += len(holders)
+        return len(holders)
 
     async def _rejoin_loop(self) -> None:
         while True:
@@ -2120,6 +2416,12 @@ class DhtNode:
         """
         proto = self.protocol
         now = self.clock()
+        self._keep_alive(now)
+        due = self._reachability_at + (
+            self.config.reachability_seconds if proto.reachability != "unknown" else 0
+        )
+        if now >= due and proto.router.contacts() and not proto.closed:
+            self.check_reachability()
         stale = [c for c in proto.router.contacts() if now - c.last_seen > LIVENESS_SECONDS]
         stale.sort(key=lambda c: c.last_seen)
         for contact in stale[:LIVENESS_PINGS]:
@@ -2212,6 +2514,7 @@ class DhtNode:
                 )
             },
             "send_queue": self.protocol.pacer.queued() if running else 0,
+            "send_budget": self.protocol.pacer.summary() if running else {},
             "peer_queues": self.protocol.pacer.stats() if running else {},
             "stored_packets": counters.get("stored_packets", 0),
             "contacts": len(self.protocol.router.contacts())
@@ -2219,8 +2522,33 @@ class DhtNode:
             else 0,
             "following": len(self._follows),
             "bootstrap_unreachable": {f"{h}:{p}": why for (h, p), why in self._unreachable.items()},
+            "reachability": self.protocol.reachability if running else "unknown",
+            "public_address": _shown(self.protocol.public_address) if running else None,
+            "own_addresses": sorted(self.protocol.own_sources) if running else [],
+            "address_checks": {
+                name: counters.get(name, 0)
+                for name in (
+                    "probes_sent",
+                    "probes_reached",
+                    "probes_not_reached",
+                    "dial_backs_sent",
+                    "own_address_confirmed",
+                    "proof_unbound",
+                    "rejected.proof_wrong_address",
+                    "client_requests",
+                    "keepalive_pings",
+                )
+            },
             **dict(self._counters),
         }
+
+
+def _shown(address: tuple[str, int] | None) -> str | None:
+    """``host:port`` (``[v6]:port``) for status, or None."""
+    if address is None:
+        return None
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def parse_host_port(text: str, *, where: str = "") -> tuple[str, int]:

@@ -1424,6 +1424,8 @@ class Node:
             "version": __version__,
             "data_dir": str(self.data_dir),
             "address": f"{self.address[0]}:{self.address[1]}" if self.address else None,
+            "public_address": dht_stats.get("public_address"),
+            "reachability": dht_stats.get("reachability", "offline"),
             "uptime_seconds": round(time.monotonic() - self._started, 3),
             "peers": len(self.peers()),
             "keys": stats["keys"],

@@ -192,10 +192,12 @@ def check(config: NodeConfig) -> NodeConfig:
         or d.rate_limit_per_source <= 0
         or d.rejoin_seconds <= 0
         or d.upkeep_seconds <= 0
+        or d.keepalive_seconds <= 0
+        or d.reachability_seconds <= 0
     ):
         raise ConfigError(
-            "dht.rpc_timeout, listen_seconds, rate_limit_per_source, rejoin_seconds and "
-            "upkeep_seconds must be > 0"
+            "dht.rpc_timeout, listen_seconds, rate_limit_per_source, rejoin_seconds, "
+            "upkeep_seconds, keepalive_seconds and reachability_seconds must be > 0"
         )
     s = config.store
     if s.per_key < 1 or s.per_signer_per_key < 1 or s.max_bytes < 1:

@@ -62,11 +62,25 @@ def _unpackb(data: bytes) -> Any:
     )
 
 
+CLIENT = 1
+"""Request flag: the sender is not reachable from outside (behind NAT or a firewall, or not
+known yet): answer it, but do not add it to the routing table (lookups would wait on it)."""
+
+
 def encode_request(
-    msg_id: bytes, name: str, args: list[Any] | tuple[Any, ...], token: bytes | None = None
+    msg_id: bytes,
+    name: str,
+    args: list[Any] | tuple[Any, ...],
+    token: bytes | None = None,
+    flags: int = 0,
 ) -> bytes:
-    """A request datagram (rpcudp framing; ``token`` echoes the receiver's address token)."""
-    payload: list[Any] = [name, list(args)] if token is None else [name, list(args), token]
+    """A request datagram (rpcudp framing; ``token`` echoes the receiver's address token,
+    ``flags`` are :data:`CLIENT` or 0)."""
+    payload: list[Any] = [name, list(args)]
+    if token is not None or flags:
+        payload.append(token)
+    if flags:
+        payload.append(flags)
     return bytes((REQUEST,)) + msg_id + packb(payload)
 
 
@@ -91,17 +105,20 @@ def decode_datagram(data: bytes) -> tuple[int, bytes, Any]:
     return kind, bytes(data[1:HEADER_BYTES]), payload
 
 
-def split_request(payload: Any) -> tuple[str, list[Any], bytes | None]:
-    """(name, args, echoed token or None) of a request payload; raises WireError."""
-    if not isinstance(payload, list) or len(payload) not in (2, 3):
+def split_request(payload: Any) -> tuple[str, list[Any], bytes | None, int]:
+    """(name, args, echoed token or None, flags) of a request payload; raises WireError."""
+    if not isinstance(payload, list) or len(payload) not in (2, 3, 4):
         raise WireError("bad_request_shape")
     name, args = payload[0], payload[1]
-    token = payload[2] if len(payload) == 3 else None
+    token = payload[2] if len(payload) >= 3 else None
+    flags = payload[3] if len(payload) == 4 else 0
     if not isinstance(name, str) or not isinstance(args, list):
         raise WireError("bad_request_shape")
     if token is not None and (not isinstance(token, bytes) or len(token) != TOKEN_BYTES):
         raise WireError("bad_token")
-    return name, args, token
+    if type(flags) is not int or flags & ~CLIENT:
+        raise WireError("bad_flags")
+    return name, args, token, flags
 
 
 MAX_ENVELOPES_PER_REQUEST = 64
@@ -115,6 +132,20 @@ MAX_BUSY_RETRIES = 8
 wait the peer asked for, at most ``pacing.MAX_BUSY_SECONDS``)."""
 BUSY = object()
 """The parsed value of a call a peer answered with *busy, retry later*: not a failure."""
+
+
+def request_cost(args: list[Any]) -> int:
+    """About the bytes a request with ``args`` (after the sender) puts on the wire: what the
+    node's pacing budget charges it (envelopes and ids counted, framing estimated)."""
+    total = 192  # framing, name, message id, sender or introduction, token
+    for arg in args:
+        if isinstance(arg, bytes | str):
+            total += len(arg) + 2
+        elif isinstance(arg, list):
+            total += sum(len(x) + 3 if isinstance(x, bytes | str) else 9 for x in arg)
+        else:
+            total += 9
+    return total
 
 
 def envelope_id(raw: bytes) -> str | None:
