@@ -25,6 +25,8 @@ from pathlib import Path
 
 LAB_NET = ipaddress.ip_network("198.18.0.0/24")
 HOME_NETS = "198.19.{k}.0/24"
+NAT_UDP_TIMEOUT = 8
+"""Seconds a lab NAT keeps an idle UDP mapping (short, so a test sees it lapse)."""
 
 
 def _run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -122,9 +124,10 @@ class Lab:
         self.hosts.append(host)
         return host
 
-    def nat(self, k: int, homes: int) -> list[Host]:
+    def nat(self, k: int, homes: int, udp_timeout: int = NAT_UDP_TIMEOUT) -> list[Host]:
         """A NAT router (masquerade) on the bridge at 198.18.0.(200 + k), with ``homes``
-        hosts behind it on 198.19.k.0/24; returns the home hosts."""
+        hosts behind it on 198.19.k.0/24; returns the home hosts. Its UDP mappings lapse
+        after ``udp_timeout`` seconds idle (a home router's are 30 s or more)."""
         if shutil.which("nft") is None:
             raise RuntimeError("nftables ('nft') is not installed")
         router = self._netns(f"r{k}")
@@ -148,6 +151,16 @@ class Lab:
             check=True,
             capture_output=True,
         )
+        _run(
+            "ip",
+            "netns",
+            "exec",
+            router,
+            "sysctl",
+            "-qw",
+            f"net.netfilter.nf_conntrack_udp_timeout={udp_timeout}",
+            f"net.netfilter.nf_conntrack_udp_timeout_stream={udp_timeout}",
+        )
         out = []
         for j in range(homes):
             ns = self._netns(f"r{k}h{j + 1}")
@@ -158,6 +171,12 @@ class Lab:
             self.hosts.append(host)
             out.append(host)
         return out
+
+    def router_address(self, host: Host) -> str:
+        """The outside address of the NAT router ``host`` sits behind."""
+        assert host.behind is not None, f"{host.name} is behind no NAT"
+        k = int(host.behind.rsplit("r", 1)[1])
+        return str(LAB_NET.network_address + 200 + k)
 
     def limit(self, host: Host, rate: str = "1mbit") -> None:
         """Rate-limit ``host``'s outgoing traffic with a token bucket filter (``tc tbf``)."""
@@ -178,6 +197,33 @@ class Lab:
                 "400ms",
             )
         )
+
+    def bridge_port(self, host: Host) -> str:
+        """The bridge's veth port ``host``'s frames cross (its router's, for a home host)."""
+        ns = host.behind if host.behind is not None else host.name
+        return f"v{ns.rsplit('-', 1)[1]}"
+
+    def partition(self, left: list[Host], right: list[Host]) -> None:
+        """Cut the bridge between ``left`` and ``right``: frames between their ports are
+        dropped (nftables in the bridge namespace), as a broken link between two sites is."""
+        a = ", ".join(sorted({f'"{self.bridge_port(h)}"' for h in left}))
+        b = ", ".join(sorted({f'"{self.bridge_port(h)}"' for h in right}))
+        rules = (
+            "table bridge qcut {\n chain cut {\n  type filter hook forward priority 0;\n"
+            f"  iifname {{ {a} }} oifname {{ {b} }} drop\n"
+            f"  iifname {{ {b} }} oifname {{ {a} }} drop\n }}\n}}\n"
+        )
+        subprocess.run(
+            ["ip", "netns", "exec", self.bridge, "nft", "-f", "-"],
+            input=rules,
+            text=True,
+            check=True,
+            capture_output=True,
+        )
+
+    def heal(self) -> None:
+        """Undo :meth:`partition`."""
+        _run("ip", "netns", "exec", self.bridge, "nft", "delete", "table", "bridge", "qcut")
 
     # -- checking
 
