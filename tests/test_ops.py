@@ -404,25 +404,65 @@ def test_the_progress_bar_and_the_ids_never_share_a_line(
             assert re.fullmatch(r"[0-9a-f]{32}", line), f"an id shares a line: {line!r}"
 
 
+def _start_refused(data_dir: Path, *flags: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """``qisd start`` with ``flags`` that must fail; the environment without QISD_ or GRPC_."""
+    qisd("init", "--data-dir", str(data_dir))
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("QISD_", "GRPC_"))}
+    return subprocess.run(
+        [*QISD, *lone_daemon_argv(data_dir, *flags)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=clean | env,
+    )
+
+
 @pytest.mark.parametrize("which", ["flight", "metrics"])
 def test_a_tcp_port_in_use_is_a_one_line_error(tmp_path: Path, which: str) -> None:
+    """For Flight, gRPC's own bind is the only attempt (a probe before it left a window in
+    which another process could take the port): its failure is what this test provokes, and
+    the daemon, asking the kernel afterwards, must still say in one line that the port is in
+    use, with none of gRPC's own lines."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        qisd("init", "--data-dir", str(tmp_path / "p"))
         flag = ["--flight", f"grpc://127.0.0.1:{port}"] if which == "flight" else []
-        flag = flag or ["--metrics", f"127.0.0.1:{port}"]
-        done = subprocess.run(
-            [*QISD, *lone_daemon_argv(tmp_path / "p", *flag)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env={k: v for k, v in os.environ.items() if not k.startswith("QISD_")},
-        )
+        done = _start_refused(tmp_path / "p", *(flag or ["--metrics", f"127.0.0.1:{port}"]))
         line = one_line_error(done, 2, f"127.0.0.1:{port}", "in use")
         assert ("Flight" in line) if which == "flight" else ("metrics" in line)
+        if which == "flight":
+            # gRPC's lines come back when an operator asks for them, the one-line error last.
+            asked = _start_refused(tmp_path / "p", *flag, GRPC_VERBOSITY="error")
+            assert asked.returncode == 2 and "add_port" in asked.stderr, asked.stderr
+            assert asked.stderr.strip().splitlines()[-1] == line
     assert not (tmp_path / "p" / "control.sock").exists()
+
+
+@pytest.mark.parametrize("pair", ["not_pem", "mismatched"])
+def test_a_flight_tls_pair_gRPC_cannot_use_is_a_one_line_error(tmp_path: Path, pair: str) -> None:
+    """gRPC refused these at bind time with three lines of its own and Flight's "Server did not
+    start properly", which names neither file."""
+    from test_flight import _self_signed
+
+    cert, key = _self_signed(tmp_path)
+    if pair == "not_pem":
+        cert.write_text("not a certificate\n")
+    else:
+        other = tmp_path / "other"
+        other.mkdir()
+        key = _self_signed(other)[1]  # a key, but not the certificate's
+    done = _start_refused(
+        tmp_path / "t",
+        "--flight",
+        "grpc+tls://127.0.0.1:0",
+        "--flight-tls-cert",
+        str(cert),
+        "--flight-tls-key",
+        str(key),
+    )
+    one_line_error(done, 2, str(cert), str(key), "not a PEM certificate")
+    assert not (tmp_path / "t" / "control.sock").exists()
 
 
 def _block_after(heading: str, fence: str) -> str:
