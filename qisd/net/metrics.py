@@ -250,7 +250,14 @@ class NodeCollector(Collector):
             received.add_metric([via], n)
         yield received
         yield counter(
-            "publish_failures", "Background publishes that failed.", c.get("publish_failures", 0)
+            "publish_failures",
+            "Background publish rounds that left envelopes short of replicas, or raised.",
+            c.get("publish_failures", 0),
+        )
+        yield counter(
+            "publish_retried_envelopes",
+            "Envelopes published again (with back-off) after a round left them short.",
+            c.get("publish_retried", 0),
         )
         yield counter(
             "election_runs",
