@@ -2189,6 +2189,8 @@ class DhtNode:
             "rejected": group("rejected."),
             "malformed": group("malformed."),
             "rate_limited": counters.get("rate_limited", 0),
+            "rate_limited_envelopes": counters.get("rate_limited_envelopes", 0),
+            "handler_errors": counters.get("handler_errors", 0),
             "timeouts": counters.get("timeouts", 0),
             "busy_sent": counters.get("busy_sent", 0),
             "busy_received": counters.get("busy_received", 0),
