@@ -14,6 +14,7 @@ import pty
 import re
 import select
 import shlex
+import signal
 import socket
 import subprocess
 import time
@@ -815,3 +816,142 @@ def test_busy_replies_and_rate_limits_move_their_families(tmp_path: Path) -> Non
     finally:
         assert a.terminate() == 0
         assert b.terminate() == 0
+
+
+def _rows(n: int, tag: str) -> list[dict[str, Any]]:
+    """``n`` rows of ``n`` distinct paths: each packet lives under two keys of its own."""
+    return [dict(FLAG_ROW, problem_type=f"{tag}_{i}") for i in range(n)]
+
+
+def _scrape_until(
+    d: Daemon, what: str, done: Any, timeout: float, seen: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """Scrape ``d`` until ``done(families)`` holds, each scrape kept in ``seen``; the scrape
+    that met it. Each scrape is a round trip to the daemon: the wait is on its figures."""
+    deadline = time.monotonic() + timeout
+    while True:
+        families = scrape(d)
+        if seen is not None:
+            seen.append(families)
+        if done(families):
+            return families
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+
+
+def test_backlogs_fill_and_drain_as_the_daemons_work(tmp_path: Path) -> None:
+    """The work queues an operator watches, filled by real situations and drained by work
+    done, read from /metrics:
+
+    * a node restarts while a newcomer waits for it: the newcomer's unreachable bootstrap
+      peer counts 1, then 0 once the node is back;
+    * the node hands its 50 keys off to the newcomer, which allows 50 requests a second (so
+      the work takes seconds): the hand-off and sync backlogs and the send queue rise, then
+      fall to 0 with every envelope at the newcomer, which rate-limited some of them;
+    * the node emits 10 new packets: the publish backlog holds their 20 envelopes until they
+      are at the newcomer (those it refused as rate limited are published again), then reads 0;
+    * the newcomer is stopped (SIGSTOP: its socket stays open, nothing answers): the next
+      publish times out, the peer shows failing, the round counts as failed and its two
+      envelopes stay in the backlog and are published again.
+    """
+    a_env = ENV | {"QISD_DHT_EVICT_AFTER_FAILURES": "100"}  # the stopped peer stays, failing
+    a = Daemon(tmp_path / "a", "--metrics", "127.0.0.1:0", env=a_env)
+    try:
+        with Client(a.data_dir) as client:
+            client.emit(_rows(25, "handed_off"), wait=0)
+    finally:
+        assert a.terminate() == 0
+    port = a.port
+    slow = ENV | {
+        "QISD_DHT_RATE_LIMIT_PER_SOURCE": "50",
+        "QISD_DHT_RATE_BURST_PER_SOURCE": "10",
+        "QISD_STORE_MAX_BYTES": str(64 << 20),
+    }
+    c = Daemon(
+        tmp_path / "c", "--bootstrap", f"127.0.0.1:{port}", "--metrics", "127.0.0.1:0", env=slow
+    )
+    stopped = False
+    try:
+        fresh = scrape(c)
+        assert value(fresh, "qisd_bootstrap_unreachable_peers") == 1  # the node is down
+        assert value(fresh, "qisd_store_max_bytes") == 64 << 20
+        a = Daemon(tmp_path / "a", "--port", str(port), "--metrics", "127.0.0.1:0", env=a_env)
+        seen: list[dict[str, Any]] = []
+        _scrape_until(
+            a, "hand-off queued", lambda f: value(f, "qisd_handoff_backlog") > 0, 30, seen
+        )
+        drained = _scrape_until(
+            a,
+            "hand-off done",
+            lambda f: value(f, "qisd_handoff_backlog") == 0 and value(f, "qisd_sync_backlog") == 0,
+            60,
+            seen,
+        )
+        assert max(value(f, "qisd_handoff_backlog") for f in seen) >= 10
+        assert all(value(f, "qisd_sync_backlog") >= value(f, "qisd_handoff_backlog") for f in seen)
+        assert max(value(f, "qisd_dht_send_queue") for f in seen) > 0  # calls waited their turn
+        assert max(value(f, "qisd_dht_peer_queues_entries") for f in seen) == 1  # one peer
+        assert value(drained, "qisd_dht_busy_replies_total", direction="received") > 0
+        joined = _scrape_until(
+            c,
+            "every key at the newcomer",
+            lambda f: value(f, "qisd_received_envelopes_total", via="stored_by_peers") == 50,
+            30,
+        )
+        assert value(joined, "qisd_store_keys") == 50
+        assert value(joined, "qisd_store_envelopes", origin="remote") == 50
+        assert value(joined, "qisd_store_bytes", origin="remote") > 50 * 100
+        assert value(joined, "qisd_store_file_bytes") > value(fresh, "qisd_store_file_bytes")
+        assert value(joined, "qisd_dht_rate_limited_envelopes_total") > 0
+        _scrape_until(
+            c,
+            "the node is no longer unreachable",
+            lambda f: value(f, "qisd_bootstrap_unreachable_peers") == 0,
+            30,
+        )
+
+        before = scrape(a)
+        assert value(before, "qisd_publish_backlog_envelopes") == 0
+        with Client(a.data_dir) as client:
+            client.emit(_rows(10, "published"), wait=0)
+        seen = []
+        _scrape_until(
+            a, "publish done", lambda f: value(f, "qisd_publish_backlog_envelopes") == 0, 60, seen
+        )
+        assert value(seen[0], "qisd_publish_backlog_envelopes") == 20  # all of them, at first
+        _scrape_until(
+            c,
+            "every published envelope at the newcomer",
+            lambda f: value(f, "qisd_received_envelopes_total", via="stored_by_peers") == 70,
+            30,
+        )
+
+        os.kill(c.proc.pid, signal.SIGSTOP)
+        stopped = True
+        before = scrape(a)
+        with Client(a.data_dir) as client:
+            client.emit(_rows(1, "unanswered"), wait=0)
+        failed = _scrape_until(
+            a,
+            "a publish that reached nobody, published again",
+            lambda f: (
+                value(f, "qisd_publish_retried_envelopes_total")
+                >= value(before, "qisd_publish_retried_envelopes_total") + 2
+            ),
+            30,
+        )
+        assert value(failed, "qisd_publish_failures_total") > value(
+            before, "qisd_publish_failures_total"
+        )
+        assert value(failed, "qisd_publish_backlog_envelopes") == 2  # retried, not dropped
+        assert value(failed, "qisd_peers", state="failing") == 1
+        assert value(failed, "qisd_dht_rpc_timeouts_total") > value(
+            before, "qisd_dht_rpc_timeouts_total"
+        )
+        assert value(failed, "qisd_dht_rpc_round_trip_seconds_count", outcome="no_reply") > value(
+            before, "qisd_dht_rpc_round_trip_seconds_count", outcome="no_reply"
+        )
+    finally:
+        if stopped:
+            os.kill(c.proc.pid, signal.SIGCONT)
+        codes = [c.terminate(), a.terminate()]
+        assert codes == [0, 0], codes
