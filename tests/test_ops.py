@@ -902,6 +902,9 @@ def test_backlogs_fill_and_drain_as_the_daemons_work(tmp_path: Path) -> None:
         assert value(joined, "qisd_store_bytes", origin="remote") > 50 * 100
         assert value(joined, "qisd_store_file_bytes") > value(fresh, "qisd_store_file_bytes")
         assert value(joined, "qisd_dht_rate_limited_envelopes_total") > 0
+        # INFO says so, summarised: the hand-off's progress on the node, the newcomer's limit.
+        a.wait_for_line(re.compile(r".*hand-off: \d+ keys queued for joining nodes, \d+ env"), 30)
+        c.wait_for_line(re.compile(r".*rate-limited \d+ requests from 1 sources \(127"), 30)
         _scrape_until(
             c,
             "the node is no longer unreachable",
@@ -955,3 +958,5 @@ def test_backlogs_fill_and_drain_as_the_daemons_work(tmp_path: Path) -> None:
             os.kill(c.proc.pid, signal.SIGCONT)
         codes = [c.terminate(), a.terminate()]
         assert codes == [0, 0], codes
+    queued = [re.search(r"hand-off: (\d+) keys queued", line) for line in a.lines]
+    assert sum(int(m[1]) for m in queued if m) == 50  # each key once, none by the gauge's rise
