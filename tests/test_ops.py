@@ -202,6 +202,76 @@ def test_every_documented_family_is_served_and_moves_as_the_daemons_work(
     assert b.cli("unfollow", PATH).returncode == 0
 
 
+def test_the_other_families_move_with_what_moves_them(
+    pair: tuple[Daemon, Daemon], tmp_path: Path
+) -> None:
+    """What the first test does not move: store growth, a peer's fetches, a watch stream,
+    refused local work (a bad emit, a partial emit's bad row, the same rows again, an unknown
+    control operation) and a hostile peer's datagrams (undecodable, a request with bad
+    arguments), each family read before and after from /metrics. A handler bug stays 0."""
+    import pyarrow as pa
+    from test_cli import watching
+
+    from qisd.errors import QisdError
+    from qisd.net import wire
+
+    a, b = pair
+    before_a, before_b = scrape(a), scrape(b)
+    now = int(time.time() * 1000)
+    rows = [dict(r, timestamp_utc=now) for r in _rows(3, "moved")]  # the same packets again
+    with Client(a.data_dir) as client:
+        client.emit(rows, wait=1)
+        again = client.emit(rows)  # the same rows: the same packets, not stored again
+        assert len(again["duplicates"]) == 3
+        bad = dict(rows[0], confidence=7.0)
+        with pytest.raises(QisdError):
+            client.emit([bad])
+        good = dict(rows[0], problem_type="moved_partial")
+        kept = client.emit_table(pa.Table.from_pylist([good, bad]), partial=True)
+        assert len(kept["rejected"]) == 1
+        with pytest.raises(QisdError):
+            client.call("no_such_operation")
+    with watching(PATH, b.data_dir):
+        assert value(scrape(b), "qisd_watch_streams") == 1
+    assert b.cli("query", f"{FLAG_ROW['domain']}/moved_0", "--json").returncode == 0
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer:
+        peer.sendto(b"\x07" + bytes(40), (b.host, b.port))  # no such datagram kind
+        peer.sendto(wire.encode_request(os.urandom(20), "ping", []), (b.host, b.port))
+    after_a = scrape(a)
+    after_b = _scrape_until(
+        b,
+        "the watch closed and the datagrams counted",
+        lambda f: (
+            value(f, "qisd_watch_streams") == 0
+            and value(f, "qisd_dht_rejected_total", reason="bad_args")
+            > value(before_b, "qisd_dht_rejected_total", reason="bad_args")
+        ),
+        30,
+    )
+
+    def moved(after: dict[str, Any], before: dict[str, Any], name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert moved(after_a, before_a, "qisd_uptime_seconds") > 0
+    assert moved(after_a, before_a, "qisd_store_keys") == 8  # 3 + 1 packets, 2 keys each
+    assert moved(after_a, before_a, "qisd_store_envelopes", origin="local") == 8
+    assert moved(after_a, before_a, "qisd_store_bytes", origin="local") > 8 * 100
+    assert moved(after_a, before_a, "qisd_emit_duplicate_packets_total") == 3
+    assert moved(after_a, before_a, "qisd_emit_rejected_total", what="emit") == 1
+    assert moved(after_a, before_a, "qisd_emit_rejected_total", what="row") == 1
+    assert moved(after_a, before_a, "qisd_control_rejected_requests_total") == 1
+    assert moved(after_b, before_b, "qisd_dht_fetches_total") >= 1
+    assert moved(after_b, before_b, "qisd_dht_fetch_messages_total") >= 1
+    assert moved(after_b, before_b, "qisd_dht_malformed_total", reason="unknown_kind") == 1
+    for families in (after_a, after_b):
+        assert value(families, "qisd_dht_handler_errors_total") == 0
+    # INFO summarises the hostile datagrams by reason, in one line a period.
+    b.wait_for_line(re.compile(r".*INFO qisd.activity: .*rejected \d+ \([^)]*bad_args"), 30)
+    malformed = re.compile(r".*INFO qisd.activity: .*malformed \d+ \([^)]*unknown_kind")
+    if not any(malformed.match(line) for line in b.lines):  # the period after, maybe
+        b.wait_for_line(malformed, 30)
+
+
 def test_openmetrics_on_request_and_only_get(pair: tuple[Daemon, Daemon]) -> None:
     a, _ = pair
     status, body, headers = get(
