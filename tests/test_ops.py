@@ -207,8 +207,9 @@ def test_the_other_families_move_with_what_moves_them(
 ) -> None:
     """What the first test does not move: store growth, a peer's fetches, a watch stream,
     refused local work (a bad emit, a partial emit's bad row, the same rows again, an unknown
-    control operation) and a hostile peer's datagrams (undecodable, a request with bad
-    arguments), each family read before and after from /metrics. A handler bug stays 0."""
+    control operation), a hostile peer's datagrams (undecodable, a request with bad
+    arguments) and an outcome Darwinism scores, each family read before and after from
+    /metrics. A handler bug stays 0."""
     import pyarrow as pa
     from test_cli import watching
 
@@ -234,17 +235,29 @@ def test_the_other_families_move_with_what_moves_them(
     with watching(PATH, b.data_dir):
         assert value(scrape(b), "qisd_watch_streams") == 1
     assert b.cli("query", f"{FLAG_ROW['domain']}/moved_0", "--json").returncode == 0
+    # Darwinism: B is recommended warmup on a path two sites reported it for, then B reports
+    # the outcome of doing it, which scores the templates.
+    scored = dict(FLAG_ROW, problem_type="scored", intervention_type="warmup")
+    for d, delta in ((a, 0.03), (b, 0.02)):
+        with Client(d.data_dir) as client:
+            client.emit([dict(scored, metric_delta=delta)], wait=1)
+    with Client(b.data_dir) as client:
+        recommended = client.call("synthesize", {"path": "clinical.oncology/scored"})
+        assert recommended["best_intervention"] == "warmup"
+        client.emit([dict(scored, metric_delta=0.025, sample_count=7)])
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer:
         peer.sendto(b"\x07" + bytes(40), (b.host, b.port))  # no such datagram kind
         peer.sendto(wire.encode_request(os.urandom(20), "ping", []), (b.host, b.port))
     after_a = scrape(a)
     after_b = _scrape_until(
         b,
-        "the watch closed and the datagrams counted",
+        "the watch closed, the datagrams counted, the outcome scored",
         lambda f: (
             value(f, "qisd_watch_streams") == 0
             and value(f, "qisd_dht_rejected_total", reason="bad_args")
             > value(before_b, "qisd_dht_rejected_total", reason="bad_args")
+            and value(f, "qisd_darwin_observations_total")
+            > value(before_b, "qisd_darwin_observations_total")
         ),
         30,
     )
@@ -253,9 +266,9 @@ def test_the_other_families_move_with_what_moves_them(
         return value(after, name, **labels) - value(before, name, **labels)
 
     assert moved(after_a, before_a, "qisd_uptime_seconds") > 0
-    assert moved(after_a, before_a, "qisd_store_keys") == 8  # 3 + 1 packets, 2 keys each
-    assert moved(after_a, before_a, "qisd_store_envelopes", origin="local") == 8
-    assert moved(after_a, before_a, "qisd_store_bytes", origin="local") > 8 * 100
+    assert moved(after_a, before_a, "qisd_store_keys") == 10  # 3 + 1 + 1 packets, 2 keys each
+    assert moved(after_a, before_a, "qisd_store_envelopes", origin="local") == 10
+    assert moved(after_a, before_a, "qisd_store_bytes", origin="local") > 10 * 100
     assert moved(after_a, before_a, "qisd_emit_duplicate_packets_total") == 3
     assert moved(after_a, before_a, "qisd_emit_rejected_total", what="emit") == 1
     assert moved(after_a, before_a, "qisd_emit_rejected_total", what="row") == 1
