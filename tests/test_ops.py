@@ -710,8 +710,13 @@ def test_version_json_and_shell_completion() -> None:
     assert qisd("-V").returncode == 0
     data = json.loads(qisd("version", "--json").stdout)
     assert data["qisd"] == __version__ and data["envelope_version"] == 1
-    script = qisd("--show-completion", "bash", env={"SHELL": "/bin/bash"})
-    assert script.returncode == 0 and "_QISD_COMPLETE" in script.stdout
+    # The named shell's script, whatever runs the command (typer's --show-completion takes
+    # no name and detects the parent shell: a zsh user asking for bash got zsh).
+    script = qisd("completion", "bash")
+    assert script.returncode == 0 and "_QISD_COMPLETE=complete_bash" in script.stdout
+    assert qisd("completion", "zsh").stdout.startswith("#compdef qisd")
+    assert "complete_fish" in qisd("completion", "fish").stdout
+    one_line_error(qisd("completion", "tcsh"), 2, "tcsh")
     words = qisd(
         env={"_QISD_COMPLETE": "complete_bash", "COMP_WORDS": "qisd sta", "COMP_CWORD": "1"}
     )
