@@ -300,6 +300,23 @@ def test_openmetrics_on_request_and_only_get(pair: tuple[Daemon, Daemon]) -> Non
     assert status == 401
 
 
+def test_metrics_are_off_unless_asked_and_asked_by_config_or_environment(tmp_path: Path) -> None:
+    """No metrics server without --metrics, ``metrics =`` in the config file or QISD_METRICS;
+    either of the last two serves it as the flag does."""
+    config = tmp_path / "qisd.toml"
+    config.write_text('metrics = "127.0.0.1:0"\n')
+    plain = Daemon(tmp_path / "plain")
+    by_config = Daemon(tmp_path / "config", "--config", str(config))
+    by_env = Daemon(tmp_path / "env", env={"QISD_METRICS": "127.0.0.1:0"})
+    try:
+        assert not any(METRICS_AT.match(line) for line in plain.lines)
+        for d in (by_config, by_env):
+            assert value(scrape(d), "qisd_node_info", node_id=d.node_id) == 1
+    finally:
+        codes = [d.terminate() for d in (plain, by_config, by_env)]
+        assert codes == [0, 0, 0], codes
+
+
 def test_a_token_guards_the_metrics_server_and_off_loopback_needs_one(tmp_path: Path) -> None:
     qisd("init", "--data-dir", str(tmp_path / "t"))
     start = ["start", "--data-dir", str(tmp_path / "t"), "--port", "0", "--bootstrap-file"]
