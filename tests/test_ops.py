@@ -1065,3 +1065,35 @@ def test_backlogs_fill_and_drain_as_the_daemons_work(tmp_path: Path) -> None:
         assert codes == [0, 0], codes
     queued = [re.search(r"hand-off: (\d+) keys queued", line) for line in a.lines]
     assert sum(int(m[1]) for m in queued if m) == 50  # each key once, none by the gauge's rise
+
+
+def test_a_bootstrap_peer_that_is_back_is_no_longer_unreachable_once_rejoined(
+    tmp_path: Path,
+) -> None:
+    """A bootstrap peer that comes back counts as reachable as soon as the node rejoins it
+    (every rejoin_seconds, here 1 s), not when its own retry next fires (its delay starts at
+    an RPC timeout, here 30 s, and doubles up to 5 minutes): until then the gauge said a peer
+    in the routing table was unreachable."""
+    a = Daemon(tmp_path / "a", env=ENV)
+    port = a.port
+    assert a.terminate() == 0
+    patient = ENV | {"QISD_DHT_RPC_TIMEOUT": "30", "QISD_DHT_REJOIN_SECONDS": "1"}
+    c = Daemon(
+        tmp_path / "c", "--bootstrap", f"127.0.0.1:{port}", "--metrics", "127.0.0.1:0", env=patient
+    )
+    try:
+        assert value(scrape(c), "qisd_bootstrap_unreachable_peers") == 1
+        a = Daemon(tmp_path / "a", "--port", str(port), env=ENV)
+        rejoined = _scrape_until(
+            c, "rejoined", lambda f: value(f, "qisd_peers", state="responsive") == 1, 20
+        )
+        if value(rejoined, "qisd_bootstrap_unreachable_peers"):
+            _scrape_until(
+                c,
+                "the peer no longer unreachable",
+                lambda f: value(f, "qisd_bootstrap_unreachable_peers") == 0,
+                10,
+            )
+    finally:
+        codes = [c.terminate(), a.terminate()]
+        assert codes == [0, 0], codes
