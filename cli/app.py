@@ -12,6 +12,7 @@ Commands are thin: each parses its options and hands off to :class:`qisd.Client`
 from __future__ import annotations
 
 import csv
+import enum
 import json
 import os
 import struct
@@ -1052,6 +1053,29 @@ def version(as_json: Json = False) -> None:
         )
     else:
         sys.stdout.write(f"qisd {__version__}\n")
+
+
+class Shell(enum.StrEnum):
+    """The shells typer writes completion scripts for."""
+
+    bash = "bash"
+    zsh = "zsh"
+    fish = "fish"
+
+
+@app.command()
+def completion(
+    shell: Annotated[Shell, typer.Argument(help="bash, zsh or fish.", case_sensitive=False)],
+) -> None:
+    """Print the completion script of SHELL (--show-completion picks the shell it runs in)."""
+    from typer.completion import get_completion_script
+
+    # typer's --show-completion takes no shell name: from zsh, `--show-completion bash`
+    # printed a zsh script, and without a shell parent (a script, cron) nothing usable.
+    script = get_completion_script(
+        prog_name="qisd", complete_var="_QISD_COMPLETE", shell=shell.value
+    )
+    sys.stdout.write(script + "\n")
 
 
 # --------------------------------------------------------------------------- entry point

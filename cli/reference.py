@@ -19,11 +19,11 @@ commands with examples, [exit codes](../README.md#exit-codes),
 [configuration](../README.md#configuration) and
 [running under systemd](../README.md#running-under-systemd).
 
-Every command takes `-h` / `--help`. `qisd --version` prints the version; `qisd
---show-completion bash` (or zsh, fish) prints a completion script and `qisd
---install-completion` installs one for the current shell. Errors are one line on stderr,
-`qisd: error: ...`, and exit with the documented code (1 invalid input, 2 usage or
-configuration, 3 no daemon running, 4 store, 5 network).
+Every command takes `-h` / `--help`. `qisd --version` prints the version; `qisd completion
+bash` (or zsh, fish) prints that shell's completion script, `qisd --show-completion` the
+script of the shell it runs in, and `qisd --install-completion` installs one for that
+shell. Errors are one line on stderr, `qisd: error: ...`, and exit with the documented code
+(1 invalid input, 2 usage or configuration, 3 no daemon running, 4 store, 5 network).
 """
 
 

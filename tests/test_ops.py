@@ -14,6 +14,7 @@ import pty
 import re
 import select
 import shlex
+import signal
 import socket
 import subprocess
 import time
@@ -201,6 +202,89 @@ def test_every_documented_family_is_served_and_moves_as_the_daemons_work(
     assert b.cli("unfollow", PATH).returncode == 0
 
 
+def test_the_other_families_move_with_what_moves_them(
+    pair: tuple[Daemon, Daemon], tmp_path: Path
+) -> None:
+    """What the first test does not move: store growth, a peer's fetches, a watch stream,
+    refused local work (a bad emit, a partial emit's bad row, the same rows again, an unknown
+    control operation), a hostile peer's datagrams (undecodable, a request with bad
+    arguments) and an outcome Darwinism scores, each family read before and after from
+    /metrics. A handler bug stays 0."""
+    import pyarrow as pa
+    from test_cli import watching
+
+    from qisd.errors import QisdError
+    from qisd.net import wire
+
+    a, b = pair
+    before_a, before_b = scrape(a), scrape(b)
+    now = int(time.time() * 1000)
+    rows = [dict(r, timestamp_utc=now) for r in _rows(3, "moved")]  # the same packets again
+    with Client(a.data_dir) as client:
+        client.emit(rows, wait=1)
+        again = client.emit(rows)  # the same rows: the same packets, not stored again
+        assert len(again["duplicates"]) == 3
+        bad = dict(rows[0], confidence=7.0)
+        with pytest.raises(QisdError):
+            client.emit([bad])
+        good = dict(rows[0], problem_type="moved_partial")
+        kept = client.emit_table(pa.Table.from_pylist([good, bad]), partial=True)
+        assert len(kept["rejected"]) == 1
+        with pytest.raises(QisdError):
+            client.call("no_such_operation")
+    with watching(PATH, b.data_dir):
+        assert value(scrape(b), "qisd_watch_streams") == 1
+    assert b.cli("query", f"{FLAG_ROW['domain']}/moved_0", "--json").returncode == 0
+    # Darwinism: B is recommended warmup on a path two sites reported it for, then B reports
+    # the outcome of doing it, which scores the templates.
+    scored = dict(FLAG_ROW, problem_type="scored", intervention_type="warmup")
+    for d, delta in ((a, 0.03), (b, 0.02)):
+        with Client(d.data_dir) as client:
+            client.emit([dict(scored, metric_delta=delta)], wait=1)
+    with Client(b.data_dir) as client:
+        recommended = client.call("synthesize", {"path": "clinical.oncology/scored"})
+        assert recommended["best_intervention"] == "warmup"
+        client.emit([dict(scored, metric_delta=0.025, sample_count=7)])
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer:
+        peer.sendto(b"\x07" + bytes(40), (b.host, b.port))  # no such datagram kind
+        peer.sendto(wire.encode_request(os.urandom(20), "ping", []), (b.host, b.port))
+    after_a = scrape(a)
+    after_b = _scrape_until(
+        b,
+        "the watch closed, the datagrams counted, the outcome scored",
+        lambda f: (
+            value(f, "qisd_watch_streams") == 0
+            and value(f, "qisd_dht_rejected_total", reason="bad_args")
+            > value(before_b, "qisd_dht_rejected_total", reason="bad_args")
+            and value(f, "qisd_darwin_observations_total")
+            > value(before_b, "qisd_darwin_observations_total")
+        ),
+        30,
+    )
+
+    def moved(after: dict[str, Any], before: dict[str, Any], name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert moved(after_a, before_a, "qisd_uptime_seconds") > 0
+    assert moved(after_a, before_a, "qisd_store_keys") == 10  # 3 + 1 + 1 packets, 2 keys each
+    assert moved(after_a, before_a, "qisd_store_envelopes", origin="local") == 10
+    assert moved(after_a, before_a, "qisd_store_bytes", origin="local") > 10 * 100
+    assert moved(after_a, before_a, "qisd_emit_duplicate_packets_total") == 3
+    assert moved(after_a, before_a, "qisd_emit_rejected_total", what="emit") == 1
+    assert moved(after_a, before_a, "qisd_emit_rejected_total", what="row") == 1
+    assert moved(after_a, before_a, "qisd_control_rejected_requests_total") == 1
+    assert moved(after_b, before_b, "qisd_dht_fetches_total") >= 1
+    assert moved(after_b, before_b, "qisd_dht_fetch_messages_total") >= 1
+    assert moved(after_b, before_b, "qisd_dht_malformed_total", reason="unknown_kind") == 1
+    for families in (after_a, after_b):
+        assert value(families, "qisd_dht_handler_errors_total") == 0
+    # INFO summarises the hostile datagrams by reason, in one line a period.
+    b.wait_for_line(re.compile(r".*INFO qisd.activity: .*rejected \d+ \([^)]*bad_args"), 30)
+    malformed = re.compile(r".*INFO qisd.activity: .*malformed \d+ \([^)]*unknown_kind")
+    if not any(malformed.match(line) for line in b.lines):  # the period after, maybe
+        b.wait_for_line(malformed, 30)
+
+
 def test_openmetrics_on_request_and_only_get(pair: tuple[Daemon, Daemon]) -> None:
     a, _ = pair
     status, body, headers = get(
@@ -214,6 +298,23 @@ def test_openmetrics_on_request_and_only_get(pair: tuple[Daemon, Daemon]) -> Non
     # A name other than loopback in Host (DNS rebinding) gets nothing without a token.
     status, _, _ = get(metrics_url(a) + "metrics", {"Host": "attacker.example:80"})
     assert status == 401
+
+
+def test_metrics_are_off_unless_asked_and_asked_by_config_or_environment(tmp_path: Path) -> None:
+    """No metrics server without --metrics, ``metrics =`` in the config file or QISD_METRICS;
+    either of the last two serves it as the flag does."""
+    config = tmp_path / "qisd.toml"
+    config.write_text('metrics = "127.0.0.1:0"\n')
+    plain = Daemon(tmp_path / "plain")
+    by_config = Daemon(tmp_path / "config", "--config", str(config))
+    by_env = Daemon(tmp_path / "env", env={"QISD_METRICS": "127.0.0.1:0"})
+    try:
+        assert not any(METRICS_AT.match(line) for line in plain.lines)
+        for d in (by_config, by_env):
+            assert value(scrape(d), "qisd_node_info", node_id=d.node_id) == 1
+    finally:
+        codes = [d.terminate() for d in (plain, by_config, by_env)]
+        assert codes == [0, 0, 0], codes
 
 
 def test_a_token_guards_the_metrics_server_and_off_loopback_needs_one(tmp_path: Path) -> None:
@@ -404,25 +505,65 @@ def test_the_progress_bar_and_the_ids_never_share_a_line(
             assert re.fullmatch(r"[0-9a-f]{32}", line), f"an id shares a line: {line!r}"
 
 
+def _start_refused(data_dir: Path, *flags: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """``qisd start`` with ``flags`` that must fail; the environment without QISD_ or GRPC_."""
+    qisd("init", "--data-dir", str(data_dir))
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("QISD_", "GRPC_"))}
+    return subprocess.run(
+        [*QISD, *lone_daemon_argv(data_dir, *flags)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=clean | env,
+    )
+
+
 @pytest.mark.parametrize("which", ["flight", "metrics"])
 def test_a_tcp_port_in_use_is_a_one_line_error(tmp_path: Path, which: str) -> None:
+    """For Flight, gRPC's own bind is the only attempt (a probe before it left a window in
+    which another process could take the port): its failure is what this test provokes, and
+    the daemon, asking the kernel afterwards, must still say in one line that the port is in
+    use, with none of gRPC's own lines."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        qisd("init", "--data-dir", str(tmp_path / "p"))
         flag = ["--flight", f"grpc://127.0.0.1:{port}"] if which == "flight" else []
-        flag = flag or ["--metrics", f"127.0.0.1:{port}"]
-        done = subprocess.run(
-            [*QISD, *lone_daemon_argv(tmp_path / "p", *flag)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env={k: v for k, v in os.environ.items() if not k.startswith("QISD_")},
-        )
+        done = _start_refused(tmp_path / "p", *(flag or ["--metrics", f"127.0.0.1:{port}"]))
         line = one_line_error(done, 2, f"127.0.0.1:{port}", "in use")
         assert ("Flight" in line) if which == "flight" else ("metrics" in line)
+        if which == "flight":
+            # gRPC's lines come back when an operator asks for them, the one-line error last.
+            asked = _start_refused(tmp_path / "p", *flag, GRPC_VERBOSITY="error")
+            assert asked.returncode == 2 and "add_port" in asked.stderr, asked.stderr
+            assert asked.stderr.strip().splitlines()[-1] == line
     assert not (tmp_path / "p" / "control.sock").exists()
+
+
+@pytest.mark.parametrize("pair", ["not_pem", "mismatched"])
+def test_a_flight_tls_pair_gRPC_cannot_use_is_a_one_line_error(tmp_path: Path, pair: str) -> None:
+    """gRPC refused these at bind time with three lines of its own and Flight's "Server did not
+    start properly", which names neither file."""
+    from test_flight import _self_signed
+
+    cert, key = _self_signed(tmp_path)
+    if pair == "not_pem":
+        cert.write_text("not a certificate\n")
+    else:
+        other = tmp_path / "other"
+        other.mkdir()
+        key = _self_signed(other)[1]  # a key, but not the certificate's
+    done = _start_refused(
+        tmp_path / "t",
+        "--flight",
+        "grpc+tls://127.0.0.1:0",
+        "--flight-tls-cert",
+        str(cert),
+        "--flight-tls-key",
+        str(key),
+    )
+    one_line_error(done, 2, str(cert), str(key), "not a PEM certificate")
+    assert not (tmp_path / "t" / "control.sock").exists()
 
 
 def _block_after(heading: str, fence: str) -> str:
@@ -586,8 +727,13 @@ def test_version_json_and_shell_completion() -> None:
     assert qisd("-V").returncode == 0
     data = json.loads(qisd("version", "--json").stdout)
     assert data["qisd"] == __version__ and data["envelope_version"] == 1
-    script = qisd("--show-completion", "bash", env={"SHELL": "/bin/bash"})
-    assert script.returncode == 0 and "_QISD_COMPLETE" in script.stdout
+    # The named shell's script, whatever runs the command (typer's --show-completion takes
+    # no name and detects the parent shell: a zsh user asking for bash got zsh).
+    script = qisd("completion", "bash")
+    assert script.returncode == 0 and "_QISD_COMPLETE=complete_bash" in script.stdout
+    assert qisd("completion", "zsh").stdout.startswith("#compdef qisd")
+    assert "complete_fish" in qisd("completion", "fish").stdout
+    one_line_error(qisd("completion", "tcsh"), 2, "tcsh")
     words = qisd(
         env={"_QISD_COMPLETE": "complete_bash", "COMP_WORDS": "qisd sta", "COMP_CWORD": "1"}
     )
@@ -775,3 +921,179 @@ def test_busy_replies_and_rate_limits_move_their_families(tmp_path: Path) -> Non
     finally:
         assert a.terminate() == 0
         assert b.terminate() == 0
+
+
+def _rows(n: int, tag: str) -> list[dict[str, Any]]:
+    """``n`` rows of ``n`` distinct paths: each packet lives under two keys of its own."""
+    return [dict(FLAG_ROW, problem_type=f"{tag}_{i}") for i in range(n)]
+
+
+def _scrape_until(
+    d: Daemon, what: str, done: Any, timeout: float, seen: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """Scrape ``d`` until ``done(families)`` holds, each scrape kept in ``seen``; the scrape
+    that met it. Each scrape is a round trip to the daemon: the wait is on its figures."""
+    deadline = time.monotonic() + timeout
+    while True:
+        families = scrape(d)
+        if seen is not None:
+            seen.append(families)
+        if done(families):
+            return families
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+
+
+def test_backlogs_fill_and_drain_as_the_daemons_work(tmp_path: Path) -> None:
+    """The work queues an operator watches, filled by real situations and drained by work
+    done, read from /metrics:
+
+    * a node restarts while a newcomer waits for it: the newcomer's unreachable bootstrap
+      peer counts 1, then 0 once the node is back;
+    * the node hands its 50 keys off to the newcomer, which allows 50 requests a second (so
+      the work takes seconds): the hand-off and sync backlogs and the send queue rise, then
+      fall to 0 with every envelope at the newcomer, which rate-limited some of them;
+    * the node emits 10 new packets: the publish backlog holds their 20 envelopes until they
+      are at the newcomer (those it refused as rate limited are published again), then reads 0;
+    * the newcomer is stopped (SIGSTOP: its socket stays open, nothing answers): the next
+      publish times out, the peer shows failing, the round counts as failed and its two
+      envelopes stay in the backlog and are published again.
+    """
+    a_env = ENV | {"QISD_DHT_EVICT_AFTER_FAILURES": "100"}  # the stopped peer stays, failing
+    a = Daemon(tmp_path / "a", "--metrics", "127.0.0.1:0", env=a_env)
+    try:
+        with Client(a.data_dir) as client:
+            client.emit(_rows(25, "handed_off"), wait=0)
+    finally:
+        assert a.terminate() == 0
+    port = a.port
+    slow = ENV | {
+        "QISD_DHT_RATE_LIMIT_PER_SOURCE": "50",
+        "QISD_DHT_RATE_BURST_PER_SOURCE": "10",
+        "QISD_STORE_MAX_BYTES": str(64 << 20),
+    }
+    c = Daemon(
+        tmp_path / "c", "--bootstrap", f"127.0.0.1:{port}", "--metrics", "127.0.0.1:0", env=slow
+    )
+    stopped = False
+    try:
+        fresh = scrape(c)
+        assert value(fresh, "qisd_bootstrap_unreachable_peers") == 1  # the node is down
+        assert value(fresh, "qisd_store_max_bytes") == 64 << 20
+        a = Daemon(tmp_path / "a", "--port", str(port), "--metrics", "127.0.0.1:0", env=a_env)
+        seen: list[dict[str, Any]] = []
+        _scrape_until(
+            a, "hand-off queued", lambda f: value(f, "qisd_handoff_backlog") > 0, 30, seen
+        )
+        drained = _scrape_until(
+            a,
+            "hand-off done",
+            lambda f: value(f, "qisd_handoff_backlog") == 0 and value(f, "qisd_sync_backlog") == 0,
+            60,
+            seen,
+        )
+        assert max(value(f, "qisd_handoff_backlog") for f in seen) >= 10
+        assert all(value(f, "qisd_sync_backlog") >= value(f, "qisd_handoff_backlog") for f in seen)
+        assert max(value(f, "qisd_dht_send_queue") for f in seen) > 0  # calls waited their turn
+        assert max(value(f, "qisd_dht_peer_queues_entries") for f in seen) == 1  # one peer
+        assert value(drained, "qisd_dht_busy_replies_total", direction="received") > 0
+        joined = _scrape_until(
+            c,
+            "every key at the newcomer",
+            lambda f: value(f, "qisd_received_envelopes_total", via="stored_by_peers") == 50,
+            30,
+        )
+        assert value(joined, "qisd_store_keys") == 50
+        assert value(joined, "qisd_store_envelopes", origin="remote") == 50
+        assert value(joined, "qisd_store_bytes", origin="remote") > 50 * 100
+        assert value(joined, "qisd_store_file_bytes") > value(fresh, "qisd_store_file_bytes")
+        assert value(joined, "qisd_dht_rate_limited_envelopes_total") > 0
+        # INFO says so, summarised: the hand-off's progress on the node, the newcomer's limit.
+        a.wait_for_line(re.compile(r".*hand-off: \d+ keys queued for joining nodes, \d+ env"), 30)
+        c.wait_for_line(re.compile(r".*rate-limited \d+ requests from 1 sources \(127"), 30)
+        _scrape_until(
+            c,
+            "the node is no longer unreachable",
+            lambda f: value(f, "qisd_bootstrap_unreachable_peers") == 0,
+            30,
+        )
+
+        before = scrape(a)
+        assert value(before, "qisd_publish_backlog_envelopes") == 0
+        with Client(a.data_dir) as client:
+            client.emit(_rows(10, "published"), wait=0)
+        seen = []
+        _scrape_until(
+            a, "publish done", lambda f: value(f, "qisd_publish_backlog_envelopes") == 0, 60, seen
+        )
+        assert value(seen[0], "qisd_publish_backlog_envelopes") == 20  # all of them, at first
+        _scrape_until(
+            c,
+            "every published envelope at the newcomer",
+            lambda f: value(f, "qisd_received_envelopes_total", via="stored_by_peers") == 70,
+            30,
+        )
+
+        os.kill(c.proc.pid, signal.SIGSTOP)
+        stopped = True
+        before = scrape(a)
+        with Client(a.data_dir) as client:
+            client.emit(_rows(1, "unanswered"), wait=0)
+        failed = _scrape_until(
+            a,
+            "a publish that reached nobody, published again",
+            lambda f: (
+                value(f, "qisd_publish_retried_envelopes_total")
+                >= value(before, "qisd_publish_retried_envelopes_total") + 2
+            ),
+            30,
+        )
+        assert value(failed, "qisd_publish_failures_total") > value(
+            before, "qisd_publish_failures_total"
+        )
+        assert value(failed, "qisd_publish_backlog_envelopes") == 2  # retried, not dropped
+        assert value(failed, "qisd_peers", state="failing") == 1
+        assert value(failed, "qisd_dht_rpc_timeouts_total") > value(
+            before, "qisd_dht_rpc_timeouts_total"
+        )
+        assert value(failed, "qisd_dht_rpc_round_trip_seconds_count", outcome="no_reply") > value(
+            before, "qisd_dht_rpc_round_trip_seconds_count", outcome="no_reply"
+        )
+    finally:
+        if stopped:
+            os.kill(c.proc.pid, signal.SIGCONT)
+        codes = [c.terminate(), a.terminate()]
+        assert codes == [0, 0], codes
+    queued = [re.search(r"hand-off: (\d+) keys queued", line) for line in a.lines]
+    assert sum(int(m[1]) for m in queued if m) == 50  # each key once, none by the gauge's rise
+
+
+def test_a_bootstrap_peer_that_is_back_is_no_longer_unreachable_once_rejoined(
+    tmp_path: Path,
+) -> None:
+    """A bootstrap peer that comes back counts as reachable as soon as the node rejoins it
+    (every rejoin_seconds, here 1 s), not when its own retry next fires (its delay starts at
+    an RPC timeout, here 30 s, and doubles up to 5 minutes): until then the gauge said a peer
+    in the routing table was unreachable."""
+    a = Daemon(tmp_path / "a", env=ENV)
+    port = a.port
+    assert a.terminate() == 0
+    patient = ENV | {"QISD_DHT_RPC_TIMEOUT": "30", "QISD_DHT_REJOIN_SECONDS": "1"}
+    c = Daemon(
+        tmp_path / "c", "--bootstrap", f"127.0.0.1:{port}", "--metrics", "127.0.0.1:0", env=patient
+    )
+    try:
+        assert value(scrape(c), "qisd_bootstrap_unreachable_peers") == 1
+        a = Daemon(tmp_path / "a", "--port", str(port), env=ENV)
+        rejoined = _scrape_until(
+            c, "rejoined", lambda f: value(f, "qisd_peers", state="responsive") == 1, 20
+        )
+        if value(rejoined, "qisd_bootstrap_unreachable_peers"):
+            _scrape_until(
+                c,
+                "the peer no longer unreachable",
+                lambda f: value(f, "qisd_bootstrap_unreachable_peers") == 0,
+                10,
+            )
+    finally:
+        codes = [c.terminate(), a.terminate()]
+        assert codes == [0, 0], codes

@@ -26,7 +26,7 @@ from typing import Any
 
 from qisd import __version__
 from qisd.config import NodeConfig
-from qisd.errors import ConfigError, UsageError
+from qisd.errors import UsageError
 from qisd.net.control import ControlServer, Sender, ipc_to_table, socket_path, table_to_ipc
 from qisd.net.logs import ActivityLog, configure_logging, ready_line
 from qisd.net.node import MAX_EMIT_ROWS, Node
@@ -50,30 +50,6 @@ def sd_notify(message: str) -> bool:
         log.warning("cannot notify systemd at %s: %s", address, exc)
         return False
     return True
-
-
-def check_tcp_port_free(host: str, port: int, what: str, flag: str) -> None:
-    """ConfigError in one line if ``host:port`` cannot be bound for TCP (e.g. in use).
-
-    Asked before gRPC binds the Flight port: gRPC prints its own lines on stderr and then
-    fails with "Server did not start properly", which says nothing of the port.
-    """
-    if port == 0:
-        return
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except OSError as exc:
-        raise ConfigError(f"cannot serve {what} at {host}:{port}: {exc.strerror or exc}") from None
-    family, kind, proto, _name, address = infos[0]
-    with socket.socket(family, kind, proto) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC and asyncio do
-        try:
-            sock.bind(address)
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot serve {what} at {host}:{port}: {exc.strerror or exc} "
-                f"(choose another with {flag})"
-            ) from None
 
 
 # --------------------------------------------------------------------------- argument checks
@@ -226,10 +202,8 @@ async def serve(config: NodeConfig, *, ready: Callable[[Node], None] | None = No
         server = ControlServer(socket_path(node.data_dir), handlers, streams)
         await server.start()
         if config.flight:
-            from qisd.net.flight import parse_uri, start_flight
+            from qisd.net.flight import start_flight
 
-            where = parse_uri(config.flight, tls=bool(config.flight_tls_cert))
-            check_tcp_port_free(where.host, where.port, "Arrow Flight", "--flight URI")
             flight = await start_flight(
                 node,
                 config.flight,
@@ -313,5 +287,9 @@ def run(config: NodeConfig) -> int:
     import uvloop
 
     configure_logging(config.log_level, config.log_format)
+    # gRPC (under Arrow Flight) writes its own lines to stderr, past Python's logging: a
+    # failed bind printed two of them before qisd's one-line error. Library noise stays
+    # quiet unless asked, and GRPC_VERBOSITY=error (or debug) asks. Read at gRPC's first use.
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     uvloop.run(serve(config))
     return 0

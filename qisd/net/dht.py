@@ -1923,7 +1923,8 @@ class DhtNode:
         self._follows: dict[bytes, _Follow] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._unreachable: dict[tuple[str, int], str] = {}
-        self._peer_addresses: dict[tuple[str, int], None] = {}
+        self._peer_addresses: dict[tuple[str, int], tuple[str, int]] = {}
+        """Resolved bootstrap addresses, each with the peer (as configured) it resolved from."""
         self._counters: Counter[str] = Counter()
         self.address: tuple[str, int] | None = None
         self._anti_entropy_at = 0
@@ -2026,8 +2027,8 @@ class DhtNode:
             resolved.extend(((host, port), a) for a in sorted(addrs))
         saved = read_state_contacts(self.state_path) if self.state_path is not None else []
         targets = [a for _peer, a in resolved] + [(h, p) for _i, h, p in saved]
-        for _peer, a in resolved:
-            self._peer_addresses[a] = None
+        for peer, a in resolved:
+            self._peer_addresses[a] = peer
         results = await asyncio.gather(*(self.server.bootstrap_node(a) for a in targets))
         reached = {n.id for n in results if n is not None}
         for (nid, host, port), got in zip(saved, results[len(resolved) :], strict=True):
@@ -2120,6 +2121,11 @@ class DhtNode:
             return 0
         results = await asyncio.gather(*(self.server.bootstrap_node(a) for a in targets))
         back = sum(1 for n in results if n is not None)
+        for address, node in zip(targets, results, strict=True):
+            # A bootstrap peer that answered here is reachable, whenever its own retry (its
+            # delay doubles to 5 minutes) would have noticed.
+            if node is not None and address in self._peer_addresses:
+                self._unreachable.pop(self._peer_addresses[address], None)
         self._counters["rejoin_rounds"] += 1
         if back:
             self._counters["rejoined_contacts"] += back
@@ -2491,6 +2497,8 @@ class DhtNode:
             "rejected": group("rejected."),
             "malformed": group("malformed."),
             "rate_limited": counters.get("rate_limited", 0),
+            "rate_limited_envelopes": counters.get("rate_limited_envelopes", 0),
+            "handler_errors": counters.get("handler_errors", 0),
             "timeouts": counters.get("timeouts", 0),
             "busy_sent": counters.get("busy_sent", 0),
             "busy_received": counters.get("busy_received", 0),

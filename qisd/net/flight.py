@@ -56,6 +56,8 @@ import ipaddress
 import json
 import logging
 import queue
+import socket
+import ssl
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -1070,6 +1072,54 @@ def _read_pem(path: str, what: str) -> bytes:
         raise ConfigError(f"cannot read the Flight TLS {what} {path}: {exc.strerror}") from None
 
 
+def _check_tls_pair(cert: str, key: str) -> None:
+    """ConfigError in one line unless ``cert`` and ``key`` are a PEM certificate and its key.
+
+    gRPC would otherwise refuse them at bind time with its own lines on stderr and Flight's
+    "Server did not start properly", which names neither file.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        # An encrypted key gets an empty password (gRPC cannot use one) instead of a prompt.
+        context.load_cert_chain(cert, key, password=lambda: b"")
+    except ssl.SSLError as exc:
+        detail = f" (OpenSSL: {exc.reason})" if exc.reason else ""
+        raise ConfigError(
+            f"the Flight TLS certificate {cert} and key {key} are not a PEM certificate and "
+            f"its unencrypted private key{detail}"
+        ) from None
+
+
+def _why_not_served(address: _Address, error: Exception) -> str:
+    """One line saying why gRPC could not serve ``address``, asked of the kernel afterwards.
+
+    gRPC's own bind is the only attempt: a probe before it would leave a window in which
+    another process takes the port, and then the user would read Flight's "Server did not
+    start properly" again. Binding the port once more after the failure names the cause (in
+    use, not an address of this machine, no permission) while it still holds.
+    """
+    where = f"{address.host}:{address.port}"
+    try:
+        infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        return f"cannot serve Arrow Flight at {where}: {exc.strerror or exc}"
+    for family, kind, proto, _name, sockaddr in infos:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does
+            try:
+                sock.bind(sockaddr)
+                sock.listen()
+            except OSError as exc:
+                return (
+                    f"cannot serve Arrow Flight at {where}: {exc.strerror or exc} "
+                    "(choose another with --flight URI)"
+                )
+    return (
+        f"cannot serve Arrow Flight at {address.location()}: gRPC could not start it ({error}; "
+        "GRPC_VERBOSITY=error shows gRPC's reason)"
+    )
+
+
 async def start_flight(
     node: Any, uri: str, *, token: str = "", tls_cert: str = "", tls_key: str = ""
 ) -> FlightHandle:
@@ -1090,6 +1140,7 @@ async def start_flight(
     certificates = []
     if tls_cert:
         certificates.append((_read_pem(tls_cert, "certificate"), _read_pem(tls_key, "key")))
+        _check_tls_pair(tls_cert, tls_key)
     loop = asyncio.get_running_loop()
 
     def create() -> QisdFlightServer:
@@ -1100,7 +1151,8 @@ async def start_flight(
     try:
         server = await asyncio.to_thread(create)
     except (pa.ArrowException, OSError) as exc:
-        raise ConfigError(f"cannot serve Flight at {address.location()}: {exc}") from None
+        why = await asyncio.to_thread(_why_not_served, address, exc)
+        raise ConfigError(why) from None
     handle = FlightHandle(server, address)
     if not tls_cert:
         await asyncio.to_thread(_warm_up, handle.uri, token)

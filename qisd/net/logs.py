@@ -140,6 +140,8 @@ class ActivityLog:
             "rejected": dict(dht.get("rejected") or {}),
             "malformed": dict(dht.get("malformed") or {}),
             "dht": {k: v for k, v in dht.items() if isinstance(v, int)},
+            "sync": dict(dht.get("sync") or {}),
+            "handoff_backlog": int(dht.get("handoff_backlog") or 0),
         }
 
     def check_peers(self) -> None:
@@ -178,9 +180,17 @@ class ActivityLog:
                 f"{emitted.get('duplicate_packets', 0)} duplicates, "
                 f"{emitted.get('rows_emitted', 0)} rows"
             )
-        handoff = {k: v for k, v in _delta(now["dht"], before["dht"]).items() if "hand" in k}
-        if handoff:
-            parts.append(f"hand-off: {_listed(handoff)}")
+        # Progress, not the backlog gauge's rise: keys queued for joining nodes, envelopes the
+        # reconciliations (hand-off and anti-entropy) moved, and what still waits.
+        synced = _delta(now["sync"], before["sync"])
+        queued = synced.get("hand_off_keys", 0)
+        moved = synced.get("sync_pushed", 0) + synced.get("sync_pulled", 0)
+        if queued or moved:
+            parts.append(
+                f"hand-off: {queued} keys queued for joining nodes, {synced.get('sync_pushed', 0)} "
+                f"envelopes pushed and {synced.get('sync_pulled', 0)} pulled by replica sync, "
+                f"{now['handoff_backlog']} keys waiting"
+            )
         limited = dict(self._limited)
         self._limited.clear()
         if limited:

@@ -75,6 +75,11 @@ _DHT_TABLES: dict[str, tuple[str, str, str]] = {
     "malformed": ("dht_malformed", "reason", "Undecodable datagrams or replies, by reason."),
     "busy": ("dht_busy_replies", "direction", "'Busy, retry later' replies, sent or received."),
 }
+_DHT_PER_PEER: dict[str, tuple[str, ...]] = {
+    "peer_queues": ("window", "in_flight", "queued", "held_seconds"),
+}
+"""Tables by peer address that are served when empty too, as 0 (a family that comes and goes
+with the traffic breaks rate() and alerts): their entries, and each field summed."""
 _DHT_FOLDED = {"busy_sent": ("busy", "sent"), "busy_received": ("busy", "received")}
 """Numbers the DHT reports one by one that belong in a table above (key: (table, label))."""
 _GAUGE_WORDS = ("backlog", "queue", "queued", "pending", "contacts", "following", "peers")
@@ -250,7 +255,14 @@ class NodeCollector(Collector):
             received.add_metric([via], n)
         yield received
         yield counter(
-            "publish_failures", "Background publishes that failed.", c.get("publish_failures", 0)
+            "publish_failures",
+            "Background publish rounds that left envelopes short of replicas, or raised.",
+            c.get("publish_failures", 0),
+        )
+        yield counter(
+            "publish_retried_envelopes",
+            "Envelopes published again (with back-off) after a round left them short.",
+            c.get("publish_retried", 0),
         )
         yield counter(
             "election_runs",
@@ -353,12 +365,19 @@ class NodeCollector(Collector):
                 number = float(len(peers))
             yield GaugeMetricFamily(f"qisd_{name}", doc, value=number or 0.0)
         # Per-destination tables (keyed by peer address) are summed, never labelled by peer.
-        for key, value in stats.items():
-            if key in seen or not isinstance(value, Mapping) or not value:
-                continue
+        tables: dict[str, Mapping[str, Any]] = {
+            key: value
+            for key, value in stats.items()
+            if key not in seen
+            and isinstance(value, Mapping)
+            and value
+            and all(isinstance(r, Mapping) for r in value.values())
+        }
+        for key in _DHT_PER_PEER:
+            known = stats.get(key)
+            tables[key] = known if isinstance(known, Mapping) else {}
+        for key, value in sorted(tables.items()):
             rows = list(value.values())
-            if not all(isinstance(r, Mapping) for r in rows):
-                continue
             seen.add(key)
             name = _metric_name(key)
             yield GaugeMetricFamily(
@@ -366,7 +385,10 @@ class NodeCollector(Collector):
                 f"Entries of DhtNode.stats()[{key!r}] (e.g. peers with queued sends).",
                 value=len(rows),
             )
-            fields = sorted({f for r in rows for f, v in r.items() if _number(v) is not None})
+            fields = sorted(
+                {f for r in rows for f, v in r.items() if _number(v) is not None}
+                | set(_DHT_PER_PEER.get(key, ()))
+            )
             for field in fields:
                 total = sum(_number(r.get(field)) or 0.0 for r in rows)
                 yield GaugeMetricFamily(

@@ -255,6 +255,8 @@ class Node:
             "rejected_rows": 0,
             "received_envelopes": 0,
             "publish_failures": 0,
+            "publish_retried": 0,
+            "publish_short_after_retries": 0,
             "election_runs": 0,
             "darwin_observations": 0,
         }
@@ -874,8 +876,14 @@ class Node:
                 batch = batch + self._publish_queue.get_nowait()
                 taken += 1
             short: list[Envelope] = []
+            # What the round must reach is fixed before it runs: a peer evicted while it times
+            # out (the only one, say) must not turn a round that reached nobody into a success.
+            wanted = self._replicas_wanted()
             try:
-                short = self._short_of_replicas(batch, await self._publish(batch))
+                replicas = await self._publish(batch)
+                short = self._short_of_replicas(batch, replicas, wanted)
+                if short and replicas:  # (replicas is {} when the publish raised: counted)
+                    self.counters["publish_failures"] += 1
             finally:
                 self._backlog -= len(batch) - len(short)
                 for _ in range(taken):
@@ -883,14 +891,19 @@ class Node:
             if short:
                 self._background(self._publish_again(short))
 
+    def _replicas_wanted(self) -> int:
+        """The replicas a publish should reach: k, or every peer of a smaller network."""
+        if self.dht is None:
+            return 0
+        return min(self.config.dht.ksize, len(self.dht.peers()))
+
     def _short_of_replicas(
-        self, envelopes: list[Envelope], replicas: dict[str, int]
+        self, envelopes: list[Envelope], replicas: dict[str, int], wanted: int
     ) -> list[Envelope]:
-        """The envelopes that reached fewer replicas than the network can hold (k, or every
-        peer of a smaller network), to publish again (they stay in the publish backlog)."""
+        """The envelopes that reached fewer than ``wanted`` replicas, to publish again (they
+        stay in the publish backlog)."""
         if self.dht is None or self._closed:
             return []
-        wanted = min(self.config.dht.ksize, len(self.dht.peers()))
         short = []
         for env in envelopes:
             if replicas.get(env.packet_id, 0) >= wanted:
