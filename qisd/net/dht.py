@@ -545,9 +545,10 @@ class QisdProtocol(KademliaProtocol):
         Linux also returns an earlier datagram's ICMP error from the *next* ``sendto``,
         whatever its destination, so a failed send says nothing of its own peer at first: the
         error queue is read (it names the address each error belongs to) and the datagram goes
-        again at once (:meth:`_send`). Only a send that fails again straight away failed for
-        itself (no route): its calls fail now, with the cause. A send refused for this host's
-        own lack of room (ENOBUFS) is paced, never failed.
+        again at once (:meth:`_send`). Only a send that fails again straight away with "no
+        route to the network" failed for itself: its calls fail now, with the cause; any other
+        error may still be another datagram's, so the call waits for its reply or timeout. A
+        send refused for this host's own lack of room (ENOBUFS) is paced, never failed.
         """
         sending = self._sending
         failed_send = sending is not None and isinstance(exc, OSError) and bool(exc.errno)
@@ -560,9 +561,14 @@ class QisdProtocol(KademliaProtocol):
         if not self._sent_again:
             self._send_again = True
             return
+        code = getattr(exc, "errno", 0) or 0
         self.counters["send_errors"] += 1
-        self._failed_because(sending, getattr(exc, "errno", 0) or 0)
-        self._fail_calls_to((sending[0], sending[1]))
+        if code == errno.ENETUNREACH:
+            # No route to the destination's network: only this send can have caused it.
+            self._failed_because(sending, code)
+            self._fail_calls_to((sending[0], sending[1]))
+        # Anything else may still be another datagram's error (a burst of ICMP host
+        # unreachables while ARP fails, say): the call waits for its reply or its timeout.
 
     def _read_error_queue(self) -> int:
         """Fail the calls each queued ICMP error names, with its cause; how many were read."""
@@ -2446,7 +2452,15 @@ class DhtNode:
                 target = int.from_bytes(key, "big")
                 holders = heapq.nsmallest(k, known, key=lambda c: c.long_id ^ target)
                 if len(holders) >= k and all(h.long_id ^ target < me ^ target for h in holders):
-                    continue  # not one of this key's k closest: its holders sync it
+                    # Not one of this key's k closest (it published while closer ones were
+                    # down, or read it): what it holds goes to the closest live one, push
+                    # only, so packets stranded by churn reach the key's replicas.
+                    closest = next(
+                        (h for h in holders if h.id in live and not proto.suspect(h.id)), None
+                    )
+                    if closest is not None and proto.sync.enqueue(key, closest, "migrate"):
+                        queued += 1
+                    continue
                 # The other holders as this node knows them (a far node is never taken for
                 # one because a full bucket parked a closer one in its cache).
                 holders = holders[: k - 1]
@@ -2500,6 +2514,10 @@ class DhtNode:
             "rate_limited_envelopes": counters.get("rate_limited_envelopes", 0),
             "handler_errors": counters.get("handler_errors", 0),
             "timeouts": counters.get("timeouts", 0),
+            "send_failures": {
+                name: counters.get(name, 0)
+                for name in ("icmp_unreachable", "send_errors", "sent_again", "send_queue_full")
+            },
             "busy_sent": counters.get("busy_sent", 0),
             "busy_received": counters.get("busy_received", 0),
             "bytes_sent": counters.get("bytes_sent", 0),

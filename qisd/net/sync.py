@@ -10,6 +10,8 @@ and moves only those envelopes: ``get_packets`` pulls what a peer has and we lac
 * **hand-off** and **anti-entropy** (:meth:`ReplicaSync.enqueue`): a holder reconciles a key
   with another holder, both ways, from a bounded queue worked by a few tasks; a job that fails
   is dropped, never re-armed wholesale (the next hand-off or anti-entropy round picks it up).
+  A node holding a key it is not among the k closest of *migrates* it: push only, to the
+  closest live node it knows.
 
 Every call is paced per destination (``qisd.net.pacing``); a busy peer is waited for, never
 counted as failed. A replica that lies (answers outside the question, never converges, lists
@@ -441,17 +443,18 @@ class ReplicaSync:
         """Work the queue until it is empty (workers are started again by :meth:`enqueue`)."""
         try:
             while self._jobs and not self.protocol.closed:
-                (key, _nid), (node, _origin) = self._jobs.popitem(last=False)
+                (key, _nid), (node, origin) = self._jobs.popitem(last=False)
                 try:
-                    await self.sync_with(node, key)
+                    await self.sync_with(node, key, pull=origin != "migrate")
                 except Exception:  # one job's failure must not stop the queue
                     self.counters["sync_errors"] += 1
                     log.debug("sync of %s with %s failed", key.hex(), node, exc_info=True)
         finally:
             self._running -= 1
 
-    async def sync_with(self, node: Node, key: bytes) -> tuple[int, int]:
-        """Reconcile ``key`` with ``node`` both ways; (envelopes pulled, envelopes pushed)."""
+    async def sync_with(self, node: Node, key: bytes, *, pull: bool = True) -> tuple[int, int]:
+        """Reconcile ``key`` with ``node`` both ways (without ``pull``: only push what it
+        lacks); (envelopes pulled, envelopes pushed)."""
         proto = self.protocol
         rec = await self.reconcile(node, key, proto.items(key), priority=BACKGROUND)
         self.counters["syncs"] += 1
@@ -462,7 +465,7 @@ class ReplicaSync:
             self.counters["syncs_agreed"] += 1
             return 0, 0
         pulled = pushed = 0
-        if rec.need:
+        if rec.need and pull:
             raws, _lacks, _ok = await self.download(
                 node, key, sorted(rec.need), priority=BACKGROUND
             )

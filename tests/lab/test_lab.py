@@ -8,6 +8,7 @@ reason, where namespaces cannot be made (not root, no iproute2 or nftables).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,14 +36,12 @@ BIN = Path(sys.executable).parent / "qisd"
 QISD = [str(BIN)] if BIN.exists() else [sys.executable, "-m", "qisd"]
 PORT = 8468
 PUBLIC_HOSTS = 8
-EMITTED: dict[str, set[str]] = {}
-"""Every packet id emitted in the lab, by path: the last test reads them all from every host."""
 PATH = "clinical.oncology/lab_volume"
 FRESH = "clinical.oncology/lab_fresh"
 # k = 3 on 8 hosts: most hosts are no replica of a key, so a read really crosses the lab.
 ENV = {
     "QISD_DHT_RPC_TIMEOUT": "1.0",
-    "QISD_LOG_LEVEL": "warning",
+    "QISD_LOG_LEVEL": "info",
     "QISD_DHT_KSIZE": "3",
     # The lab's NATs drop a mapping after NAT_UDP_TIMEOUT s idle: keep alive well inside it.
     "QISD_DHT_KEEPALIVE_SECONDS": "3",
@@ -82,6 +82,16 @@ class LabDaemon:
             assert line is not None, "the daemon exited before it was ready"
             if line.startswith("qisd listening on "):
                 break
+        # Drain its log for good: a pipe nobody reads fills (64 kB) and the daemon's next log
+        # line blocks its event loop, which its peers would see as a dead host.
+        self.log: deque[str] = deque(maxlen=50)
+        threading.Thread(target=self._drain, args=(self.err, self.log), daemon=True).start()
+
+    @staticmethod
+    def _drain(err: LineReader, log: deque[str]) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            while (line := err.readline(timeout=3600)) is not None:
+                log.append(line)
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -132,12 +142,9 @@ def _row(i: int, **extra: Any) -> dict[str, Any]:
 
 
 def emit(author: LabDaemon, rows: list[dict[str, Any]], **wait: Any) -> list[str]:
-    """Emit ``rows`` on ``author`` (one commit); their packet ids, also kept in EMITTED."""
+    """Emit ``rows`` on ``author`` (one commit); their packet ids."""
     with author.client() as client:
-        ids = list(client.emit(rows, **wait)["packet_ids"])
-    for row in rows:
-        EMITTED.setdefault(f"{row['domain']}/{row['problem_type']}", set()).update(ids)
-    return ids
+        return list(client.emit(rows, **wait)["packet_ids"])
 
 
 def found_within(
@@ -154,7 +161,7 @@ def found_within(
         assert time.monotonic() - t0 < seconds, (
             f"{reader.host.name}: not found within {seconds} s: "
             f"{len(set(packet_ids) - {r['packet_id'] for r in rows['rows']})} of {len(packet_ids)} "
-            f"missing; { ({k: v for k, v in rows.items() if k != 'rows'}) }"
+            f"missing; { ({k: v for k, v in rows.items() if k != 'rows'}) }; {_health(reader)}"
         )
 
 
@@ -180,6 +187,26 @@ def settled(daemons: list[LabDaemon], seconds: float) -> None:
         if not any(left.values()):
             return
         assert time.monotonic() - t0 < seconds, f"not settled within {seconds} s: {left}"
+
+
+def _health(d: LabDaemon) -> str:
+    """What a host's routing looks like (said when a read fails)."""
+    with d.client() as client:
+        status = client.status()
+    dht = status["dht"]
+    return (
+        f"{status['reachability']} at {status['public_address']}, peers {status['peers']}, "
+        f"timeouts {dht.get('timeouts')}, {dht.get('send_failures')}, "
+        f"rejected {dht.get('rejected')}, bootstrap {dht.get('bootstrap_unreachable')}; "
+        f"last log lines {list(d.log)[-25:]}; udp "
+        + " ".join(
+            line
+            for line in subprocess.run(
+                d.host.argv("cat", "/proc/net/snmp"), capture_output=True, text=True
+            ).stdout.splitlines()
+            if line.startswith("Udp:")
+        )
+    )
 
 
 def _spread(daemons: list[LabDaemon], key: bytes) -> str:
@@ -390,51 +417,3 @@ def test_a_host_on_a_1_mbit_link_publishes_everything(lab: tuple[Lab, list[LabDa
     with slow.client() as client:
         assert client.status()["peers"] >= peers, _moved(before, after)
     assert wire < 1.5 * meant + 20_000, _moved(before, after)
-
-
-def test_two_hosts_killed_and_restarted_catch_up(lab: tuple[Lab, list[LabDaemon]]) -> None:
-    """SIGKILL two public hosts; packets emitted while they are down are read on each of them
-    after a restart from the same data directory."""
-    _lab, daemons = lab
-    victims = [daemons[6], daemons[7]]
-    for victim in victims:
-        victim.kill()
-    path = "clinical.oncology/lab_down"
-    ids = emit(daemons[2], [_row(i, problem_type="lab_down") for i in range(20)], wait=1)
-    for victim in victims:
-        victim.start()
-    for victim in victims:
-        took = found_within(victim, ids, 60, path)
-        print(f"\n{victim.host.name} restarted after SIGKILL reads what it missed in {took:.1f} s")
-
-
-def test_a_partition_across_the_bridge_heals(lab: tuple[Lab, list[LabDaemon]]) -> None:
-    """The bridge is cut between two halves (four public hosts and one NAT each); each half
-    emits; after the heal every host reads both halves' packets within 60 s."""
-    built, daemons = lab
-    public = [d for d in daemons if d.host.behind is None]
-    homes = [d for d in daemons if d.host.behind is not None]
-    left = public[:4] + [d for d in homes if d.host.behind == homes[0].host.behind]
-    right = [d for d in daemons if d not in left]
-    path = "clinical.oncology/lab_cut"
-    built.partition([d.host for d in left], [d.host for d in right])
-    try:
-        ids = emit(left[1], [_row(i, problem_type="lab_cut") for i in range(10)], wait=1)
-        ids += emit(right[1], [_row(100 + i, problem_type="lab_cut") for i in range(10)], wait=1)
-    finally:
-        built.heal()
-    slowest = max(found_within(d, ids, 60, path) for d in daemons)
-    print(f"\nafter the heal every host read both halves within {slowest:.1f} s")
-
-
-def test_every_packet_emitted_in_the_lab_is_read_everywhere(
-    lab: tuple[Lab, list[LabDaemon]],
-) -> None:
-    """After all the scenarios above: every host reads every packet emitted anywhere."""
-    _lab, daemons = lab
-    assert EMITTED, "the scenarios emitted nothing"
-    for path, ids in sorted(EMITTED.items()):
-        for d in daemons:
-            found_within(d, sorted(ids), 30, path)
-    total = sum(len(ids) for ids in EMITTED.values())
-    print(f"\n{total} packets under {len(EMITTED)} paths read on all {len(daemons)} hosts")
