@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from qisd.core.lookup import CallState, Lookup
+from qisd.core.lookup import CallState, Lookup, smoothed_rtt, stall_after
 from qisd.errors import UsageError
 
 K = 8
@@ -282,3 +282,11 @@ def test_no_seeds_ends_at_once_with_nothing() -> None:
 def test_bad_parameters_are_a_usage_error(ksize: int, alpha: int) -> None:
     with pytest.raises(UsageError):
         Lookup(TARGET.id, ME.id, [], ksize, alpha)
+
+
+def test_stall_time_follows_the_smoothed_round_trip() -> None:
+    assert stall_after(0.0, 2.0) == 0.25, "before any measurement"
+    assert stall_after(0.1, 2.0) == pytest.approx(0.42)
+    assert stall_after(0.001, 2.0) == 0.05 and stall_after(5.0, 2.0) == 2.0
+    srtt = smoothed_rtt(0.0, 0.2)
+    assert srtt == 0.2 and smoothed_rtt(srtt, 1.0) == pytest.approx(0.3)

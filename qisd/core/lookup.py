@@ -63,6 +63,22 @@ class CallState(enum.Enum):
 
 _PENDING = (CallState.NEW, CallState.ASKED)
 
+FIRST_STALL_SECONDS = 0.25
+"""A lookup's stall time before any round trip has been measured."""
+MIN_STALL_SECONDS = 0.05
+
+
+def smoothed_rtt(srtt: float, sample: float) -> float:
+    """The smoothed round trip after one more ``sample`` (RFC 6298's 1/8 gain; 0 = none yet)."""
+    return sample if srtt == 0 else 0.875 * srtt + 0.125 * sample
+
+
+def stall_after(srtt: float, rpc_timeout: float) -> float:
+    """Seconds after which a lookup stops waiting on a call: a few smoothed round trips,
+    within [:data:`MIN_STALL_SECONDS`, ``rpc_timeout``]."""
+    base = 4 * srtt + 0.02 if srtt else FIRST_STALL_SECONDS
+    return min(rpc_timeout, max(MIN_STALL_SECONDS, base))
+
 
 class Lookup(Generic[P]):
     """An iterative lookup of the ``ksize`` closest contacts to ``target_id``.
