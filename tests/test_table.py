@@ -62,10 +62,13 @@ def test_find_neighbors_is_exact_over_the_whole_table() -> None:
     for _ in range(300):
         table.add(contact(rng.getrandbits(160), rng.randrange(1, 65535)), now=0.0)
     everyone = table.contacts()
-    for _ in range(50):
-        target = Contact(idn(rng.getrandbits(160)))
-        best = sorted(everyone, key=lambda c: c.long_id ^ target.long_id)[:20]
-        assert [c.id for c in table.find_neighbors(target)] == [c.id for c in best]
+    targets = [Contact(idn(rng.getrandbits(160))) for _ in range(50)] + everyone[:20]
+    for target in targets:
+        for k in (1, 5, 20, 28, 500):
+            best = sorted(
+                (c for c in everyone if c.id != target.id), key=lambda c: c.long_id ^ target.long_id
+            )[:k]
+            assert [c.id for c in table.find_neighbors(target, k)] == [c.id for c in best]
     first = everyone[0]
     assert first not in table.find_neighbors(first), "a target is never its own neighbour"
     excluded = table.find_neighbors(Contact(idn(5)), 300, exclude=first)
