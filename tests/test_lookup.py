@@ -290,3 +290,30 @@ def test_stall_time_follows_the_smoothed_round_trip() -> None:
     assert stall_after(0.001, 2.0) == 0.05 and stall_after(5.0, 2.0) == 2.0
     srtt = smoothed_rtt(0.0, 0.2)
     assert srtt == 0.2 and smoothed_rtt(srtt, 1.0) == pytest.approx(0.3)
+
+
+def test_a_converged_lookup_asks_the_rest_of_the_k_closest_at_once() -> None:
+    seeds = [peer(v) for v in range(10, 10 + K)]
+    lookup = Lookup(TARGET.id, ME.id, seeds, K, 2, burst_after=2)
+    assert ids(lookup.next(0.0, 1.0)) == [10, 11]
+    lookup.answered(seeds[0].id, [peer(3)])  # names a closer contact: not converged
+    assert ids(lookup.next(0.1, 1.0)) == [3]
+    lookup.answered(seeds[1].id, [peer(200)])
+    assert not lookup.converged
+    lookup.answered(peer(3).id, [])
+    assert lookup.converged, "two answers in a row named nobody closer than 3"
+    asked = ids(lookup.next(0.2, 1.0))
+    # The k closest are now 3 and 10..16 (17 fell out): all those not asked yet, at once.
+    assert asked == list(range(12, 17)), "every one of the k closest not yet asked"
+    assert lookup.active == 5 > lookup.alpha
+
+
+def test_without_burst_after_it_stays_at_alpha() -> None:
+    seeds = [peer(v) for v in range(10, 10 + K)]
+    lookup = Lookup(TARGET.id, ME.id, seeds, K, 2)
+    lookup.next(0.0, 1.0)
+    for contact in seeds[:2]:
+        lookup.answered(contact.id, [])
+    assert not lookup.converged and len(lookup.next(0.1, 1.0)) == 2
+    with pytest.raises(UsageError):
+        Lookup(TARGET.id, ME.id, seeds, K, 2, burst_after=0)

@@ -13,9 +13,10 @@ Invariants, and the rules the lookup follows:
   ``STALLED`` (asked, no reply, no longer active), ``ANSWERED`` or ``FAILED``. This node's own
   id is never a candidate, and a contact named twice is one candidate.
 * Only the ``k`` closest candidates that have not failed are ever asked, nearest first, and at
-  most ``alpha`` calls are active at once. A call unanswered ``stall_after`` seconds after it
-  was sent stops being active (so the next contact is asked at once), but its reply, if it comes
-  before the end, is still used.
+  most ``alpha`` calls are active at once; once the lookup has *converged* (``burst_after``
+  answers in a row named nobody closer than the closest known), at most ``k``. A call
+  unanswered ``stall_after`` seconds after it was sent stops being active (so the next contact
+  is asked at once), but its reply, if it comes before the end, is still used.
 * A contact the driver calls *suspect* (its last call failed) is asked but is stalled from the
   start: the lookup never holds a slot, nor its end, for it.
 * The lookup ends when each of the ``k`` closest candidates not known to have failed has
@@ -89,10 +90,26 @@ class Lookup(Generic[P]):
     """
 
     def __init__(
-        self, target_id: bytes, self_id: bytes, seeds: Iterable[P], ksize: int, alpha: int
+        self,
+        target_id: bytes,
+        self_id: bytes,
+        seeds: Iterable[P],
+        ksize: int,
+        alpha: int,
+        *,
+        burst_after: int | None = None,
     ) -> None:
         if ksize < 1 or alpha < 1:
             raise UsageError(f"a lookup needs ksize >= 1 and alpha >= 1 (got {ksize}, {alpha})")
+        if burst_after is not None and burst_after < 1:
+            raise UsageError(f"burst_after must be None or >= 1 (got {burst_after})")
+        self.burst_after = burst_after
+        """After this many answers in a row that named nobody closer than the closest contact
+        known, the lookup has converged: it asks every one of the k closest not yet asked at
+        once (up to k active calls) instead of alpha at a time (the paper's final round).
+        None: never (alpha at a time to the end)."""
+        self.converged = False
+        self._quiet = 0
         self.target = int.from_bytes(target_id, "big")
         self.self_id = self_id
         self.ksize = ksize
@@ -128,9 +145,10 @@ class Lookup(Generic[P]):
                 self._state[cid] = CallState.STALLED
         closest = self._closest()
         active = len(self._deadline)
+        width = self.ksize if self.converged else self.alpha
         ask: list[P] = []
         for cid in closest:
-            if active >= self.alpha:
+            if active >= width:
                 break
             if self._state[cid] is not CallState.NEW:
                 continue
@@ -155,8 +173,15 @@ class Lookup(Generic[P]):
             return False
         self._answered.append(contact_id)
         hop = self._hop[contact_id] + 1
+        best = self._order[0][0] if self._order else None
         for peer in found:
             self._offer(peer, hop)
+        if self._order and self._order[0][0] == best:
+            self._quiet += 1
+            if self.burst_after is not None and self._quiet >= self.burst_after:
+                self.converged = True
+        else:
+            self._quiet = 0
         return True
 
     def failed(self, contact_id: bytes) -> bool:
