@@ -33,6 +33,9 @@ Model (every figure is a stated assumption; change it here, not in the core):
   During the run the tables change as the daemon's do: a reply refreshes the replier, a
   request offers the requester (if its bucket has room), a failed call counts against the
   contact (evicted after 3), and a full bucket that keeps a newcomer out has its head pinged.
+  The daemon's liveness upkeep is modelled (``Simulator.upkeep``), and a node that comes back
+  online looks up its own id, as the daemon's bootstrap does (``--no-rejoin``: it stays
+  silent, and only the traffic it starts makes it known again).
 * **Lookups** start at random online nodes at uniform random times over ``--duration``
   virtual seconds, each for a random target id, driven exactly as ``qisd.net.crawl`` drives
   them: ``alpha`` active calls, stall after ``stall_after(srtt)`` (the node's own smoothed
@@ -176,6 +179,8 @@ class SimConfig:
     times as many random candidates (1: chosen at random)."""
     burst_after: int | None = None
     """The lookups' ``burst_after`` (see :class:`qisd.core.lookup.Lookup`)."""
+    rejoin: bool = True
+    """A node coming back online looks up its own id (the daemon's bootstrap)."""
 
 
 class SimPeer:
@@ -426,6 +431,7 @@ class Simulator:
         self.maintenance = 0
         self.head_checks: set[tuple[int, bytes]] = set()
         self.upkept: dict[int, float] = {}
+        self.rejoins = 0
         target = bytes(20)
         self.request_bytes = len(
             wire.encode_request(bytes(20), "find_node", [bytes(20), target], bytes(8))
@@ -459,6 +465,11 @@ class Simulator:
                 at = net.next_flip(i, now)
                 if at < cfg.duration + 60:
                     self.push(at, self.FLIP, i)
+                if net.online[i] and cfg.rejoin:
+                    # Back: the daemon bootstraps from its saved contacts, a lookup of its own
+                    # id, so the nodes near it hear of it (not measured).
+                    self.rejoins += 1
+                    self.lookup(now, i, net.long_ids[i])
             elif kind == self.START:
                 self.start(now, payload)
             elif kind == self.ARRIVE:
@@ -519,11 +530,15 @@ class Simulator:
     # -- lookups
 
     def start(self, now: float, target: int) -> None:
+        """A measured lookup of ``target`` from a random online node."""
         net = self.net
         online = [i for i in self._sample_nodes(64) if net.online[i]]
-        if not online:
-            return
-        origin = online[0]
+        if online:
+            self.records.append(self.lookup(now, online[0], target))
+
+    def lookup(self, now: float, origin: int, target: int) -> LookupRecord:
+        """Start a lookup of ``target`` from ``origin``, seeded as the daemon seeds one."""
+        net = self.net
         self.upkeep(origin, now)
         table = net.tables[origin]
         probe = Contact(target.to_bytes(20, "big"))
@@ -537,8 +552,8 @@ class Simulator:
             burst_after=self.cfg.burst_after,
         )
         record = LookupRecord(now, origin, target, lookup)
-        self.records.append(record)
         self.drive(record, now)
+        return record
 
     def _sample_nodes(self, count: int) -> list[int]:
         rng, n = self.net.rng, self.cfg.nodes
@@ -681,6 +696,7 @@ class Simulator:
             success_closest=round(closest_ok / len(done), 5) if done else 0.0,
             success_k=round(k_share / len(done), 5) if done else 0.0,
             maintenance_messages=self.maintenance,
+            extra={"rejoin_lookups": self.rejoins, "rejoin": cfg.rejoin},
             contacts_per_table=round(contacts / sampled, 1),
             build_seconds=round(build_seconds, 1),
             run_seconds=round(run_seconds, 1),
@@ -887,6 +903,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--per-range", type=int, default=None, help="contacts offered per range")
     ap.add_argument("--pns", type=int, default=1, help="proximity choice among S x candidates")
     ap.add_argument("--burst-after", type=int, default=None, help="lookups' burst_after")
+    ap.add_argument("--no-rejoin", action="store_true", help="returning nodes stay silent")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
     ap.add_argument("--plot", type=Path, help="write SVG plots (messages, latency) here")
     ap.add_argument("--replot", type=Path, nargs="+", help="plot these --json outputs, no run")
@@ -920,6 +937,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 per_range=args.per_range or args.ksize,
                 pns=args.pns,
                 burst_after=args.burst_after,
+                rejoin=not args.no_rejoin,
             )
             log(f"N={n:,} churn={churn:.0%} ...")
             rows.append(simulate(config, log))

@@ -63,10 +63,10 @@ def test_the_same_seed_gives_the_same_figures(calm: dict[str, object]) -> None:
 
 def test_churn_costs_latency_not_the_closest_node(calm: dict[str, object]) -> None:
     churned = figures(seed=3, churn=0.3, loss=0.01)
-    # Measured 96.7 % and 96.1 % (README): a node back from a gap is not handed out until the
-    # upkeep has heard from it again, and a slow closest node can answer after the end.
-    assert churned["success_closest"] >= 0.93
-    assert churned["success_k"] >= 0.93
+    # Measured 98.0 % and 98.2 %: a closest node slower than the stall time can answer after
+    # the end, and a node just back may not be known yet.
+    assert churned["success_closest"] >= 0.96
+    assert churned["success_k"] >= 0.96
     assert churned["latency_p50_ms"] > calm["latency_p50_ms"], "dead contacts stall lookups"
 
 
