@@ -767,18 +767,22 @@ def svg_plot(
     y_label: str,
     *,
     fit: bool = True,
+    hlines: Sequence[tuple[float, str]] = (),
 ) -> str:
     """A line plot against N on a log axis, as SVG text; each series is (name, colour, xs,
-    ys), drawn as points with its log N fit as a dashed line."""
-    width, height, left, right, top, bottom = 640, 400, 70, 20, 40, 60
+    ys), drawn as points with its log N fit as a dashed line; ``hlines`` are (y, label)
+    reference lines (goals). The legend sits under the plot."""
+    width, left, right, top, bottom = 640, 70, 20, 40, 60
+    plot_h = 300
+    height = top + plot_h + bottom + 18 * len(series) + 10
     xs_all = [x for _n, _c, xs, _ys in series for x in xs]
     ys_all = [y for _n, _c, _xs, ys in series for y in ys]
     x_lo = 10 ** math.floor(math.log10(min(xs_all)))
     x_hi = 10 ** math.ceil(math.log10(max(xs_all)))
     if x_hi == x_lo:
         x_hi = x_lo * 10
-    y_hi = max(ys_all) * 1.15 or 1.0
-    plot_w, plot_h = width - left - right, height - top - bottom
+    y_hi = max([*ys_all, *(y for y, _l in hlines)]) * 1.15 or 1.0
+    plot_w = width - left - right
 
     def px(x: float) -> float:
         return left + plot_w * (math.log10(x) - math.log10(x_lo)) / (
@@ -824,6 +828,15 @@ def svg_plot(
         f'<text x="18" y="{top + plot_h / 2}" text-anchor="middle" '
         f'transform="rotate(-90 18 {top + plot_h / 2})">{_esc(y_label)}</text>'
     )
+    for y, text in hlines:
+        out.append(
+            f'<line x1="{left}" y1="{py(y):.1f}" x2="{left + plot_w}" y2="{py(y):.1f}" '
+            'stroke="#888" stroke-dasharray="2,3"/>'
+        )
+        out.append(
+            f'<text x="{left + plot_w - 4}" y="{py(y) - 4:.1f}" text-anchor="end" '
+            f'fill="#555">{_esc(text)}</text>'
+        )
     for index, (name, colour, xs, ys) in enumerate(series):
         points = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(xs, ys, strict=True))
         out.append(f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="1"/>')
@@ -839,11 +852,17 @@ def svg_plot(
                 'stroke-dasharray="5,4"/>'
             )
             label = f"{name}: fit {a:.2f} + {b:.2f} log10 N"
-        ly = top + 16 + 18 * index
+        ly = top + plot_h + bottom + 4 + 18 * index
         out.append(f'<rect x="{left + 12}" y="{ly - 9}" width="10" height="10" fill="{colour}"/>')
         out.append(f'<text x="{left + 28}" y="{ly}">{_esc(label)}</text>')
     out.append("</svg>")
     return "\n".join(out) + "\n"
+
+
+def _lighter(colour: str) -> str:
+    """``colour`` (#rrggbb) halfway to white."""
+    channels = [int(colour[i : i + 2], 16) for i in (1, 3, 5)]
+    return "#" + "".join(f"{(c + 255) // 2:02x}" for c in channels)
 
 
 def _nice_step(raw: float) -> float:
@@ -865,6 +884,7 @@ def _label(r: Figures) -> str:
     tuned = [f"burst_after {r.burst_after}"] if r.burst_after else []
     tuned += [f"pns {r.pns}"] if r.pns > 1 else []
     tuned += [f"alpha {r.alpha}"] if r.alpha != ALPHA else []
+    tuned += ["no rejoin"] if not r.extra.get("rejoin", True) else []
     return f"{', '.join(tuned) or 'defaults'}, churn {r.churn:.0%}"
 
 
@@ -880,12 +900,18 @@ def write_plots(rows: Sequence[Figures], directory: Path) -> list[Path]:
         colour = COLOURS[i % len(COLOURS)]
         messages.append((label, colour, ns, [r.messages_mean for r in group]))
         latency.append((f"p50, {label}", colour, ns, [r.latency_p50_rtts for r in group]))
+        latency.append((f"p99, {label}", _lighter(colour), ns, [r.latency_p99_rtts for r in group]))
     paths = [directory / "sim_messages_vs_n.svg", directory / "sim_latency_vs_n.svg"]
     paths[0].write_text(
         svg_plot("find_node messages per lookup (simulated)", messages, "messages per lookup")
     )
     paths[1].write_text(
-        svg_plot("lookup latency p50 (simulated), in median RTTs", latency, "p50 / median RTT")
+        svg_plot(
+            "lookup latency (simulated), in median RTTs",
+            latency,
+            "latency / median RTT",
+            hlines=[(2.5, "goal p50 <= 2.5"), (6.0, "goal p99 <= 6")],
+        )
     )
     return paths
 
