@@ -2,7 +2,9 @@
 
 kademlia's ``SpiderCrawl`` runs lock-step rounds: each round waits for the slowest of its alpha
 calls, so one dead contact costs a full RPC timeout per round (defect 5), and its value crawl
-stops at the first value and keeps one (defect 2). These subclasses replace ``_find``:
+stops at the first value and keeps one (defect 2). These subclasses replace ``_find`` with an
+asyncio driver of the sans-I/O :class:`qisd.core.lookup.Lookup` (the simulator of
+``bench/sim.py`` drives the same class in virtual time):
 
 * at most ``alpha`` calls are *active*; a call unanswered after ``stall_after`` seconds (a few
   smoothed round trips, far below the RPC timeout) stops counting as active, so another contact
@@ -25,6 +27,8 @@ from typing import Any
 from kademlia.crawling import SpiderCrawl
 from kademlia.node import Node
 
+from qisd.core.lookup import Lookup
+
 MAX_PAGES_PER_NODE = 4_096
 """A replica serving more pages than this for one key is cut off (10,000 packets need ~1,700)."""
 
@@ -44,7 +48,8 @@ class PacketReplies:
 
 
 class _Crawl(SpiderCrawl, abc.ABC):
-    """Shared engine. ``_ask(node)`` returns (ok, contacts found, extra) for one contact."""
+    """Shared engine: an asyncio driver of the core :class:`~qisd.core.lookup.Lookup`.
+    ``_ask(node)`` returns (ok, contacts found) for one contact."""
 
     def __init__(
         self,
@@ -61,95 +66,51 @@ class _Crawl(SpiderCrawl, abc.ABC):
         self.stall_after = stall_after
         self.meter = meter
         self.messages = 0
-        self._candidates: dict[bytes, Node] = {}
-        self._state: dict[bytes, str] = {}
-        self._answered: list[Node] = []
-        for peer in peers:
-            self._offer(peer)
-
-    def _offer(self, node: Node) -> None:
-        if node.id == self.protocol.source_node.id or node.id in self._candidates:
-            return
-        self._candidates[node.id] = node
-        self._state[node.id] = "new"
-
-    def _closest(self) -> list[Node]:
-        live = [n for n in self._candidates.values() if self._state[n.id] != "failed"]
-        live.sort(key=lambda n: n.long_id ^ self.node.long_id)
-        return live[: self.ksize]
+        self.lookup: Lookup[Node] = Lookup(node.id, protocol.source_node.id, peers, ksize, alpha)
 
     @abc.abstractmethod
     async def _ask(self, node: Node) -> tuple[bool, list[Node]]:
         """Ask one contact; (it answered, the contacts it returned)."""
 
-    def _suspect(self, node: Node) -> bool:
+    def _suspect(self, node_id: bytes) -> bool:
         check = getattr(self.protocol, "suspect", None)
-        return bool(check(node.id)) if check is not None else False
+        return bool(check(node_id)) if check is not None else False
 
     async def _find(self, rpcmethod: object = None) -> list[Node]:
         loop = asyncio.get_running_loop()
-        inflight: dict[asyncio.Task[tuple[bool, list[Node]]], tuple[Node, float]] = {}
-        stalled: set[asyncio.Task[tuple[bool, list[Node]]]] = set()
+        lookup = self.lookup
+        inflight: dict[asyncio.Task[tuple[bool, list[Node]]], Node] = {}
         try:
             while True:
-                closest = self._closest()
-                active = len(inflight) - len(stalled)
-                for node in closest:
-                    if active >= self.alpha:
-                        break
-                    if self._state[node.id] == "new":
-                        self._state[node.id] = "asked"
-                        task = asyncio.ensure_future(self._ask(node))
-                        if self._suspect(node):
-                            # It failed last time: ask, but do not hold the lookup for it.
-                            inflight[task] = (node, loop.time())
-                            stalled.add(task)
-                            self._state[node.id] = "stalled"
-                            continue
-                        inflight[task] = (node, loop.time() + self.stall_after())
-                        active += 1
-                pending = [n for n in closest if self._state[n.id] in ("new", "asked")]
-                if not pending and (self._answered or not inflight):
+                for node in lookup.next(loop.time(), self.stall_after(), self._suspect):
+                    inflight[asyncio.ensure_future(self._ask(node))] = node
+                if lookup.done:
                     break
-                # (With no answer yet and every call stalled, wait for whichever ends first.)
-                waiting = [t for t in inflight if t not in stalled]
-                if waiting:
-                    deadline = min(inflight[t][1] for t in waiting)
-                    timeout = max(0.0, deadline - loop.time())
-                else:
-                    timeout = None
+                # No active call (every one stalled, no answer yet): wait for whichever ends.
+                deadline = lookup.deadline()
+                timeout = None if deadline is None else max(0.0, deadline - loop.time())
                 done, _ = await asyncio.wait(
                     inflight, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
                 )
                 for task in done:
-                    node, _deadline = inflight.pop(task)
-                    stalled.discard(task)
+                    node = inflight.pop(task)
                     ok, found = task.result()
                     if ok:
-                        self._state[node.id] = "answered"
-                        self._answered.append(node)
-                        for other in found:
-                            self._offer(other)
+                        lookup.answered(node.id, found)
                     else:
-                        self._state[node.id] = "failed"
-                now = loop.time()
-                for task, (node, deadline) in inflight.items():
-                    if task not in stalled and deadline <= now:
-                        stalled.add(task)
-                        self._state[node.id] = "stalled"
+                        lookup.failed(node.id)
         finally:
             for task in inflight:
                 # Leave stalled calls to finish on their own (their replies still update the
                 # routing table); their results are no longer needed here.
                 task.add_done_callback(_consume)
-        self._answered.sort(key=lambda n: n.long_id ^ self.node.long_id)
-        return self._answered[: self.ksize]
+        return lookup.result()
 
     @property
     def expected(self) -> int:
         """How many of the k closest contacts this lookup heard of, answered or not: what a
         read of the key should have reached (a dead or silent one among them counts)."""
-        return min(self.ksize, len(self._candidates))
+        return self.lookup.expected
 
 
 def _consume(task: asyncio.Task[Any]) -> None:

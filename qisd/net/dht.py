@@ -46,6 +46,8 @@ from rpcudp.protocol import RPCProtocol
 from qisd.config import DhtConfig
 from qisd.core import reconcile
 from qisd.core.crypto import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Identity, dht_id_for, verify
+from qisd.core.lookup import smoothed_rtt
+from qisd.core.lookup import stall_after as lookup_stall_after
 from qisd.core.packet import (
     KIND_PACKET,
     MAX_FUTURE_MS,
@@ -686,7 +688,7 @@ class QisdProtocol(KademliaProtocol):
         sent = self._sent_at.pop(msg_id, None)
         if sent is not None:
             rtt = time.monotonic() - sent
-            self.srtt = rtt if self.srtt == 0 else 0.875 * self.srtt + 0.125 * rtt
+            self.srtt = smoothed_rtt(self.srtt, rtt)
         if not future.done():
             future.set_result((True, data))
 
@@ -711,13 +713,11 @@ class QisdProtocol(KademliaProtocol):
 
     def stall_after(self) -> float:
         """Seconds after which a lookup stops waiting on a call (a few smoothed RTTs)."""
-        base = 4 * self.srtt + 0.02 if self.srtt else 0.25
-        return min(self.config.rpc_timeout, max(0.05, base))
+        return lookup_stall_after(self.srtt, self.config.rpc_timeout)
 
     def suspect(self, node_id: bytes) -> bool:
         """True if the last call to this contact failed: lookups ask it but never wait on it."""
-        contact = self.router.get(node_id)
-        return contact is not None and contact.failures > 0
+        return self.router.suspect(node_id)
 
     # -- sending: explicit stubs
 
@@ -1416,11 +1416,7 @@ class QisdProtocol(KademliaProtocol):
         """The closest contacts to ``target`` for a reply: none that failed its last call
         (a dead contact is not handed out), and to an unvalidated requester only as many as
         keep the reply within the amplification bound (``spent``: the reply's other bytes)."""
-        neighbors = [
-            n
-            for n in self.router.find_neighbors(Node(target), self.ksize + 8, exclude=exclude)
-            if not self.suspect(n.id)
-        ][: self.ksize]
+        neighbors = self.router.closest_live(Node(target), self.ksize, exclude=exclude)
         if not req.validated:
             room = wire.AMPLIFICATION_FACTOR * req.size - spent - 48 - wire.TOKEN_BYTES
             neighbors = neighbors[: max(0, room // REPLY_CONTACTS_BYTES)]
