@@ -51,7 +51,7 @@ class RawPeer(asyncio.DatagramProtocol):
             if fut is not None and not fut.done():
                 fut.set_result(payload)
             return
-        name, args, _token = wire.split_request(payload)
+        name, args, _token, _flags = wire.split_request(payload)
         self.requests.append((msg_id, name, args, addr))
         if name == "ping" and self.relay_to is not None:
             asyncio.ensure_future(self._relay(msg_id, args, addr))

@@ -64,7 +64,6 @@ from qisd.net.datadir import read_json, write_json_atomic
 from qisd.net.pacing import BACKGROUND, FOREGROUND, Pacer
 from qisd.net.routing import Contact, QisdRoutingTable
 from qisd.net.sync import FetchResult, ReplicaSync
-from qisd.net.udp import UdpEndpoint
 from qisd.net.wire import (
     BUSY,
     MAX_ENVELOPES_PER_REQUEST,
@@ -1751,6 +1750,12 @@ class DhtServer(Server):
             # the kernel caps this at net.core.rmem_max).
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER_BYTES)
+            # Room to send, too: a full send buffer makes the loop's transport queue datagrams
+            # and retry them itself, and libuv retries ENOBUFS (this host's full queue, which
+            # IP_RECVERR reports) at once, in a loop. With room, the kernel's queue refuses
+            # first and the refusal comes back to the protocol (paced, see _send).
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, RECEIVE_BUFFER_BYTES)
             # Ask the kernel to queue ICMP errors (port unreachable) for reading: a call to a
             # closed port then fails at once instead of after the RPC timeout (Linux only).
             with contextlib.suppress(OSError):
@@ -1761,8 +1766,9 @@ class DhtServer(Server):
         except OSError as exc:
             sock.close()
             raise UsageError(f"cannot bind UDP {interface}:{port}: {exc.strerror}") from None
-        self.protocol = self._create_protocol()
-        self.transport = UdpEndpoint(loop, sock, self.protocol)
+        self.transport, self.protocol = await loop.create_datagram_endpoint(
+            self._create_protocol, sock=sock
+        )
         self.refresh_table(interval=3600)
 
     def refresh_table(self, interval: int = 3600) -> None:
